@@ -1,0 +1,35 @@
+# The two commands: `make demo` (set up + run the embedded default) and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+STAMP    = $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/eapo_ray/torch_extensions
+export RAY_USAGE_STATS_ENABLED = 0
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: demo test test-fast setup models clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first (a GPU user installs their CUDA torch into the venv before this)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m eapo_ray.launch $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+models: $(STAMP)
+	$(BIN)/python -m eapo_ray.tools.make_tiny
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""EAPO's math: schedules, advantages, losses, batch filters. Pure torch/Python, no Ray."""

@@ -1,0 +1,61 @@
+"""Acceptance-rate decay (how EAPO withdraws the expert) and the shrinking turn budget."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KINDS = ("inverse", "linear", "cosine", "exponential", "constant", "step")
+
+
+@dataclass
+class AcceptanceConfig:
+    """rho_s, the probability that a consultation at training step s is answered.
+
+    `inverse` is the paper's rho_s = 1/s (with `scale`: min(1, scale/s)).
+    `step`: `start` until `total_steps`, then `end` (a hard cut-off).
+    """
+
+    kind: str = "inverse"
+    start: float = 1.0
+    end: float = 0.0
+    total_steps: int = 1000
+    scale: float = 1.0
+    decay: float = 0.99
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"acceptance.kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"acceptance.{name} must be in [0, 1], got {v}")
+        if self.total_steps < 1:
+            raise ValueError(f"acceptance.total_steps must be >= 1, got {self.total_steps}")
+        if self.scale <= 0 or not 0 < self.decay <= 1:
+            raise ValueError(f"acceptance.scale must be > 0 and decay in (0, 1], got {self.scale}, {self.decay}")
+
+
+def acceptance_prob(step: int, cfg: AcceptanceConfig) -> float:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if cfg.kind == "inverse":
+        return 1.0 if step == 0 else min(1.0, cfg.scale / step)
+    if cfg.kind == "linear":
+        frac = min(step, cfg.total_steps) / cfg.total_steps
+        return cfg.start + (cfg.end - cfg.start) * frac
+    if cfg.kind == "cosine":
+        frac = min(step, cfg.total_steps) / cfg.total_steps
+        return cfg.end + (cfg.start - cfg.end) * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.kind == "exponential":
+        return max(cfg.end, cfg.start * cfg.decay**step)
+    if cfg.kind == "step":
+        return cfg.start if step < cfg.total_steps else cfg.end
+    return cfg.start  # constant
+
+
+def turn_budget(step: int, train_turns: int, eval_turns: int, total_steps: int) -> int:
+    """Turns allowed at `step`: linear from `train_turns` down to `eval_turns`, floored."""
+    if total_steps <= 0:
+        return max(eval_turns, min(train_turns, eval_turns))
+    frac = min(max(step, 0), total_steps) / total_steps
+    return max(eval_turns, math.floor(train_turns + (eval_turns - train_turns) * frac))

@@ -1,0 +1,271 @@
+"""Run configuration: dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+Unknown keys and wrong types fail at once with the dotted key in the message.
+The algorithm configs (acceptance, loss, protocol, reward) live beside their code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from eapo_ray.algo.losses import LossConfig
+from eapo_ray.algo.schedules import AcceptanceConfig
+from eapo_ray.reward import RewardConfig
+from eapo_ray.rollout.protocol import ProtocolConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TINY_DIR = PACKAGE_DIR / "assets" / "tiny"
+DEFAULT_CONFIG = PACKAGE_DIR.parent / "configs" / "tiny_cpu.yaml"  # the repo's configs/
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    policy: str = str(TINY_DIR / "policy")
+    expert: str = str(TINY_DIR / "expert")
+
+
+@dataclass
+class DataConfig:
+    """`train` / `heldout`: "tiny:arith" (the bundled task), a .jsonl/.parquet path, or
+    "hf:<dataset name>[:split]"."""
+    train: str = "tiny:arith"
+    heldout: str = "tiny:arith"
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    template: str = "Q:{problem}\nA:"
+    train_levels: list = field(default_factory=lambda: [2, 3, 4])
+    heldout_levels: list = field(default_factory=lambda: [2, 3, 4])
+    num_train: int = 4000
+    num_heldout: int = 200
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    engine: str = "hf"
+    prompts_per_batch: int = 8  # one batch = prompts_per_batch groups of group_size samples
+    group_size: int = 8
+    temperature: float = 1.0
+    max_new_tokens_per_turn: int = 64
+    max_response_tokens: int = 160  # policy + expert tokens after the prompt
+    train_turns: int = 4
+    eval_turns: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class ExpertConfig:
+    engine: str = "hf"
+    template: str = "Q:{problem}\nA:"
+    max_new_tokens: int = 8
+    temperature: float = 0.0
+    timeout_s: float = 10.0
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: int = 8
+    max_batch_size: int = 32
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class AlgoConfig:
+    adv_scale: str = "std"  # "std" (GRPO) or "none" (Dr. GRPO)
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal
+    overlong_filter: bool = True  # mask out samples cut off by the length budget
+    consult_cost: float = 0.0  # reward -= consult_cost * number of consults
+    expert_sft_coef: float = 0.0  # auxiliary NLL on accepted expert tokens
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = 8  # batches held; producers wait when full
+    max_staleness: int = 2  # drop batches more than this many versions behind the learner
+
+
+@dataclass
+class LearnerConfig:
+    num_learners: int = 1
+    zero_stage: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    minibatches: int = 1
+    epochs: int = 1
+    bf16: bool = False
+    backend: str = "gloo"
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # steps between held-out evaluations (0: only at start and end)
+    temperature: float = 0.0  # 0 = greedy
+    max_turns: int = 1
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    steps: int = 40
+    ray_address: str = "auto-local"  # "auto-local": join RAY_ADDRESS if set, else start a local cluster
+    run_root: str = "runs"
+    run_name: str = ""
+    resume: str = ""  # a run directory to resume from (its checkpoint/)
+    checkpoint_every: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value, typ, key: str):
+    origin = typing.get_origin(typ)
+    if typ is typing.Any or typ is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value) if isinstance(value, str) else None
+        except ValueError:
+            pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}': expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, validating keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        typ, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(typ, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, typ, key)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. learner.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    if path is None and not DEFAULT_CONFIG.exists():
+        data = {}  # installed without the repo: the dataclass defaults are the tiny CPU run
+    else:
+        path = Path(path) if path else DEFAULT_CONFIG
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    checks = [
+        (cfg.steps >= 1, "steps", "must be >= 1"),
+        (cfg.rollout.num_actors >= 1, "rollout.num_actors", "must be >= 1"),
+        (cfg.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (group advantages need a group)"),
+        (cfg.rollout.prompts_per_batch >= 1, "rollout.prompts_per_batch", "must be >= 1"),
+        (cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "must be 'hf' or 'vllm'"),
+        (cfg.expert.engine in ("hf", "vllm"), "expert.engine", "must be 'hf' or 'vllm'"),
+        (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
+        (cfg.rollout.train_turns >= cfg.rollout.eval_turns >= 1, "rollout.train_turns",
+         "must be >= rollout.eval_turns >= 1"),
+        (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
+         "must satisfy 1 <= min_replicas <= max_replicas"),
+        (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
+        (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
+        (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
+        (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
+        (cfg.learner.backend in ("gloo", "nccl"), "learner.backend", "must be 'gloo' or 'nccl'"),
+        (cfg.buffer.capacity >= 1, "buffer.capacity", "must be >= 1"),
+        (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
+        (cfg.algo.adv_scale in ("std", "none"), "algo.adv_scale", "must be 'std' or 'none'"),
+        (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),
+        (cfg.algo.expert_sft_coef >= 0, "algo.expert_sft_coef", "must be >= 0"),
+        ("{problem}" in cfg.data.template, "data.template", "must contain '{problem}'"),
+        ("{problem}" in cfg.expert.template, "expert.template", "must contain '{problem}'"),
+        (cfg.eval.every >= 0, "eval.every", "must be >= 0"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {msg}")
+    per_learner = cfg.rollout.prompts_per_batch * cfg.rollout.group_size
+    if per_learner % (cfg.learner.num_learners * cfg.learner.minibatches):
+        raise ConfigError(
+            f"config key 'learner.num_learners': a batch of {per_learner} samples must split evenly over "
+            f"{cfg.learner.num_learners} learners x {cfg.learner.minibatches} minibatches")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,97 @@
+"""Datasets: the bundled task, JSONL / Parquet files, or Hugging Face datasets, all as
+rows of {"problem", "answer"} shown to the policy through one prompt template."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from eapo_ray import task
+
+
+@dataclass(frozen=True)
+class Example:
+    problem: str
+    answer: str
+    level: int = 0
+
+
+class DataError(ValueError):
+    pass
+
+
+def render_prompt(template: str, problem: str) -> str:
+    return template.replace("{problem}", problem)
+
+
+def _rows_from_file(path: Path):
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                yield f"{path}:{lineno}", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i}", row
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl or .parquet)")
+
+
+def _rows_from_hub(spec: str):
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"hf:{spec}: install the 'datasets' package (pip install 'eapo_ray[hf]')") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:
+        raise DataError(f"hf:{spec}: could not load from the Hugging Face hub ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(ds):
+        yield f"hf:{spec}: row {i}", row
+
+
+def load_rows(source: str, problem_key: str = "problem", answer_key: str = "answer",
+              limit: int | None = None) -> list[Example]:
+    """Rows of a JSONL/Parquet file or an "hf:name[:split]" dataset. A row without the
+    keys, or with an empty answer, is an error naming the file and line."""
+    rows = _rows_from_hub(source[3:]) if source.startswith("hf:") else None
+    if rows is None:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"data file not found: {path}")
+        rows = _rows_from_file(path)
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with '{problem_key}' and '{answer_key}', got {type(row).__name__}")
+        missing = [k for k in (problem_key, answer_key) if k not in row or row[k] is None]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing} (have {sorted(row)})")
+        problem, answer = str(row[problem_key]).strip(), str(row[answer_key]).strip()
+        if not problem or not answer:
+            raise DataError(f"{where}: empty '{problem_key}' or '{answer_key}'")
+        level = row.get("level")
+        out.append(Example(problem, answer, level if isinstance(level, int) else 0))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"{source}: no rows")
+    return out
+
+
+def load_split(source: str, split: str, levels: list[int], n: int, seed: int,
+               problem_key: str = "problem", answer_key: str = "answer") -> list[Example]:
+    """`source` "tiny:arith" draws the bundled task's `split`; anything else is loaded as rows."""
+    if source == "tiny:arith":
+        return [Example(p.problem, p.answer, p.level) for p in task.sample_problems(n, levels, split, seed)]
+    if source.startswith("tiny:"):
+        raise DataError(f"unknown bundled task {source!r} (available: tiny:arith)")
+    return load_rows(source, problem_key, answer_key, limit=n or None)

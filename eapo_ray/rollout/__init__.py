@@ -1,0 +1,1 @@
+"""Rollout: the EAPO episode protocol, generation engines, and the rollout actor."""

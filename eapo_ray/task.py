@@ -1,0 +1,73 @@
+"""The bundled task: seeded multi-step integer arithmetic with difficulty levels.
+
+A problem is a chain of 1..4 operations on operands 1-9, e.g. ``(3+4)*5-2``, every
+intermediate value in 0..999. Its reference solution evaluates one operation per
+step (``3+4=7;7*5=35;35-2=33;``) and ends with ``<answer>\\boxed{33}</answer>``.
+Train and held-out problems are disjoint: a problem's split is a hash of its text.
+Pure Python; no Ray, no torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+OPS = "+-*"
+MAX_VALUE = 999
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem: str
+    answer: str
+    steps: tuple[tuple[int, str, int, int], ...]  # (left, op, right, result)
+    level: int
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_problem(rng: random.Random, level: int) -> Problem:
+    """Draw one problem with `level` operations (rejection-sampled to stay in 0..999)."""
+    while True:
+        value = rng.randint(1, 9)
+        text, top = str(value), "*"  # `top`: "+" when the text is a sum/difference at top level
+        steps = []
+        for _ in range(level):
+            op, b = rng.choice(OPS), rng.randint(1, 9)
+            result = _apply(value, op, b)
+            if not 0 <= result <= MAX_VALUE:
+                break
+            left = f"({text})" if op == "*" and top == "+" else text
+            text, top = f"{left}{op}{b}", ("*" if op == "*" else "+")
+            steps.append((value, op, b, result))
+            value = result
+        else:
+            return Problem(text, str(value), tuple(steps), level)
+
+
+def solution(p: Problem) -> str:
+    """The reference chain-of-thought response (what the policy is warm-started on)."""
+    work = "".join(f"{a}{op}{b}={c};" for a, op, b, c in p.steps)
+    return f"{work}<answer>\\boxed{{{p.answer}}}</answer>"
+
+
+def split_of(problem_text: str, heldout_frac: float = 0.2) -> str:
+    h = int(hashlib.sha256(problem_text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "heldout" if h < heldout_frac else "train"
+
+
+def sample_problems(n: int, levels: list[int], split: str, seed: int) -> list[Problem]:
+    """`n` distinct problems of the given split, levels drawn uniformly, reproducible from `seed`."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng, seen, out = random.Random(seed), set(), []
+    for _ in range(n * 200):
+        p = make_problem(rng, rng.choice(levels))
+        if p.problem not in seen and split_of(p.problem) == split:
+            seen.add(p.problem)
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"could not draw {n} distinct {split} problems at levels {levels}")

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+
+from eapo_ray.algo.schedules import AcceptanceConfig, acceptance_prob, turn_budget
+
+
+def test_inverse_is_one_over_step():
+    cfg = AcceptanceConfig()
+    assert acceptance_prob(0, cfg) == 1.0
+    assert acceptance_prob(1, cfg) == 1.0
+    assert acceptance_prob(2, cfg) == 0.5
+    assert acceptance_prob(10, cfg) == pytest.approx(0.1)
+    scaled = AcceptanceConfig(scale=20.0)
+    assert acceptance_prob(10, scaled) == 1.0 and acceptance_prob(40, scaled) == 0.5
+
+
+def test_linear_boundaries():
+    cfg = AcceptanceConfig(kind="linear", start=0.9, end=0.1, total_steps=8)
+    assert acceptance_prob(0, cfg) == pytest.approx(0.9)
+    assert acceptance_prob(1, cfg) == pytest.approx(0.8)
+    assert acceptance_prob(4, cfg) == pytest.approx(0.5)
+    assert acceptance_prob(8, cfg) == pytest.approx(0.1)
+    assert acceptance_prob(100, cfg) == pytest.approx(0.1)
+
+
+def test_cosine_boundaries():
+    cfg = AcceptanceConfig(kind="cosine", start=1.0, end=0.2, total_steps=10)
+    assert acceptance_prob(0, cfg) == pytest.approx(1.0)
+    assert acceptance_prob(1, cfg) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 10)))
+    assert acceptance_prob(5, cfg) == pytest.approx(0.6)
+    assert acceptance_prob(10, cfg) == pytest.approx(0.2)
+    assert acceptance_prob(50, cfg) == pytest.approx(0.2)
+
+
+def test_exponential_constant_step():
+    cfg = AcceptanceConfig(kind="exponential", start=1.0, end=0.3, decay=0.5)
+    assert [acceptance_prob(s, cfg) for s in (0, 1, 2)] == pytest.approx([1.0, 0.5, 0.3])
+    assert acceptance_prob(7, AcceptanceConfig(kind="constant", start=0.4)) == 0.4
+    st = AcceptanceConfig(kind="step", start=1.0, end=0.0, total_steps=5)
+    assert acceptance_prob(4, st) == 1.0 and acceptance_prob(5, st) == 0.0
+
+
+def test_invalid_configs_name_the_field():
+    with pytest.raises(ValueError, match="kind"):
+        AcceptanceConfig(kind="sigmoid")
+    with pytest.raises(ValueError, match="start"):
+        AcceptanceConfig(start=1.5)
+    with pytest.raises(ValueError):
+        acceptance_prob(-1, AcceptanceConfig())
+
+
+def test_turn_budget_shrinks_to_eval_budget():
+    assert turn_budget(0, 10, 2, 100) == 10
+    assert turn_budget(50, 10, 2, 100) == 6
+    assert turn_budget(51, 10, 2, 100) == 5  # 10 - 8 * 0.51 = 5.92, floored
+    assert turn_budget(100, 10, 2, 100) == 2
+    assert turn_budget(1000, 10, 2, 100) == 2
+    assert all(turn_budget(s, 4, 1, 30) >= 1 for s in range(60))
