@@ -107,14 +107,15 @@ def run(cfg: RunConfig) -> Path:
     ev = ev0
     t_loop = time.time()
     for step in range(version, cfg.steps):
-        fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})
-        items = []
+        items, rollouts = [], []
         while not items:
-            items = ray.get(buffer.get.remote(1, version, timeout_s=5.0))
-            rollouts = _collect(fleet)
-            if not items and fleet.num_healthy_actors() == 0 and not rollouts:
+            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})  # idle actors only
+            items = ray.get(buffer.get.remote(1, version, timeout_s=2.0))
+            rollouts += _collect(fleet)
+            if not items and fleet.num_healthy_actors() == 0:
                 raise RuntimeError("every rollout actor has failed; see their logs in the Ray dashboard")
-        rollouts += _collect(fleet)
+        # keep the fleet generating (with these weights) while the learner trains: the async overlap
+        fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})
         for st in rollouts:
             generated += st["samples"]
             first_rollout = first_rollout or st

@@ -129,9 +129,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "tiny"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policy-steps", type=int, default=300)
+    ap.add_argument("--policy-steps", type=int, default=700)
     ap.add_argument("--expert-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse-expert", action="store_true", help="keep the expert already in --out; train the policy only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -141,15 +142,20 @@ def main(argv=None):
     out = Path(args.out)
     report = {"seed": args.seed}
 
-    expert = llama(tok, hidden=192, layers=4, heads=6)
-    train(expert, lambda: batchify(tok, [expert_example(rng) for _ in range(128)]), args.expert_steps, 2e-3,
-          name="expert")
+    if args.reuse_expert:
+        expert = LlamaForCausalLM.from_pretrained(out / "expert").eval()
+    else:
+        expert = llama(tok, hidden=192, layers=4, heads=6)
+        train(expert, lambda: batchify(tok, [expert_example(rng) for _ in range(128)]), args.expert_steps, 2e-3,
+              name="expert")
     eval_rng = random.Random(args.seed + 1)
     qs = [expert_example(eval_rng) for _ in range(500)]
     replies = greedy(expert, tok, [q[0][0] for q in qs], 6, [tok.eos_token_id])
     report["expert_single_op_accuracy"] = sum(r.split("</s>")[0] == q[1][0][:-4] for r, q in zip(replies, qs)) / len(qs)
     print(f"expert accuracy on single operations: {report['expert_single_op_accuracy']:.3f}", flush=True)
 
+    torch.manual_seed(args.seed + 1)  # the policy's draws do not depend on the expert's
+    rng = random.Random(args.seed + 1)
     policy = llama(tok, hidden=128, layers=4, heads=4)
     levels = [1, 2, 3, 4]
     train(policy, lambda: batchify(tok, [policy_example(make_problem(rng, rng.choice(levels)), rng, proto, 0.5, 0.7)

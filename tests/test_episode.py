@@ -1,0 +1,85 @@
+"""The EAPO episode on the bundled tiny policy (real transformers engine, no Ray).
+The expert here is a plain function (the ExpertFn interface the Serve client also
+implements), so the masks can be checked against known replies."""
+import random
+
+import pytest
+import torch
+
+from eapo_ray.algo.sampling import assign_advantages, collate, to_batch, token_logprobs
+from eapo_ray.config import TINY_DIR
+from eapo_ray.reward import RewardConfig
+from eapo_ray.rollout.engine import HFEngine
+from eapo_ray.rollout.episode import run_episodes
+from eapo_ray.rollout.protocol import ProtocolConfig
+
+PROTO = ProtocolConfig(query_sep="|")
+
+
+def true_expert(queries):
+    return [str(eval(q)) if q.replace("+", "").replace("-", "").replace("*", "").isdigit() else "?" for q in queries]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    return HFEngine(str(TINY_DIR / "policy"))
+
+
+def episodes(engine, accept_prob, n=32, expert=true_expert, seed=0, **kw):
+    tok = engine.tokenizer
+    prompts = [tok("Q:(23*4+5)*3-9\nA:")["input_ids"]] * n
+    args = dict(proto=PROTO, reward_cfg=RewardConfig(), expert=expert, accept_prob=accept_prob, max_turns=4,
+                max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0, rng=random.Random(seed))
+    args.update(kw)
+    return run_episodes(engine, tok, prompts, ["282"] * n, **args)
+
+
+def test_masks_logprobs_and_replies(engine):
+    tok = engine.tokenizer
+    trajs = episodes(engine, accept_prob=1.0)
+    consulted = [t for t in trajs if t.consults]
+    assert consulted, "the warm-started policy consults on multiplication steps"
+    for t in trajs:
+        n = len(t.response_ids)
+        assert len(t.policy_mask) == len(t.expert_mask) == len(t.behav_logp) == n
+        assert all(lp <= 0 for lp in t.behav_logp)
+        assert all((lp == 0.0) for lp, m in zip(t.behav_logp, t.policy_mask) if not m)
+        assert not any(p and e for p, e in zip(t.policy_mask, t.expert_mask))
+    for t in consulted:
+        obs = tok.decode([i for i, p in zip(t.response_ids, t.policy_mask) if not p])
+        assert obs.startswith("<expert>") and "unavailable" not in obs  # every query accepted
+        expert_text = tok.decode([i for i, e in zip(t.response_ids, t.expert_mask) if e])
+        assert expert_text.replace("</expert>", "").isdigit()
+        assert 0 < t.accepted <= t.consults  # a consult in the last turn goes unanswered
+
+
+def test_rejected_and_failed_queries_render_unavailable(engine):
+    tok = engine.tokenizer
+    for kw in ({"accept_prob": 0.0}, {"accept_prob": 1.0, "expert": lambda qs: [None] * len(qs)}):
+        trajs = episodes(engine, **kw)
+        consulted = [t for t in trajs if t.consults]
+        assert consulted
+        for t in consulted:
+            assert t.accepted == 0 and sum(t.expert_mask) == 0
+            assert "<expert>unavailable</expert>" in tok.decode(t.response_ids)
+        if "expert" in kw:
+            assert sum(t.expert_failures for t in trajs) == sum(t.consults for t in consulted if t.turns > 1) > 0
+
+
+def test_ban_consult_at_evaluation(engine):
+    trajs = episodes(engine, accept_prob=0.0, expert=None, ban_consult=True, temperature=0.0, max_turns=1, n=4)
+    assert all(t.consults == 0 and "<consult>" not in engine.tokenizer.decode(t.response_ids) for t in trajs)
+
+
+def test_learner_logprobs_match_behaviour(engine):
+    """The learner's recomputed log-probs equal the engine's on the exact sampled ids."""
+    trajs = episodes(engine, accept_prob=1.0, n=16)
+    kept, _ = assign_advantages(trajs, dynamic_sampling=False)
+    b = collate(to_batch(kept, overlong_filter=False), engine.pad_id)
+    with torch.no_grad():
+        logits = engine.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    lp = token_logprobs(logits, b["input_ids"], 1.0)
+    m = b["policy_mask"] > 0
+    assert m.sum() > 100
+    assert (lp[m] - b["behav_logp"][m]).abs().max() < 1e-4
