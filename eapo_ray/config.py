@@ -67,6 +67,7 @@ class RolloutConfig:
 class ExpertConfig:
     engine: str = "hf"
     template: str = "Q:{problem}\nA:"
+    reply_template: str = "{answer}"  # how a reply is shown to the policy; may also use {query}
     max_new_tokens: int = 8
     temperature: float = 0.0
     timeout_s: float = 10.0
@@ -255,6 +256,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.algo.expert_sft_coef >= 0, "algo.expert_sft_coef", "must be >= 0"),
         ("{problem}" in cfg.data.template, "data.template", "must contain '{problem}'"),
         ("{problem}" in cfg.expert.template, "expert.template", "must contain '{problem}'"),
+        ("{answer}" in cfg.expert.reply_template, "expert.reply_template", "must contain '{answer}'"),
         (cfg.eval.every >= 0, "eval.every", "must be >= 0"),
     ]
     for ok, key, msg in checks:

@@ -24,7 +24,8 @@ class Expert:
     def answer_now(self, queries: list[str]) -> list[str]:
         prompts = [self.tok(render_prompt(self.cfg.template, q))["input_ids"] for q in queries]
         gens = self.engine.generate(prompts, [self.cfg.max_new_tokens] * len(prompts), self.cfg.temperature, [])
-        return [self.tok.decode(g.tokens, skip_special_tokens=True).strip() for g in gens]
+        answers = [self.tok.decode(g.tokens, skip_special_tokens=True).strip() for g in gens]
+        return [self.cfg.reply_template.replace("{query}", q).replace("{answer}", a) for q, a in zip(queries, answers)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def __call__(self, queries: list[str]) -> list[str]:

@@ -24,7 +24,7 @@ def serve_app(ray_local):
 def test_expert_answers_sub_questions(serve_app):
     ask = ServeExpert(serve_app, timeout_s=60)
     qs = ["12*7", "345+6", "100-9", "88*9", "5*5", "999-1"]
-    assert ask(qs) == [str(eval(q)) for q in qs]
+    assert ask(qs) == [str(eval(q)) for q in qs]  # the default reply_template is "{answer}"
     assert ask.failures == 0
 
 

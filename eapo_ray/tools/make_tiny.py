@@ -5,9 +5,10 @@ tiny Llama expert, trained on the bundled arithmetic task, saved as HF directori
 
 The policy is warm-started (SFT, loss on its own tokens only) on reference solutions in
 the EAPO action language: some steps are delegated to the expert with
-``<consult>a*b</consult>``, the reply (``<expert>c</expert>``, or
-``<expert>unavailable</expert>``) is an observation, and the policy restates the step in
-its own tokens. It is stopped early so it solves 1-2 operations but rarely 3-4.
+``<consult>a*b</consult>``; the reply is an observation, ``<expert>a*b=c</expert>``
+(configs set ``expert.reply_template: "{query}={answer}"``) after which the policy
+goes on to the next step, or ``<expert>unavailable</expert>`` after which it works the
+step out itself. It is stopped early so it solves 1-2 operations but rarely 3-4.
 The expert is trained on single operations (the policy's sub-questions).
 """
 from __future__ import annotations
@@ -53,8 +54,10 @@ def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consul
         hard = op == "*" and a >= 10
         if consulting and rng.random() < (0.8 if hard else 0.2):
             segs.append((f"{proto.consult_open}{a}{op}{b}{proto.consult_close}", True))
-            reply = str(c) if rng.random() < accept else proto.unavailable
-            segs.append((f"{proto.expert_open}{reply}{proto.expert_close}", False))
+            if rng.random() < accept:  # the reply states the step; the policy goes on from it
+                segs.append((f"{proto.expert_open}{a}{op}{b}={c}{proto.expert_close}", False))
+                continue
+            segs.append((f"{proto.expert_open}{proto.unavailable}{proto.expert_close}", False))
         segs.append((f"{a}{op}{b}={c};", True))
     segs.append((solution(p)[solution(p).index(proto.answer_open):], True))
     return segs
