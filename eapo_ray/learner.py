@@ -46,9 +46,11 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if self.cfg.learner.backend == "gloo":
-            import deepspeed.comm.torch as ds_torch
+            import importlib
 
-            ds_torch.build_shm_op = lambda: None  # skip the JIT shared-memory op (a 35-75 s compile); gloo needs none
+            # Skip DeepSpeed's JIT shared-memory all-reduce op (a 35-75 s g++ build on a new machine);
+            # gloo does the collectives. (`import deepspeed.comm.torch as m` would bind the torch package.)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=self.cfg.learner.backend, auto_mpi_discovery=False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.policy)
         model = AutoModelForCausalLM.from_pretrained(self.cfg.model.policy, dtype=torch.float32)

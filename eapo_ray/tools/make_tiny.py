@@ -3,7 +3,7 @@ tiny Llama expert, trained on the bundled arithmetic task, saved as HF directori
 
     python -m eapo_ray.tools.make_tiny [--out eapo_ray/assets/tiny] [--seed 0]
 
-The policy is warm-started (SFT, loss on its own tokens only) on reference solutions in
+The policy is warm-started (SFT, loss on the response, not the prompt) on reference solutions in
 the EAPO action language: some steps are delegated to the expert with
 ``<consult>a*b</consult>``; the reply is an observation, ``<expert>a*b=c</expert>``
 (configs set ``expert.reply_template: "{query}={answer}"``) after which the policy
@@ -54,10 +54,12 @@ def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consul
         hard = op == "*" and a >= 10
         if consulting and rng.random() < (0.8 if hard else 0.2):
             segs.append((f"{proto.consult_open}{a}{op}{b}{proto.consult_close}", True))
+            # The reply is text the policy reads; it is in the warm-start LM loss (so the auxiliary
+            # SFT term on expert tokens starts from a known format), never in the RL loss.
             if rng.random() < accept:  # the reply states the step; the policy goes on from it
-                segs.append((f"{proto.expert_open}{a}{op}{b}={c}{proto.expert_close}", False))
+                segs.append((f"{proto.expert_open}{a}{op}{b}={c}{proto.expert_close}", True))
                 continue
-            segs.append((f"{proto.expert_open}{proto.unavailable}{proto.expert_close}", False))
+            segs.append((f"{proto.expert_open}{proto.unavailable}{proto.expert_close}", True))
         segs.append((f"{a}{op}{b}={c};", True))
     segs.append((solution(p)[solution(p).index(proto.answer_open):], True))
     return segs
