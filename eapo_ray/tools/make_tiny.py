@@ -46,9 +46,13 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", unk_token="<unk>", padding_side="left")
 
 
-def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consult_frac: float, accept: float):
-    """(segments): a list of (text, trained) pairs for one warm-start sample."""
+def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consult_frac: float, accept: float,
+                   direct_frac: float = 0.0):
+    """(segments): a list of (text, trained) pairs for one warm-start sample. With
+    probability `direct_frac` the sample answers at once, without working."""
     segs = [(TEMPLATE.format(problem=p.problem), False)]
+    if rng.random() < direct_frac:
+        return segs + [(f"{proto.answer_open}\\boxed{{{p.answer}}}{proto.answer_close}", True)]
     consulting = rng.random() < consult_frac
     for a, op, b, c in p.steps:
         hard = op == "*" and a >= 10
@@ -137,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--policy-steps", type=int, default=700)
     ap.add_argument("--expert-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--direct-frac", type=float, default=0.55,
+                    help="share of warm-start samples that answer at once, without working (a habit RL must unlearn)")
     ap.add_argument("--reuse-expert", action="store_true", help="keep the expert already in --out; train the policy only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -163,7 +169,8 @@ def main(argv=None):
     rng = random.Random(args.seed + 1)
     policy = llama(tok, hidden=128, layers=4, heads=4)
     levels = [1, 2, 3, 4]
-    train(policy, lambda: batchify(tok, [policy_example(make_problem(rng, rng.choice(levels)), rng, proto, 0.5, 0.7)
+    train(policy, lambda: batchify(tok, [policy_example(make_problem(rng, rng.choice(levels)), rng, proto, 0.5, 0.7,
+                                                        args.direct_frac)
                                          for _ in range(48)]), args.policy_steps, 1.5e-3, name="policy")
     for name, model in (("policy", policy), ("expert", expert)):
         model.save_pretrained(out / name)
