@@ -103,6 +103,7 @@ def run(cfg: RunConfig) -> Path:
     metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
 
     samples = generated = 0
+    by_worker: dict[int, int] = {}
     first_rollout = last_rollout = None
     ev = ev0
     t_loop = time.time()
@@ -117,6 +118,7 @@ def run(cfg: RunConfig) -> Path:
         # keep the fleet generating (with these weights) while the learner trains: the async overlap
         fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})
         for st in rollouts:
+            by_worker[st["worker"]] = by_worker.get(st["worker"], 0) + 1
             generated += st["samples"]
             first_rollout = first_rollout or st
             last_rollout = st
@@ -124,18 +126,21 @@ def run(cfg: RunConfig) -> Path:
         version += 1
         weights = learners.publish()
         samples += stats["learner_samples"]
-        row = {**{f"rollout_{k}": v for k, v in (last_rollout or {}).items() if k != "worker"},
+        row = {**{f"rollout_{k}": v for k, v in (last_rollout or {}).items()},
                **stats, "samples": samples, "generated": generated,
                "samples_per_s": generated / (time.time() - t_loop), **_buffer_stats(buffer)}
-        row["reward"], row["consult_rate"] = row.get("rollout_reward", 0.0), row.get("rollout_consult_rate", 0.0)
-        row["acceptance_prob"] = row.get("rollout_acceptance_prob", 0.0)
+        if last_rollout:  # the newest finished rollout batch (none yet at the very first step)
+            row.update(reward=last_rollout["reward"], consult_rate=last_rollout["consult_rate"],
+                       acceptance_prob=last_rollout["acceptance_prob"])
         done = version >= cfg.steps
         if done or (cfg.eval.every and version % cfg.eval.every == 0):
             ev = ray.get(evaluator.evaluate.remote(weights))
             row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
         metrics.log(version, row)
-        print(f"[eapo] step {version}/{cfg.steps} reward {row['reward']:.3f} consult_rate {row['consult_rate']:.2f} "
-              f"accept_p {row['acceptance_prob']:.2f} heldout_acc {ev['accuracy']:.3f} "
+        nan = float("nan")
+        print(f"[eapo] step {version}/{cfg.steps} reward {row.get('reward', nan):.3f} "
+              f"consult_rate {row.get('consult_rate', nan):.2f} accept_p {row.get('acceptance_prob', nan):.2f} "
+              f"heldout_acc {ev['accuracy']:.3f} "
               f"samples/s {row['samples_per_s']:.1f} staleness {stats.get('staleness', 0)}", flush=True)
         if cfg.checkpoint_every and version % cfg.checkpoint_every == 0 and not done:
             learners.save(str(run_dir))
@@ -147,10 +152,14 @@ def run(cfg: RunConfig) -> Path:
         "generated_samples": generated, "wall_seconds": time.time() - t_start,
         "consult_rate_start": (first_rollout or {}).get("consult_rate", 0.0),
         "consult_rate_end": (last_rollout or {}).get("consult_rate", 0.0),
-        "seed": cfg.seed, "buffer": _buffer_stats(buffer), "checkpoint": str(run_dir / "final"),
+        "seed": cfg.seed, "buffer": _buffer_stats(buffer), "rollout_batches_by_worker": by_worker,
+        "checkpoint": str(run_dir / "final"),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics.close()
+    from eapo_ray.tools.plot import plot_run
+
+    plot_run(run_dir)
     for w in workers:
         ray.kill(w)
     learners.shutdown()

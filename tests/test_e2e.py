@@ -31,8 +31,9 @@ def test_default_run_writes_summary_metrics_checkpoint(tmp_path):
     assert s["steps"] == 3 and s["samples"] > 0 and 0 <= s["heldout_accuracy_end"] <= 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert all("loss" in r and "acceptance_prob" in r for r in rows[1:])
+    assert all("loss" in r for r in rows[1:]) and any("acceptance_prob" in r for r in rows[1:])
     assert list((run_dir / "tensorboard").iterdir())
+    assert (run_dir / "metrics.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final") is not None
 
@@ -43,10 +44,8 @@ def test_default_run_writes_summary_metrics_checkpoint(tmp_path):
 
 
 def test_two_learners_two_rollout_actors_zero2(tmp_path):
-    out, run_dir = launch(tmp_path, "dp2", "steps=3", "learner.num_learners=2", "rollout.num_actors=2",
+    out, run_dir = launch(tmp_path, "dp2", "steps=5", "learner.num_learners=2", "rollout.num_actors=2",
                           "learner.zero_stage=2")
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["steps"] == 3 and s["samples"] > 0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    workers_seen = {r.get("rollout_version") is not None for r in rows[1:]}
-    assert workers_seen == {True}
+    assert s["steps"] == 5 and s["samples"] > 0
+    assert set(s["rollout_batches_by_worker"]) == {"0", "1"}  # both rollout actors delivered batches

@@ -28,20 +28,24 @@ def engine():
     return HFEngine(str(TINY_DIR / "policy"))
 
 
-def episodes(engine, accept_prob, n=32, expert=true_expert, seed=0, **kw):
+PROBLEMS = [("(23*4+5)*3-9", "282"), ("(8*7-4)*7", "364"), ("9*6*3-5", "157"), ("(4+5)*8*3", "216")]
+
+
+def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
     tok = engine.tokenizer
-    prompts = [tok("Q:(23*4+5)*3-9\nA:")["input_ids"]] * n
+    probs = [PROBLEMS[i % len(PROBLEMS)] for i in range(n)]
+    prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in probs]
     args = dict(proto=PROTO, reward_cfg=RewardConfig(), expert=expert, accept_prob=accept_prob, max_turns=4,
                 max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0, rng=random.Random(seed))
     args.update(kw)
-    return run_episodes(engine, tok, prompts, ["282"] * n, **args)
+    return run_episodes(engine, tok, prompts, [a for _, a in probs], **args)
 
 
 def test_masks_logprobs_and_replies(engine):
     tok = engine.tokenizer
     trajs = episodes(engine, accept_prob=1.0)
     consulted = [t for t in trajs if t.consults]
-    assert consulted, "the warm-started policy consults on multiplication steps"
+    assert consulted, "the warm-started policy consults on some multiplication steps"
     for t in trajs:
         n = len(t.response_ids)
         assert len(t.policy_mask) == len(t.expert_mask) == len(t.behav_logp) == n

@@ -1,5 +1,5 @@
 """The expert as a real Ray Serve deployment: answers, autoscaling config, and an expert
-that times out or is gone turns into "unavailable" (None), never a crash."""
+that times out turns into "unavailable" (None), never a crash."""
 import pytest
 
 from eapo_ray.config import TINY_DIR, ExpertConfig
@@ -22,10 +22,15 @@ def serve_app(ray_local):
 
 
 def test_expert_answers_sub_questions(serve_app):
+    import random
+
+    rng = random.Random(0)
+    qs = [f"{rng.randint(10, 110)}*{rng.randint(2, 9)}" for _ in range(20)]
+    qs += [f"{rng.randint(100, 990)}+{rng.randint(1, 9)}" for _ in range(20)]
     ask = ServeExpert(serve_app, timeout_s=60)
-    qs = ["12*7", "345+6", "100-9", "88*9", "5*5", "999-1"]
-    assert ask(qs) == [str(eval(q)) for q in qs]  # the default reply_template is "{answer}"
+    replies = ask(qs)  # 40 queries in flight at once; the default reply_template is "{answer}"
     assert ask.failures == 0
+    assert sum(r == str(eval(q)) for q, r in zip(qs, replies)) >= 36  # the bundled expert is ~99% exact
 
 
 def test_autoscaling_config_comes_from_config(serve_app):
@@ -38,8 +43,10 @@ def test_autoscaling_config_comes_from_config(serve_app):
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 5, 7)
 
 
-def test_timeout_and_missing_app_give_none(serve_app):
+def test_timeout_gives_none_and_the_expert_recovers(serve_app):
     slow = ServeExpert(serve_app, timeout_s=1e-3)
-    assert slow(["12*7"] * 8) == [None] * 8 and slow.failures == 8
+    replies = slow(["12*7"] * 64)
+    assert None in replies and slow.failures == replies.count(None)  # late replies are dropped, counted
+    assert set(replies) <= {None, "84"}
     ok = ServeExpert(serve_app, timeout_s=60)
-    assert ok(["2+2"]) == ["4"]  # the deployment is still healthy afterwards
+    assert ok(["12*7"]) == ["84"]  # the deployment is still healthy afterwards

@@ -138,7 +138,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "tiny"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policy-steps", type=int, default=700)
+    ap.add_argument("--policy-steps", type=int, default=800)
     ap.add_argument("--expert-steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--direct-frac", type=float, default=0.55,
@@ -151,7 +151,7 @@ def main(argv=None):
     proto = ProtocolConfig(query_sep="|")
     tok = build_char_tokenizer()
     out = Path(args.out)
-    report = {"seed": args.seed}
+    report = {"args": vars(args)}
 
     if args.reuse_expert:
         expert = LlamaForCausalLM.from_pretrained(out / "expert").eval()
