@@ -174,7 +174,7 @@ def run(cfg: RunConfig) -> Path:
 def _collect(fleet) -> list[dict]:
     """Finished rollout calls' stats; failed actors are marked unhealthy and probed back."""
     out = [res.get() for res in fleet.fetch_ready_async_reqs(timeout_seconds=0) if res.ok]
-    fleet.probe_unhealthy_actors(timeout_seconds=0, mark_healthy=True)
+    fleet.probe_unhealthy_actors(timeout_seconds=1.0, mark_healthy=True)  # pings only unhealthy ones
     return out
 
 

@@ -17,6 +17,18 @@ from eapo_ray.algo.sampling import collate, merge_batches, split_batch, token_lo
 from eapo_ray.config import RunConfig
 
 
+def fetch_batches(boxes: list) -> tuple[list, int]:
+    """ray.get each boxed batch ref; a batch whose producer died before the learner read
+    it (its owner is gone) is skipped and counted, not fatal."""
+    batches, lost = [], 0
+    for box in boxes:
+        try:
+            batches.append(ray.get(box[0]))
+        except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
+            lost += 1
+    return batches, lost
+
+
 def ds_config(cfg: RunConfig) -> dict:
     lc = cfg.learner
     return {
@@ -69,7 +81,10 @@ class Learner:
         """One policy update: `boxes` = [[ref], ...] of batches from the buffer; this rank
         trains on its 1/world_size slice of their samples."""
         t0 = time.time()
-        batches = [ray.get(box[0]) for box in boxes]
+        batches, lost = fetch_batches(boxes)
+        if not batches:  # every rank sees the same loss, so all skip this update together
+            self.version += 1
+            return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0}
         c = self.cfg
         pad = self.tokenizer.pad_token_id or 0
         shard = split_batch(merge_batches(batches), self.world_size)[self.rank]
@@ -101,6 +116,7 @@ class Learner:
         self.version += 1
         stats = {k: v / max(1, n_updates) for k, v in stats_sum.items()}
         stats["learner_samples"] = len(shard["input_ids"])
+        stats["lost_batches"] = lost
         stats["train_seconds"] = time.time() - t0
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats

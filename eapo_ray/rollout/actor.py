@@ -101,6 +101,6 @@ class RolloutWorker(FaultAwareApply):
             "gen_seconds": time.time() - t0,
         }
         if kept:
-            ref = ray.put(to_batch(kept, c.algo.overlong_filter))
+            ref = ray.put(to_batch(kept, c.algo.overlong_filter))  # owned by this actor (see learner.fetch_batches)
             ray.get(self.buffer.put.remote([ref], self.engine.version, len(kept)))  # waits while the buffer is full
         return stats
