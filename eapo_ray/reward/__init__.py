@@ -4,6 +4,9 @@ reward = 1.0 if correct, `format_reward` (0.1) if the answer is well formed but 
 0.0 if malformed. math-verify's own timeouts use signal.alarm, which fails outside the
 main thread, so they are switched off and a timeout is enforced here with a one-worker
 process pool (a timeout scores 0 and the stuck worker is replaced). Thread-safe.
+Integer answers (the bundled task) are compared directly and never reach the pool. The
+pool starts with "spawn", which re-imports the caller's __main__: scripts that call
+`score` need the usual `if __name__ == "__main__":` guard.
 """
 from __future__ import annotations
 
