@@ -59,6 +59,7 @@ class RolloutConfig:
     max_response_tokens: int = 160  # policy + expert tokens after the prompt
     train_turns: int = 4
     eval_turns: int = 1
+    overlap: bool = True  # generate the next batch while the learner trains (async); False: synchronous
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1

@@ -115,8 +115,8 @@ def run(cfg: RunConfig) -> Path:
             rollouts += _collect(fleet)
             if not items and fleet.num_healthy_actors() == 0:
                 raise RuntimeError("every rollout actor has failed; see their logs in the Ray dashboard")
-        # keep the fleet generating (with these weights) while the learner trains: the async overlap
-        fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})
+        if r.overlap:  # keep the fleet generating (with these weights) while the learner trains
+            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})
         for st in rollouts:
             by_worker[st["worker"]] = by_worker.get(st["worker"], 0) + 1
             generated += st["samples"]
@@ -145,11 +145,12 @@ def run(cfg: RunConfig) -> Path:
         if cfg.checkpoint_every and version % cfg.checkpoint_every == 0 and not done:
             learners.save(str(run_dir))
 
+    loop_seconds = time.time() - t_loop
     learners.save(str(run_dir))
     summary = {
         "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev["accuracy"],
         "heldout_start": ev0, "heldout_end": ev, "steps": version, "samples": samples,
-        "generated_samples": generated, "wall_seconds": time.time() - t_start,
+        "generated_samples": generated, "wall_seconds": time.time() - t_start, "loop_seconds": loop_seconds,
         "consult_rate_start": (first_rollout or {}).get("consult_rate", 0.0),
         "consult_rate_end": (last_rollout or {}).get("consult_rate", 0.0),
         "seed": cfg.seed, "buffer": _buffer_stats(buffer), "rollout_batches_by_worker": by_worker,
