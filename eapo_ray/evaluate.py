@@ -1,30 +1,80 @@
-"""Held-out evaluation with the policy alone: acceptance 0 and the consult tag banned."""
+"""Evaluation: the policy alone (expert off, consult banned) or the expert-assisted
+workflow, with pass@k and avg@k.
+
+    python -m eapo_ray.evaluate --checkpoint DIR --data tiny:arith|FILE|hf:NAME
+        [--samples K] [--mode independent|workflow] [--expert DIR] [--out DIR]
+
+Writes one JSONL row per sample (prompt, response, answer, correct, consults) and
+metrics.json into --out, and prints a table. The launcher's evaluator actor uses
+`evaluate_alone` from here.
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import random
+import sys
+import time
+from pathlib import Path
 
 import ray
 import torch
 
-from eapo_ray.config import RunConfig
-from eapo_ray.data import Example, load_split, render_prompt
+from eapo_ray.config import ConfigError, RunConfig, load_config
+from eapo_ray.data import DataError, Example, load_split, render_prompt
 from eapo_ray.rollout.engine import Engine, make_engine
-from eapo_ray.rollout.episode import run_episodes
+from eapo_ray.rollout.episode import ExpertFn, run_episodes
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def run_eval(engine: Engine, tok, examples: list[Example], cfg: RunConfig, *, temperature: float, samples: int = 1,
+             expert: ExpertFn | None = None, max_turns: int | None = None, batch: int = 64, progress: bool = False):
+    """Episodes for every (problem, sample); `expert` None means the policy alone (consult banned)."""
+    jobs = [(i, ex) for i, ex in enumerate(examples) for _ in range(samples)]
+    trajs, t0 = [], time.time()
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        prompts = [tok(render_prompt(cfg.data.template, ex.problem))["input_ids"] for _, ex in chunk]
+        trajs += run_episodes(
+            engine, tok, prompts, [ex.answer for _, ex in chunk], proto=cfg.protocol, reward_cfg=cfg.reward,
+            expert=expert, accept_prob=1.0 if expert else 0.0, max_turns=max_turns or cfg.eval.max_turns,
+            max_new_tokens_per_turn=cfg.rollout.max_new_tokens_per_turn if expert else cfg.rollout.max_response_tokens,
+            max_response_tokens=cfg.rollout.max_response_tokens, temperature=temperature,
+            rng=random.Random(cfg.seed + start), ban_consult=expert is None, groups=[i for i, _ in chunk])
+        if progress:
+            done = min(start + batch, len(jobs))
+            print(f"[evaluate] {done}/{len(jobs)} samples ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    return trajs
+
+
+def summarize(trajs, examples: list[Example], samples: int) -> dict:
+    correct = [[] for _ in examples]
+    for t in trajs:
+        correct[t.group].append(t.correct)
+    out = {"problems": len(examples), "samples_per_problem": samples,
+           f"avg@{samples}": sum(map(sum, correct)) / (len(examples) * samples),
+           "formatted": sum(t.formatted for t in trajs) / len(trajs),
+           "consults_per_sample": sum(t.consults for t in trajs) / len(trajs)}
+    for k in sorted({1, samples}):
+        out[f"pass@{k}"] = sum(pass_at_k(samples, sum(c), k) for c in correct) / len(examples)
+    for level in sorted({ex.level for ex in examples} - {0}):
+        idx = [i for i, ex in enumerate(examples) if ex.level == level]
+        out[f"pass@1_level_{level}"] = sum(pass_at_k(samples, sum(correct[i]), 1) for i in idx) / len(idx)
+    return out
 
 
 def evaluate_alone(engine: Engine, tok, examples: list[Example], cfg: RunConfig, temperature: float = 0.0) -> dict:
-    """Accuracy of the policy solving alone, overall and per level."""
-    prompts = [tok(render_prompt(cfg.data.template, ex.problem))["input_ids"] for ex in examples]
-    trajs = run_episodes(engine, tok, prompts, [ex.answer for ex in examples], proto=cfg.protocol,
-                         reward_cfg=cfg.reward, expert=None, accept_prob=0.0, max_turns=cfg.eval.max_turns,
-                         max_new_tokens_per_turn=cfg.rollout.max_response_tokens,
-                         max_response_tokens=cfg.rollout.max_response_tokens, temperature=temperature,
-                         rng=random.Random(cfg.seed), ban_consult=True)
-    out = {"accuracy": sum(t.correct for t in trajs) / len(trajs),
-           "formatted": sum(t.formatted for t in trajs) / len(trajs)}
-    for level in sorted({ex.level for ex in examples}):
-        idx = [i for i, ex in enumerate(examples) if ex.level == level]
-        out[f"accuracy_level_{level}"] = sum(trajs[i].correct for i in idx) / len(idx)
+    """Accuracy of the policy solving alone, overall and per level (the launcher's metric)."""
+    s = summarize(run_eval(engine, tok, examples, cfg, temperature=temperature), examples, 1)
+    out = {"accuracy": s["pass@1"], "formatted": s["formatted"]}
+    out.update({k.replace("pass@1_level", "accuracy_level"): v for k, v in s.items() if k.startswith("pass@1_level")})
     return out
 
 
@@ -43,3 +93,70 @@ class Evaluator:
         if weights is not None and weights[0] != self.engine.version:
             self.engine.load_weights(ray.get(weights[1][0]), weights[0])
         return evaluate_alone(self.engine, self.engine.tokenizer, self.examples, self.cfg, self.cfg.eval.temperature)
+
+
+class LocalExpert:
+    """The expert in-process (no Serve), for the workflow mode of this CLI."""
+
+    def __init__(self, path: str, cfg: RunConfig):
+        from eapo_ray.expert import Expert
+
+        self.expert = Expert.__new__(Expert)  # the deployment's logic without Serve's wrapper
+        self.expert.cfg, self.expert.engine = cfg.expert, make_engine(cfg.expert.engine, path)
+        self.expert.tok = self.expert.engine.tokenizer
+
+    def __call__(self, queries):
+        return self.expert.answer_now(queries)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eapo_ray.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="an HF causal-LM directory (e.g. a run's final/)")
+    ap.add_argument("--data", default="tiny:arith", help="tiny:arith, a .jsonl/.parquet file, or hf:NAME[:split]")
+    ap.add_argument("--samples", type=int, default=1, help="samples per problem (pass@k, avg@k)")
+    ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 1.0")
+    ap.add_argument("--mode", choices=["independent", "workflow"], default="independent")
+    ap.add_argument("--expert", default=None, help="expert directory for --mode workflow (default: the config's)")
+    ap.add_argument("--limit", type=int, default=200, help="problems to evaluate (tiny:arith draws this many)")
+    ap.add_argument("--config", default=None, help="config for template, protocol and reward (default: tiny_cpu)")
+    ap.add_argument("--out", default=None, help="output directory (default: eval-<time>)")
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        d = cfg.data
+        examples = load_split(args.data, "heldout", d.heldout_levels, args.limit, cfg.seed + 1, d.problem_key, d.answer_key)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.samples < 1:
+        print("error: --samples must be >= 1", file=sys.stderr)
+        return 2
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+    torch.manual_seed(cfg.seed)
+    engine = make_engine(cfg.rollout.engine, args.checkpoint)
+    expert = LocalExpert(args.expert or cfg.model.expert, cfg) if args.mode == "workflow" else None
+    trajs = run_eval(engine, engine.tokenizer, examples, cfg, temperature=temperature, samples=args.samples,
+                     expert=expert, max_turns=cfg.rollout.train_turns if expert else None, progress=True)
+    metrics = summarize(trajs, examples, args.samples) | {"mode": args.mode, "temperature": temperature,
+                                                          "checkpoint": args.checkpoint, "data": args.data}
+    out = Path(args.out or time.strftime("eval-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    tok = engine.tokenizer
+    with (out / "samples.jsonl").open("w") as f:
+        for t in trajs:
+            ex = examples[t.group]
+            f.write(json.dumps({"problem": ex.problem, "prompt": render_prompt(cfg.data.template, ex.problem),
+                                "response": tok.decode(t.response_ids, skip_special_tokens=True), "answer": ex.answer,
+                                "correct": t.correct, "consults": t.consults}) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"{'metric':<24} value")
+    for k, v in metrics.items():
+        print(f"{k:<24} {v:.4f}" if isinstance(v, float) else f"{k:<24} {v}")
+    print(f"wrote {out / 'samples.jsonl'} and {out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
