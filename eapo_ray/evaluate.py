@@ -95,18 +95,11 @@ class Evaluator:
         return evaluate_alone(self.engine, self.engine.tokenizer, self.examples, self.cfg, self.cfg.eval.temperature)
 
 
-class LocalExpert:
-    """The expert in-process (no Serve), for the workflow mode of this CLI."""
+def local_expert(path: str, cfg: RunConfig) -> ExpertFn:
+    """The expert deployment's class used in-process (no Serve), for the workflow mode."""
+    from eapo_ray.expert import Expert
 
-    def __init__(self, path: str, cfg: RunConfig):
-        from eapo_ray.expert import Expert
-
-        self.expert = Expert.__new__(Expert)  # the deployment's logic without Serve's wrapper
-        self.expert.cfg, self.expert.engine = cfg.expert, make_engine(cfg.expert.engine, path)
-        self.expert.tok = self.expert.engine.tokenizer
-
-    def __call__(self, queries):
-        return self.expert.answer_now(queries)
+    return Expert(path, cfg.expert).answer_now
 
 
 def main(argv=None) -> int:
@@ -136,7 +129,7 @@ def main(argv=None) -> int:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg.rollout.engine, args.checkpoint)
-    expert = LocalExpert(args.expert or cfg.model.expert, cfg) if args.mode == "workflow" else None
+    expert = local_expert(args.expert or cfg.model.expert, cfg) if args.mode == "workflow" else None
     trajs = run_eval(engine, engine.tokenizer, examples, cfg, temperature=temperature, samples=args.samples,
                      expert=expert, max_turns=cfg.rollout.train_turns if expert else None, progress=True)
     metrics = summarize(trajs, examples, args.samples) | {"mode": args.mode, "temperature": temperature,
