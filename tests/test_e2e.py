@@ -43,9 +43,12 @@ def test_default_run_writes_summary_metrics_checkpoint(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
 
 
-def test_two_learners_two_rollout_actors_zero2(tmp_path):
+def test_two_learners_two_rollout_actors_zero3(tmp_path):
     out, run_dir = launch(tmp_path, "dp2", "steps=5", "learner.num_learners=2", "rollout.num_actors=2",
-                          "learner.zero_stage=2")
+                          "learner.zero_stage=3")
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["steps"] == 5 and s["samples"] > 0
     assert set(s["rollout_batches_by_worker"]) == {"0", "1"}  # both rollout actors delivered batches
+    from transformers import AutoModelForCausalLM  # ZeRO-3 shards were gathered for the HF checkpoint
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert model.model.embed_tokens.weight.shape[0] > 100 and model.model.embed_tokens.weight.abs().sum() > 0
