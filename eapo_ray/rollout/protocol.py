@@ -53,7 +53,8 @@ def _block(text: str, start: int, open_tag: str, close_tag: str, forbidden: list
     return body, end + len(close_tag)
 
 
-def parse_action(text: str, cfg: ProtocolConfig) -> Action:
+def parse_action(text: str, cfg: ProtocolConfig | None = None) -> Action:
+    cfg = cfg or ProtocolConfig()
     c_at, a_at = text.find(cfg.consult_open), text.find(cfg.answer_open)
     all_tags = [cfg.consult_open, cfg.consult_close, cfg.answer_open, cfg.answer_close,
                 cfg.expert_open, cfg.expert_close]
@@ -80,9 +81,10 @@ def parse_action(text: str, cfg: ProtocolConfig) -> Action:
     return Action("consult", queries=queries[: cfg.max_parallel], truncated=len(queries) > cfg.max_parallel)
 
 
-def render_replies(replies: list[str | None], cfg: ProtocolConfig) -> str:
+def render_replies(replies: list[str | None], cfg: ProtocolConfig | None = None) -> str:
     """One expert block per query, in order; None (a rejected or failed query) renders
     as the configured "unavailable" text."""
+    cfg = cfg or ProtocolConfig()
     return "".join(
         f"{cfg.expert_open}{cfg.unavailable if r is None else r}{cfg.expert_close}" for r in replies
     )
