@@ -47,10 +47,14 @@ def make_problem(rng: random.Random, level: int) -> Problem:
             return Problem(text, str(value), tuple(steps), level)
 
 
+def final_answer(p: Problem) -> str:
+    """The answer block that ends every response."""
+    return f"<answer>\\boxed{{{p.answer}}}</answer>"
+
+
 def solution(p: Problem) -> str:
     """The reference chain-of-thought response (what the policy is warm-started on)."""
-    work = "".join(f"{a}{op}{b}={c};" for a, op, b, c in p.steps)
-    return f"{work}<answer>\\boxed{{{p.answer}}}</answer>"
+    return "".join(f"{a}{op}{b}={c};" for a, op, b, c in p.steps) + final_answer(p)
 
 
 def split_of(problem_text: str, heldout_frac: float = 0.2) -> str:

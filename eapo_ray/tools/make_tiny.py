@@ -8,7 +8,9 @@ the EAPO action language: some steps are delegated to the expert with
 ``<consult>a*b</consult>``; the reply is an observation, ``<expert>a*b=c</expert>``
 (configs set ``expert.reply_template: "{query}={answer}"``) after which the policy
 goes on to the next step, or ``<expert>unavailable</expert>`` after which it works the
-step out itself. It is stopped early so it solves 1-2 operations but rarely 3-4.
+step out itself. A share of the samples (--direct-frac) answers at once without working,
+so greedy decoding mostly shortcuts and rarely solves 3-4 operations: a habit the
+reward punishes and RL has to unlearn.
 The expert is trained on single operations (the policy's sub-questions).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from eapo_ray.rollout.protocol import ProtocolConfig
-from eapo_ray.task import MAX_VALUE, Problem, make_problem, sample_problems, solution
+from eapo_ray.task import MAX_VALUE, Problem, final_answer, make_problem, sample_problems
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TAGS = ["<consult>", "</consult>", "<answer>", "</answer>", "<expert>", "</expert>"]
@@ -52,7 +54,7 @@ def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consul
     probability `direct_frac` the sample answers at once, without working."""
     segs = [(TEMPLATE.format(problem=p.problem), False)]
     if rng.random() < direct_frac:
-        return segs + [(f"{proto.answer_open}\\boxed{{{p.answer}}}{proto.answer_close}", True)]
+        return segs + [(final_answer(p), True)]
     consulting = rng.random() < consult_frac
     for a, op, b, c in p.steps:
         hard = op == "*" and a >= 10
@@ -65,7 +67,7 @@ def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consul
                 continue
             segs.append((f"{proto.expert_open}{proto.unavailable}{proto.expert_close}", True))
         segs.append((f"{a}{op}{b}={c};", True))
-    segs.append((solution(p)[solution(p).index(proto.answer_open):], True))
+    segs.append((final_answer(p), True))
     return segs
 
 
