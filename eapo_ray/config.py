@@ -94,8 +94,9 @@ class ExpertConfig:
     target_ongoing_requests: int = 8
     max_batch_size: int = 32
     num_cpus: float = 0.25
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # per replica; with vllm.tensor_parallel_size > 1 each replica gets that many GPUs
     torch_threads: int = 1
+    node_resource: str = ""  # a custom Ray resource only expert nodes have: replicas are placed there
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
