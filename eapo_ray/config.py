@@ -134,6 +134,7 @@ class LearnerConfig:
 @dataclass
 class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0: only at start and end)
+    engine: str = "hf"  # the evaluator's own policy copy: "hf" or "vllm" (uses rollout.vllm)
     temperature: float = 0.0  # 0 = greedy
     max_turns: int = 1
 
@@ -259,6 +260,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.prompts_per_batch >= 1, "rollout.prompts_per_batch", "must be >= 1"),
         (cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "must be 'hf' or 'vllm'"),
         (cfg.expert.engine in ("hf", "vllm"), "expert.engine", "must be 'hf' or 'vllm'"),
+        (cfg.eval.engine in ("hf", "vllm"), "eval.engine", "must be 'hf' or 'vllm'"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
         (cfg.rollout.train_turns >= cfg.rollout.eval_turns >= 1, "rollout.train_turns",
          "must be >= rollout.eval_turns >= 1"),

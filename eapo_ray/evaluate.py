@@ -84,7 +84,7 @@ class Evaluator:
     def __init__(self, cfg: RunConfig):
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
-        self.engine = make_engine(cfg.rollout.engine, cfg.model.policy)
+        self.engine = make_engine(cfg.eval.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed)
         d = cfg.data
         self.examples = load_split(d.heldout, "heldout", d.heldout_levels, d.num_heldout, cfg.seed + 1,
                                    d.problem_key, d.answer_key)

@@ -17,7 +17,7 @@ class Expert:
     def __init__(self, model_path: str, cfg: ExpertConfig):
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
-        self.engine = make_engine(cfg.engine, model_path)
+        self.engine = make_engine(cfg.engine, model_path, cfg.vllm)
         self.tok = self.engine.tokenizer
         self.__call__.set_max_batch_size(cfg.max_batch_size)
 
@@ -32,11 +32,28 @@ class Expert:
         return await asyncio.to_thread(self.answer_now, queries)
 
 
+def replica_options(cfg: ExpertConfig) -> dict:
+    """Ray resources of one replica. A vLLM expert with tensor parallelism gets a placement
+    group (one CPU bundle for the replica, one GPU bundle per shard), as Ray Serve LLM does;
+    `node_resource` pins replicas to nodes that advertise it (the expert's own node group)."""
+    actor = {"num_cpus": cfg.num_cpus}
+    if cfg.node_resource:
+        actor["resources"] = {cfg.node_resource: 0.001}
+    tp = cfg.vllm.tensor_parallel_size if cfg.engine == "vllm" else 1
+    if tp > 1:
+        node = {cfg.node_resource: 0.001} if cfg.node_resource else {}
+        return {"ray_actor_options": actor,
+                "placement_group_bundles": [{"CPU": cfg.num_cpus, **node}] + [{"GPU": 1.0, **node}] * tp,
+                "placement_group_strategy": "STRICT_PACK"}
+    if cfg.num_gpus:
+        actor["num_gpus"] = cfg.num_gpus
+    return {"ray_actor_options": actor}
+
+
 def expert_app(model_path: str, cfg: ExpertConfig, name: str = "expert"):
     """The bound Serve application; autoscaling_config comes from the run config."""
-    opts = {"num_cpus": cfg.num_cpus, **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {})}
     dep = serve.deployment(
-        Expert, name=name, ray_actor_options=opts, max_ongoing_requests=cfg.max_batch_size * 2,
+        Expert, name=name, max_ongoing_requests=cfg.max_batch_size * 2, **replica_options(cfg),
         autoscaling_config={
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,

@@ -3,6 +3,7 @@ copy (any Engine), loads the newest published weights between batches, asks the 
 expert through a DeploymentHandle, and puts finished batches into the buffer."""
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from types import SimpleNamespace
@@ -20,8 +21,9 @@ from eapo_ray.rollout.episode import run_episodes
 
 
 class ServeExpert:
-    """Calls the expert deployment for a list of queries, all in flight at once; a query
-    that fails or misses the deadline gets None (rendered as "unavailable")."""
+    """Calls the expert deployment for a list of queries, all in flight at once (awaitable,
+    so other episodes keep generating); a query that fails or misses the deadline gets
+    None (rendered as "unavailable")."""
 
     def __init__(self, app_name: str, timeout_s: float):
         from ray import serve
@@ -30,18 +32,15 @@ class ServeExpert:
         self.timeout_s = timeout_s
         self.failures = 0
 
-    def __call__(self, queries: list[str]) -> list[str | None]:
-        responses = [self.handle.remote(q) for q in queries]
-        deadline = time.monotonic() + self.timeout_s
-        out = []
-        for r in responses:
+    async def __call__(self, queries: list[str]) -> list[str | None]:
+        async def one(response):
             try:
-                out.append(r.result(timeout_s=max(0.01, deadline - time.monotonic())))
+                return await asyncio.wait_for(response, self.timeout_s)
             except Exception:  # timeout, dead replica, app gone: the expert is unavailable
-                r.cancel()
+                response.cancel()
                 self.failures += 1
-                out.append(None)
-        return out
+                return None
+        return list(await asyncio.gather(*[one(self.handle.remote(q)) for q in queries]))
 
 
 class RolloutWorker(FaultAwareApply):
@@ -52,7 +51,8 @@ class RolloutWorker(FaultAwareApply):
         torch.manual_seed(cfg.seed * 1000 + index)
         self.cfg, self.index, self.buffer = cfg, index, buffer
         self.rng = random.Random(cfg.seed * 1000 + index)
-        self.engine = make_engine(cfg.rollout.engine, cfg.model.policy)
+        self.engine = make_engine(cfg.rollout.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed * 1000 + index,
+                                  **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}))
         self.tok = self.engine.tokenizer
         d = cfg.data
         self.data = load_split(d.train, "train", d.train_levels, d.num_train, cfg.seed, d.problem_key, d.answer_key)
@@ -63,6 +63,20 @@ class RolloutWorker(FaultAwareApply):
         """weights: (version, [ObjectRef to a state dict]) or None."""
         if weights is not None and weights[0] > self.engine.version:
             self.engine.load_weights(ray.get(weights[1][0]), weights[0])
+
+    # The inference side of vLLM's NCCL weight transfer (rollout.weight_sync: nccl), driven
+    # by learner rank 0 (eapo_ray/nccl_sync.py); calls queue behind a running `produce`.
+    def init_weight_transfer_engine(self, request):
+        self.engine.init_weight_transfer_engine(request)
+
+    def start_weight_update(self):
+        self.engine.start_weight_update()
+
+    def update_weights(self, request):
+        self.engine.update_weights(request)
+
+    def finish_weight_update(self, version: int | None = None):
+        self.engine.finish_weight_update(version)
 
     def produce(self, step: int, weights=None, max_draws: int = 4) -> dict:
         """Generate one training batch at learner step `step` and put it into the buffer."""

@@ -3,6 +3,7 @@ transformers one. An engine works on token ids only: the ids it returns are the 
 the learner trains on, never re-tokenized text."""
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -28,6 +29,54 @@ class Engine(ABC):
     @abstractmethod
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Replace the weights with the learner's (full, unsharded) state dict."""
+
+    async def agenerate(self, prompt: list[int], max_new_tokens: int, temperature: float, stop: list[str],
+                        ban: list[str] = ()) -> Generation:
+        """One request, awaitable, so many episodes can be in flight at once. Here concurrent
+        requests are gathered into one batched `generate` in a thread; engines with their own
+        scheduler (vLLM) override this."""
+        if getattr(self, "_batcher", None) is None:
+            self._batcher = _MicroBatcher(self)
+        return await self._batcher.submit(prompt, max_new_tokens, (temperature, tuple(stop), tuple(ban)))
+
+
+class _MicroBatcher:
+    """Collects the requests that arrive while the engine is busy (or within a few ms of
+    each other) and runs them as one `generate` call; requests with different sampling
+    settings go into different batches."""
+
+    def __init__(self, engine: Engine, settle_s: float = 0.002):
+        self.engine, self.settle_s, self.pending, self.busy = engine, settle_s, [], False
+
+    async def submit(self, prompt, max_new_tokens, key):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((key, prompt, max_new_tokens, fut))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self):
+        try:
+            while self.pending:
+                n = -1
+                while n != len(self.pending):  # wait until no more requests are arriving
+                    n = len(self.pending)
+                    await asyncio.sleep(self.settle_s)
+                key = self.pending[0][0]
+                batch = [x for x in self.pending if x[0] == key]
+                self.pending = [x for x in self.pending if x[0] != key]
+                try:
+                    gens = await asyncio.to_thread(self.engine.generate, [x[1] for x in batch], [x[2] for x in batch],
+                                                   key[0], list(key[1]), list(key[2]))
+                except Exception as e:  # noqa: BLE001 -- handed to every waiting request
+                    for x in batch:
+                        x[3].set_exception(e)
+                    continue
+                for x, g in zip(batch, gens):
+                    x[3].set_result(g)
+        finally:
+            self.busy = False
 
 
 class HFEngine(Engine):
@@ -92,9 +141,12 @@ class HFEngine(Engine):
         self.version = version
 
 
-def make_engine(kind: str, model_path: str, **kwargs) -> Engine:
+def make_engine(kind: str, model_path: str, vllm_cfg=None, seed: int = 0, **kwargs) -> Engine:
+    """`vllm_cfg` (a config.VLLMConfig) and `seed` are used by the vLLM engine only."""
     if kind == "hf":
         return HFEngine(model_path, **kwargs)
     if kind == "vllm":
-        raise NotImplementedError("engine 'vllm' is not implemented yet (issue: vLLM engines); use engine: hf")
+        from eapo_ray.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, vllm_cfg, seed=seed, **kwargs)
     raise ValueError(f"unknown engine {kind!r} (expected 'hf' or 'vllm')")

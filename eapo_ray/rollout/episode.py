@@ -1,19 +1,23 @@
-"""The EAPO episode, batched: generate until a consult or an answer, send the queries
-(up to K per turn, all in flight at once) to the expert, accept each with the scheduled
-probability, append the replies as loss-masked observation tokens, repeat until an
-answer or the turn budget; then score. No Ray here: the expert is a callable."""
+"""The EAPO episode: generate until a consult or an answer, send the queries (up to K per
+turn, all in flight at once) to the expert, accept each with the scheduled probability,
+append the replies as loss-masked observation tokens, repeat until an answer or the turn
+budget; then score. Episodes are coroutines, so a batch runs with every episode in flight
+(the engine batches their requests). No Ray here: the expert is a callable."""
 from __future__ import annotations
 
+import asyncio
+import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from eapo_ray.reward import RewardConfig, score
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.protocol import ProtocolConfig, parse_action, render_replies
 
 # expert(queries) -> one reply per query, None where the expert failed or timed out
-ExpertFn = Callable[[list[str]], list["str | None"]]
+# (a plain function, or an async one returning the same list)
+ExpertFn = Callable[[list[str]], "list[str | None] | Awaitable[list[str | None]]"]
 
 
 @dataclass
@@ -55,50 +59,63 @@ def observation_ids(tokenizer, replies: list[str | None], accepted: list[bool], 
     return ids, mask
 
 
+async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: ProtocolConfig, reward_cfg: RewardConfig,
+                      expert: ExpertFn | None, accept_prob: float, max_turns: int, max_new_tokens_per_turn: int,
+                      max_response_tokens: int, temperature: float, rng: random.Random,
+                      ban_consult: bool = False) -> Trajectory:
+    """Run one episode to the end and score it. Each generation and each expert call is
+    awaited, so a batch of episodes interleaves: while some wait for the expert, others
+    generate."""
+    stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if ban_consult else []
+    for turn in range(max_turns):
+        budget = min(max_new_tokens_per_turn, max_response_tokens - len(t.response_ids))
+        g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, temperature, stop, ban)
+        t.extend(g.tokens, g.logprobs)
+        t.turns += 1
+        action = parse_action(tokenizer.decode(g.tokens, skip_special_tokens=True), proto)
+        if action.kind == "consult":
+            t.consults += len(action.queries)
+        if action.kind != "consult" or turn == max_turns - 1:
+            t.overlong = g.finish == "length" and len(t.response_ids) >= max_response_tokens
+            break
+        flags = [expert is not None and rng.random() < accept_prob for _ in action.queries]
+        asked = [q for q, f in zip(action.queries, flags) if f]
+        answers = iter(await _ask(expert, asked) if asked else [])
+        replies = [next(answers) if f else None for f in flags]
+        t.accepted += sum(r is not None for r in replies)
+        t.expert_failures += sum(f and r is None for r, f in zip(replies, flags))
+        ids, mask = observation_ids(tokenizer, replies, flags, proto)
+        room = max_response_tokens - len(t.response_ids)
+        if len(ids) >= room:  # no room left to continue after the observation
+            t.extend(ids[:room], expert_mask=mask[:room])
+            t.overlong = True
+            break
+        t.extend(ids, expert_mask=mask)
+    t.done = True
+    r = score(tokenizer.decode(t.response_ids, skip_special_tokens=True), t.gold, reward_cfg, proto)
+    t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
+    return t
+
+
+async def _ask(expert: ExpertFn, queries: list[str]) -> list[str | None]:
+    out = expert(queries)  # a plain function or a coroutine function
+    return await out if inspect.isawaitable(out) else out
+
+
 def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: list[str], *, proto: ProtocolConfig,
                  reward_cfg: RewardConfig, expert: ExpertFn | None, accept_prob: float, max_turns: int,
                  max_new_tokens_per_turn: int, max_response_tokens: int, temperature: float,
                  rng: random.Random, groups: list[int] | None = None, ban_consult: bool = False) -> list[Trajectory]:
-    """Run one episode per prompt to the end and score it. `expert=None` or
+    """Run one episode per prompt, all in flight at once, and score them. `expert=None` or
     `accept_prob=0` means no help; consult turns then get "unavailable".
     `ban_consult` (evaluation) forbids the consult tag outright."""
     trajs = [Trajectory(list(p), gold=g, group=(groups[i] if groups else i), version=engine.version)
              for i, (p, g) in enumerate(zip(prompts, golds))]
-    stop = [proto.consult_close, proto.answer_close]
-    for turn in range(max_turns):
-        active = [t for t in trajs if not t.done]
-        if not active:
-            break
-        budgets = [min(max_new_tokens_per_turn, max_response_tokens - len(t.response_ids)) for t in active]
-        gens = engine.generate([t.prompt_ids + t.response_ids for t in active], budgets, temperature, stop,
-                               ban=[proto.consult_open] if ban_consult else ())
-        pending = []  # (trajectory, queries, accepted flags)
-        for t, g in zip(active, gens):
-            t.extend(g.tokens, g.logprobs)
-            t.turns += 1
-            action = parse_action(tokenizer.decode(g.tokens, skip_special_tokens=True), proto)
-            if action.kind != "consult" or turn == max_turns - 1:
-                t.done = True
-                t.overlong = g.finish == "length" and len(t.response_ids) >= max_response_tokens
-                if action.kind == "consult":
-                    t.consults += len(action.queries)
-                continue
-            flags = [expert is not None and rng.random() < accept_prob for _ in action.queries]
-            t.consults += len(action.queries)
-            pending.append((t, action.queries, flags))
-        asked = [q for _, qs, fl in pending for q, f in zip(qs, fl) if f]
-        answers = iter(expert(asked) if asked else [])
-        for t, qs, flags in pending:
-            replies = [next(answers) if f else None for f in flags]
-            t.accepted += sum(r is not None for r in replies)
-            t.expert_failures += sum(f and r is None for r, f in zip(replies, flags))
-            ids, mask = observation_ids(tokenizer, replies, flags, proto)
-            room = max_response_tokens - len(t.response_ids)
-            if len(ids) >= room:  # no room left to continue after the observation
-                t.done, t.overlong = True, True
-                ids, mask = ids[:room], mask[:room]
-            t.extend(ids, expert_mask=mask)
-    for t in trajs:
-        r = score(tokenizer.decode(t.response_ids, skip_special_tokens=True), t.gold, reward_cfg, proto)
-        t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
-    return trajs
+    kw = dict(proto=proto, reward_cfg=reward_cfg, expert=expert, accept_prob=accept_prob, max_turns=max_turns,
+              max_new_tokens_per_turn=max_new_tokens_per_turn, max_response_tokens=max_response_tokens,
+              temperature=temperature, rng=rng, ban_consult=ban_consult)
+
+    async def all_episodes():
+        return await asyncio.gather(*[run_episode(engine, tokenizer, t, **kw) for t in trajs])
+
+    return asyncio.run(all_episodes())

