@@ -201,7 +201,7 @@ def test_launcher_yaml_schema_and_node_types():
 def test_gpu_config_loads_and_adds_up(path):
     cfg = load_config(ROOT / path)
     r, e, lc = cfg.rollout, cfg.expert, cfg.learner
-    assert r.engine == e.engine == "vllm"
+    assert r.engine == e.engine == cfg.eval.engine == "vllm"
     assert r.weight_sync == "nccl" and lc.backend == "nccl" and lc.bf16
     assert lc.num_gpus == 1 and r.num_gpus >= 1
     assert e.num_gpus == e.vllm.tensor_parallel_size, "an expert replica gets one GPU per TP rank"
