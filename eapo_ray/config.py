@@ -125,6 +125,7 @@ class LearnerConfig:
     minibatches: int = 1
     epochs: int = 1
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     backend: str = "gloo"
     num_cpus: float = 0.5
     num_gpus: float = 0.0

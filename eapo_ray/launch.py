@@ -94,14 +94,19 @@ def run(cfg: RunConfig) -> Path:
     workers = [worker_cls.options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                                   max_restarts=3, max_task_retries=0)
                .remote(cfg, i, app_name if use_expert else None, buffer) for i in range(r.num_actors)]
+    nccl = r.weight_sync == "nccl"
+    if nccl:  # GPU: learner rank 0 -> vLLM engines over NCCL each step; the object store only feeds the evaluator
+        learners.init_weight_sync(workers)
     fleet = FaultTolerantActorManager(workers, max_remote_requests_in_flight_per_actor=1)
-    evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus).remote(cfg)
+    evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
+                                              num_gpus=r.num_gpus if cfg.eval.engine == "vllm" else 0).remote(cfg)
     metrics = MetricsLog(run_dir)
 
     ev0 = ray.get(evaluator.evaluate.remote(weights))
     print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
     metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
 
+    rollout_weights = None if nccl else weights
     samples = generated = 0
     by_worker: dict[int, int] = {}
     first_rollout = last_rollout = None
@@ -110,13 +115,13 @@ def run(cfg: RunConfig) -> Path:
     for step in range(version, cfg.steps):
         items, rollouts = [], []
         while not items:
-            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})  # idle actors only
+            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": rollout_weights})  # idle only
             items = ray.get(buffer.get.remote(1, version, timeout_s=2.0))
             rollouts += _collect(fleet)
             if not items and fleet.num_healthy_actors() == 0:
                 raise RuntimeError("every rollout actor has failed; see their logs in the Ray dashboard")
         if r.overlap:  # keep the fleet generating (with these weights) while the learner trains
-            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": weights})
+            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": rollout_weights})
         for st in rollouts:
             by_worker[st["worker"]] = by_worker.get(st["worker"], 0) + 1
             generated += st["samples"]
@@ -124,7 +129,12 @@ def run(cfg: RunConfig) -> Path:
             last_rollout = st
         stats = learners.train_step(items)
         version += 1
-        weights = learners.publish()
+        done = version >= cfg.steps
+        eval_due = done or (cfg.eval.every and version % cfg.eval.every == 0)
+        if nccl:
+            stats["weight_sync_seconds"] = learners.sync_weights()
+        weights = learners.publish() if eval_due or not nccl else None
+        rollout_weights = None if nccl else weights
         samples += stats["learner_samples"]
         row = {**{f"rollout_{k}": v for k, v in (last_rollout or {}).items()},
                **stats, "samples": samples, "generated": generated,
@@ -132,8 +142,7 @@ def run(cfg: RunConfig) -> Path:
         if last_rollout:  # the newest finished rollout batch (none yet at the very first step)
             row.update(reward=last_rollout["reward"], consult_rate=last_rollout["consult_rate"],
                        acceptance_prob=last_rollout["acceptance_prob"])
-        done = version >= cfg.steps
-        if done or (cfg.eval.every and version % cfg.eval.every == 0):
+        if eval_due:
             ev = ray.get(evaluator.evaluate.remote(weights))
             row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
         metrics.log(version, row)

@@ -44,18 +44,25 @@ def ds_config(cfg: RunConfig) -> dict:
 
 
 class Learner:
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, master_addr: str, master_port: int):
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0" if cfg.learner.num_gpus else str(rank))
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int):
         torch.set_num_threads(cfg.learner.torch_threads)
         torch.manual_seed(cfg.seed)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.version = 0
+        self.weight_sync = None
 
-    def setup(self, resume_dir: str = "") -> int:
+    def endpoint(self) -> tuple[str, int]:
+        """This actor's node address and a free port there (rank 0 hosts the rendezvous)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, resume_dir: str = "") -> int:
         """Join the process group and build the DeepSpeed engine (collective: all ranks)."""
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK="0" if self.cfg.learner.num_gpus else str(self.rank))
 
         if self.cfg.learner.backend == "gloo":
             import importlib
@@ -66,6 +73,9 @@ class Learner:
         deepspeed.init_distributed(dist_backend=self.cfg.learner.backend, auto_mpi_discovery=False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.policy)
         model = AutoModelForCausalLM.from_pretrained(self.cfg.model.policy, dtype=torch.float32)
+        if self.cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
         opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.learner.lr, weight_decay=self.cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(self.cfg))
         if resume_dir:
@@ -135,6 +145,22 @@ class Learner:
         sd = self.full_state_dict()
         return (self.version, [ray.put(sd)]) if self.rank == 0 else None
 
+    def init_weight_sync(self, rollout_actors: list) -> tuple[str, int] | None:
+        """Collective. NCCL path (GPU): open vLLM's weight-transfer group with the rollout engines."""
+        from eapo_ray.weight_sync import NCCLWeightSync
+
+        r = self.cfg.rollout
+        addr, port = self.endpoint() if self.rank == 0 else ("", 0)
+        self.weight_sync = NCCLWeightSync(
+            self.engine.module, rank=self.rank, zero3=self.cfg.learner.zero_stage == 3, actors=rollout_actors,
+            tp=r.vllm.tensor_parallel_size, bucket_mb=r.sync_bucket_mb, master_address=addr, master_port=port)
+
+    def sync_weights(self) -> float:
+        """Collective. Broadcast the current weights to every rollout engine; seconds taken."""
+        t0 = time.time()
+        self.weight_sync.send(self.version)
+        return time.time() - t0
+
     def save(self, run_dir: str, hf: bool = True) -> str:
         """Collective. A DeepSpeed checkpoint (for resume) and, on rank 0, an HF directory."""
         ckpt = Path(run_dir) / "checkpoint"
@@ -163,8 +189,6 @@ class LearnerGroup:
         lc = cfg.learner
         n = lc.num_learners
         cls = ray.remote(Learner)
-        addr = ray.util.get_node_ip_address()
-        port = free_port()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -175,12 +199,19 @@ class LearnerGroup:
             cls.options(name=f"{run_name}-learner-{r}", num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads)}})
-            .remote(cfg, r, n, addr, port)
+            .remote(cfg, r, n)
             for r in range(n)
         ]
 
     def setup(self, resume_dir: str = "") -> int:
-        return ray.get([a.setup.remote(resume_dir) for a in self.actors])[0]
+        addr, port = ray.get(self.actors[0].endpoint.remote())  # rank 0's node: learners may span nodes
+        return ray.get([a.setup.remote(addr, port, resume_dir) for a in self.actors])[0]
+
+    def init_weight_sync(self, rollout_actors: list) -> None:
+        ray.get([a.init_weight_sync.remote(rollout_actors) for a in self.actors])
+
+    def sync_weights(self) -> float:
+        return ray.get([a.sync_weights.remote() for a in self.actors])[0]
 
     def train_step(self, items: list) -> dict:
         """items: [(version, [ref], n), ...] from the buffer; every rank gets the refs."""

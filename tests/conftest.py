@@ -11,6 +11,13 @@ def ray_local():
     """A private local Ray cluster for one test module (never a stray one on the machine)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    for attempt in range(2):  # a loaded machine can miss Ray's start-up deadline once
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            break
+        except RuntimeError:
+            ray.shutdown()
+            if attempt:
+                raise
     yield ray
     ray.shutdown()
