@@ -1,11 +1,14 @@
 """Evaluation: the policy alone (expert off, consult banned) or the expert-assisted
 workflow, with pass@k and avg@k.
 
-    python -m eapo_ray.evaluate --checkpoint DIR --data tiny:arith|FILE|hf:NAME
+    python -m eapo_ray.evaluate --checkpoint DIR --data tiny:arith|FILE|[hf:]NAME
         [--samples K] [--mode independent|workflow] [--expert DIR] [--out DIR]
+        [--engine hf|vllm] [--actors N]
 
 Writes one JSONL row per sample (prompt, response, answer, correct, consults) and
-metrics.json into --out, and prints a table. The launcher's evaluator actor uses
+metrics.json into --out, and prints a table. With --actors N > 1 the problems are
+split over N Ray actors (a local Ray cluster, or the one RAY_ADDRESS names), each with
+its own engine; otherwise it runs in this process. The launcher's evaluator actor uses
 `evaluate_alone` from here.
 """
 from __future__ import annotations
@@ -95,6 +98,40 @@ class Evaluator:
         return evaluate_alone(self.engine, self.engine.tokenizer, self.examples, self.cfg, self.cfg.eval.temperature)
 
 
+def eval_shard(checkpoint: str, engine_kind: str, examples: list[Example], cfg: RunConfig, temperature: float,
+               samples: int, expert_path: str | None, progress: bool = False) -> list:
+    """One process's share: its own engine (and in-process expert for the workflow mode)."""
+    torch.manual_seed(cfg.seed)
+    engine = make_engine(engine_kind, checkpoint, cfg.rollout.vllm, seed=cfg.seed)
+    expert = local_expert(expert_path, cfg) if expert_path else None
+    trajs = run_eval(engine, engine.tokenizer, examples, cfg, temperature=temperature, samples=samples,
+                     expert=expert, max_turns=cfg.rollout.train_turns if expert else None, progress=progress)
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
+    return trajs
+
+
+def eval_on_ray(n: int, checkpoint, engine_kind, examples, cfg, temperature, samples, expert_path) -> list:
+    """Split the problems over n Ray actors (one engine each); trajectories come back in order."""
+    from eapo_ray.launch import init_ray
+
+    init_ray(cfg, n * cfg.rollout.num_cpus)
+    shards = [list(range(len(examples)))[i::n] for i in range(n)]
+    task = ray.remote(eval_shard).options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
+    refs = [task.remote(checkpoint, engine_kind, [examples[j] for j in idx], cfg, temperature, samples, expert_path)
+            for idx in shards if idx]
+    trajs, t0, pending = [], time.time(), dict(zip(refs, [idx for idx in shards if idx]))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        idx = pending.pop(done[0])
+        for t in ray.get(done[0]):
+            t.group = idx[t.group]  # shard-local problem index -> global
+            trajs.append(t)
+        print(f"[evaluate] {len(refs) - len(pending)}/{len(refs)} actors done ({time.time() - t0:.0f}s)",
+              file=sys.stderr, flush=True)
+    return trajs
+
+
 def local_expert(path: str, cfg: RunConfig) -> ExpertFn:
     """The expert deployment's class used in-process (no Serve), for the workflow mode."""
     from eapo_ray.expert import Expert
@@ -106,7 +143,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eapo_ray.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="an HF causal-LM directory (e.g. a run's final/)")
-    ap.add_argument("--data", default="tiny:arith", help="tiny:arith, a .jsonl/.parquet file, or hf:NAME[:split]")
+    ap.add_argument("--data", default="tiny:arith",
+                    help="tiny:arith, a .jsonl/.parquet file, or a Hugging Face dataset NAME[:split] (or hf:NAME)")
     ap.add_argument("--samples", type=int, default=1, help="samples per problem (pass@k, avg@k)")
     ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 1.0")
     ap.add_argument("--mode", choices=["independent", "workflow"], default="independent")
@@ -114,12 +152,18 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=200, help="problems to evaluate (tiny:arith draws this many)")
     ap.add_argument("--config", default=None, help="config for template, protocol and reward (default: tiny_cpu)")
     ap.add_argument("--out", default=None, help="output directory (default: eval-<time>)")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default=None, help="default: the config's rollout.engine")
+    ap.add_argument("--actors", type=int, default=1, help="N > 1: evaluate on N Ray actors, one engine each")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         d = cfg.data
-        examples = load_split(args.data, "heldout", d.heldout_levels, args.limit, cfg.seed + 1, d.problem_key, d.answer_key)
+        data = args.data
+        if not data.startswith(("tiny:", "hf:")) and not Path(data).exists() and "/" in data and \
+                not data.endswith((".jsonl", ".parquet")):
+            data = "hf:" + data  # a Hugging Face dataset name, e.g. HuggingFaceH4/MATH-500:test
+        examples = load_split(data, "heldout", d.heldout_levels, args.limit, cfg.seed + 1, d.problem_key, d.answer_key)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -127,16 +171,24 @@ def main(argv=None) -> int:
         print("error: --samples must be >= 1", file=sys.stderr)
         return 2
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
-    torch.manual_seed(cfg.seed)
-    engine = make_engine(cfg.rollout.engine, args.checkpoint)
-    expert = local_expert(args.expert or cfg.model.expert, cfg) if args.mode == "workflow" else None
-    trajs = run_eval(engine, engine.tokenizer, examples, cfg, temperature=temperature, samples=args.samples,
-                     expert=expert, max_turns=cfg.rollout.train_turns if expert else None, progress=True)
+    if args.actors < 1:
+        print("error: --actors must be >= 1", file=sys.stderr)
+        return 2
+    engine_kind = args.engine or cfg.rollout.engine
+    expert_path = (args.expert or cfg.model.expert) if args.mode == "workflow" else None
+    if args.actors > 1:
+        trajs = eval_on_ray(args.actors, args.checkpoint, engine_kind, examples, cfg, temperature, args.samples,
+                            expert_path)
+    else:
+        trajs = eval_shard(args.checkpoint, engine_kind, examples, cfg, temperature, args.samples, expert_path,
+                           progress=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
     metrics = summarize(trajs, examples, args.samples) | {"mode": args.mode, "temperature": temperature,
                                                           "checkpoint": args.checkpoint, "data": args.data}
     out = Path(args.out or time.strftime("eval-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    tok = engine.tokenizer
     with (out / "samples.jsonl").open("w") as f:
         for t in trajs:
             ex = examples[t.group]

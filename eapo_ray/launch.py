@@ -22,6 +22,8 @@ from eapo_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config,
 def init_ray(cfg: RunConfig, required_cpus: float):
     import ray
 
+    if ray.is_initialized():  # e.g. several runs or evaluations from one process
+        return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
     if cfg.ray_address == "auto-local" and not os.environ.get("RAY_ADDRESS"):
         # A private local cluster; never attach to a stray one on this machine.
