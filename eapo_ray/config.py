@@ -136,6 +136,7 @@ class LearnerConfig:
 class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0: only at start and end)
     engine: str = "hf"  # the evaluator's own policy copy: "hf" or "vllm" (uses rollout.vllm)
+    num_gpus: float = 0.0  # the evaluator actor's GPUs (a vLLM evaluator on GPUs needs one)
     temperature: float = 0.0  # 0 = greedy
     max_turns: int = 1
 
@@ -262,6 +263,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "must be 'hf' or 'vllm'"),
         (cfg.expert.engine in ("hf", "vllm"), "expert.engine", "must be 'hf' or 'vllm'"),
         (cfg.eval.engine in ("hf", "vllm"), "eval.engine", "must be 'hf' or 'vllm'"),
+        (not (cfg.eval.engine == "vllm" and cfg.rollout.num_gpus > 0 and cfg.eval.num_gpus <= 0), "eval.num_gpus",
+         "must be > 0 with eval.engine: vllm on GPUs (the evaluator's vLLM engine needs a GPU)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
         (cfg.rollout.train_turns >= cfg.rollout.eval_turns >= 1, "rollout.train_turns",
          "must be >= rollout.eval_turns >= 1"),

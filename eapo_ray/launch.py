@@ -101,7 +101,7 @@ def run(cfg: RunConfig) -> Path:
         learners.init_weight_sync(workers)
     fleet = FaultTolerantActorManager(workers, max_remote_requests_in_flight_per_actor=1)
     evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
-                                              num_gpus=r.num_gpus if cfg.eval.engine == "vllm" else 0).remote(cfg)
+                                              num_gpus=cfg.eval.num_gpus).remote(cfg)
     metrics = MetricsLog(run_dir)
 
     ev0 = ray.get(evaluator.evaluate.remote(weights))

@@ -128,7 +128,8 @@ def test_kuberay_expert_group_advertises_the_node_resource_and_scales():
         assert g["maxReplicas"] * per_pod >= ec.max_replicas, f"{path.name}: expert.max_replicas does not fit"
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
         train_gpus = sum(gpus(o) * o["maxReplicas"] for o in others)
-        need = cfg.learner.num_learners * cfg.learner.num_gpus + cfg.rollout.num_actors * cfg.rollout.num_gpus
+        need = (cfg.learner.num_learners * cfg.learner.num_gpus + cfg.rollout.num_actors * cfg.rollout.num_gpus
+                + cfg.eval.num_gpus)
         assert train_gpus >= need, f"{path.name}: {train_gpus} non-expert GPUs < {need} for learners + rollout"
         assert all(gpus(o) >= max(cfg.learner.num_gpus, cfg.rollout.num_gpus) for o in others)
 
@@ -189,7 +190,8 @@ def test_launcher_yaml_schema_and_node_types():
         assert et["max_workers"] * per_node >= ec.max_replicas
         assert et.get("min_workers", 0) < et["max_workers"], "the expert nodes must be able to scale"
         train = [v for k, v in workers.items() if k not in expert]
-        need = cfg.learner.num_learners * cfg.learner.num_gpus + cfg.rollout.num_actors * cfg.rollout.num_gpus
+        need = (cfg.learner.num_learners * cfg.learner.num_gpus + cfg.rollout.num_actors * cfg.rollout.num_gpus
+                + cfg.eval.num_gpus)
         assert sum(v["resources"].get("GPU", 0) * v["max_workers"] for v in train) >= need
         assert "eapo_ray" in " ".join(doc["setup_commands"]) and "pip install" in " ".join(doc["setup_commands"])
         assert doc["docker"]["image"].startswith("rayproject/ray:2.60")
@@ -226,7 +228,7 @@ def test_paper_config_is_the_papers_setting():
 def test_single_node_config_fits_eight_gpus():
     cfg = load_config(ROOT / GPU_CONFIGS[1])
     total = (cfg.learner.num_learners * cfg.learner.num_gpus + cfg.rollout.num_actors * cfg.rollout.num_gpus
-             + cfg.expert.max_replicas * cfg.expert.num_gpus)
+             + cfg.eval.num_gpus + cfg.expert.max_replicas * cfg.expert.num_gpus)
     assert total <= 8, f"{total} GPUs requested with the expert at max_replicas"
     assert cfg.model.policy == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
