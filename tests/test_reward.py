@@ -47,3 +47,17 @@ def test_grading_timeout_scores_zero():
     assert (r.reward, r.correct, r.formatted) == (0.0, False, False)
     # and the grader recovers afterwards
     assert score("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5").correct
+
+
+def test_last_number_fallback_is_opt_in_and_only_without_a_box():
+    from eapo_ray.reward import last_number
+
+    assert last_number("she pays 1,234 dollars, i.e. 5.5 per day.") == "5.5"
+    assert last_number("no digits") is None
+    flexible = RewardConfig(require_answer_tags=False, last_number_fallback=True, timeout_s=None)
+    assert score("So she makes 18 dollars.", "18", flexible).correct
+    assert not score("So she makes 18 dollars.", "18", RewardConfig(require_answer_tags=False)).formatted
+    assert not score("18 ... \\boxed{17}", "18", flexible).correct  # a box, when present, is the answer
+    assert not score("18 ... \\boxed{17", "18", flexible).formatted  # a broken box is not rescued
+    tagged = RewardConfig(require_answer_tags=True, last_number_fallback=True, timeout_s=None)
+    assert not score("So she makes 18 dollars.", "18", tagged).formatted  # training rewards keep the tags

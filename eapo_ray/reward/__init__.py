@@ -25,6 +25,8 @@ class RewardConfig:
     format_reward: float = 0.1
     timeout_s: float | None = 5.0  # None or 0: grade in-process (main thread only is safe)
     require_answer_tags: bool = True  # False: also accept a bare \boxed{} outside the tags
+    last_number_fallback: bool = False  # no tags, no \boxed{}: take the response's last number
+    # (lm-eval's "flexible extract"; for evaluating small models that rarely box, never for training)
 
     def __post_init__(self):
         if not 0.0 <= self.format_reward < 1.0:
@@ -51,8 +53,19 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(response: str, protocol: ProtocolConfig | None = None, require_tags: bool = True) -> str | None:
-    """The final answer string: \\boxed{} content (or the bare value) of the last answer block."""
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in the text (thousands separators dropped, a trailing '.0' kept), or None."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def extract_answer(response: str, protocol: ProtocolConfig | None = None, require_tags: bool = True,
+                   last_number_fallback: bool = False) -> str | None:
+    """The final answer string: \\boxed{} content (or the bare value) of the last answer block;
+    with `last_number_fallback`, the last number when there is no tag and no \\boxed{}."""
     p = protocol or ProtocolConfig()
     close = response.rfind(p.answer_close)
     open_ = response.rfind(p.answer_open, 0, close) if close >= 0 else -1
@@ -64,6 +77,8 @@ def extract_answer(response: str, protocol: ProtocolConfig | None = None, requir
         value = boxed if boxed is not None else inner
     elif not require_tags:
         value = last_boxed(response)
+        if value is None and last_number_fallback and "\\boxed{" not in response:
+            value = last_number(response)
     else:
         return None
     value = value.strip() if value is not None else None
@@ -115,7 +130,7 @@ _grader = _Grader()
 def score(response: str, gold: str, cfg: RewardConfig | None = None,
           protocol: ProtocolConfig | None = None) -> RewardResult:
     cfg = cfg or RewardConfig()
-    pred = extract_answer(response, protocol, cfg.require_answer_tags)
+    pred = extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback)
     if pred is None:
         return RewardResult(0.0, False, False)
     needs_pool = cfg.timeout_s and not (_INT.match(pred) and _INT.match(str(gold).strip()))
