@@ -125,6 +125,21 @@ def test_job_order_core_by_seed_then_ablations_by_row():
                      ("eapo_step", 0), ("eapo_step", 1), ("eapo_weak_expert", 0), ("eapo_weak_expert", 1)]
 
 
+def test_run_watched_stops_a_stalled_process(tmp_path):
+    import sys
+    import time
+
+    t0 = time.time()
+    status = P.run_watched([sys.executable, "-c", "print('hi', flush=True); import time; time.sleep(60)"],
+                           tmp_path / "stall.log", dict(os.environ), tmp_path, stall_s=1.5, poll_s=0.2)
+    assert status == "stalled" and time.time() - t0 < 20
+    assert "no output for 2s" in (tmp_path / "stall.log").read_text()
+    assert P.run_watched([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "x.log", dict(os.environ),
+                         tmp_path, stall_s=30, poll_s=0.1) == "exit 3"
+    assert P.run_watched([sys.executable, "-c", "pass"], tmp_path / "y.log", dict(os.environ), tmp_path,
+                         stall_s=30, poll_s=0.1) == "ok"
+
+
 # ---------------------------------------------------------------- configs
 
 def test_every_row_has_a_loadable_config_and_they_differ_only_as_intended():

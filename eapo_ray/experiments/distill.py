@@ -82,9 +82,13 @@ def expert_accuracy(cfg: RunConfig, n_problems: int = 300, seed: int = 12345) ->
     """The expert's single-operation accuracy (with the config's decoding) on the steps of
     training problems, overall and by operation; `consult_like` is the steps the bundled
     policy was taught to delegate (a*b with a >= 10)."""
+    import torch
+
     probs = task.sample_problems(n_problems, cfg.data.train_levels, "train", seed)
     steps = [s for p in probs for s in p.steps]
-    answers = expert_ask(cfg)([f"{a}{op}{b}" for a, op, b, _ in steps])
+    ask = expert_ask(cfg)
+    torch.manual_seed(seed)  # reproducible when the expert samples (temperature > 0)
+    answers = ask([f"{a}{op}{b}" for a, op, b, _ in steps])
     ok = [ans == str(c) for ans, (_, _, _, c) in zip(answers, steps)]
 
     def acc(pred):

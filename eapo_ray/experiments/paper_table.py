@@ -395,6 +395,41 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
+def run_watched(cmd: list[str], log_path: Path, env: dict, cwd: Path, stall_s: float, poll_s: float = 2.0) -> str:
+    """Run `cmd` with its output in `log_path`; "ok", "exit <rc>", or "stalled" when the log
+    has not grown for `stall_s` seconds (the process is then stopped: SIGTERM, which makes
+    the launcher shut its Ray cluster down; SIGKILL if it is still there a minute later)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        size, last_change = -1, time.time()
+        try:
+            while proc.poll() is None:
+                time.sleep(poll_s)
+                if log_path.stat().st_size != size:
+                    size, last_change = log_path.stat().st_size, time.time()
+                elif time.time() - last_change > stall_s:
+                    f.write(f"\n[paper_table] no output for {stall_s:.0f}s: stopping the run\n")
+                    f.flush()
+                    _stop(proc)
+                    return "stalled"
+        finally:
+            if proc.poll() is None:  # interrupted ourselves: do not leave the run (and its Ray) behind
+                _stop(proc)
+    return "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Runner:
     out: Path
@@ -402,6 +437,8 @@ class Runner:
     eval_samples: int
     sets: list[str]
     log: object = print
+    stall_s: float = 300.0  # a training run with no output for this long is stopped and retried
+    retries: int = 1
 
     def run_dir(self, row: Row, seed: int) -> Path:
         return self.out / "runs" / f"{row.name}-s{seed}"
@@ -411,26 +448,25 @@ class Runner:
         return load_config(config_path(row), [f"seed={seed}", *self.sets, *step_overrides(base, self.steps)])
 
     def train(self, row: Row, seed: int) -> dict:
-        """A training row: a launcher subprocess (its own local Ray cluster)."""
+        """A training row: a launcher subprocess (its own local Ray cluster), watched for
+        stalls; a failed or stalled run is retried `retries` times from scratch."""
         base = load_config(config_path(row), [f"seed={seed}", *self.sets])
         rd = self.run_dir(row, seed)
-        if rd.exists():
-            shutil.rmtree(rd)  # a cut-off attempt: metrics.jsonl is appended to, so start clean
         cmd = [sys.executable, "-m", "eapo_ray.launch", "--config", str(config_path(row)), f"seed={seed}",
                f"run_root={rd.parent}", f"run_name={rd.name}", *self.sets, *step_overrides(base, self.steps)]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
-        log_path = self.out / "logs" / f"{rd.name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with log_path.open("w") as f:
-            f.write(" ".join(cmd) + "\n")
-            f.flush()
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=PACKAGE_DIR.parent).returncode
-        if rc != 0 or not (rd / "summary.json").exists():
-            tail = log_path.read_text()[-2000:]
-            raise RuntimeError(f"{rd.name}: launcher exited with {rc}; see {log_path}\n{tail}")
-        return {"process_seconds": time.time() - t0}
+        t0, problems = time.time(), []
+        for attempt in range(1 + self.retries):
+            if rd.exists():
+                shutil.rmtree(rd)  # a cut-off attempt: metrics.jsonl is appended to, so start clean
+            log_path = self.out / "logs" / f"{rd.name}{f'.retry{attempt}' if attempt else ''}.log"
+            status = run_watched(cmd, log_path, env, PACKAGE_DIR.parent, self.stall_s)
+            if status == "ok" and (rd / "summary.json").exists():
+                return {"process_seconds": time.time() - t0, "attempts": attempt + 1, "problems": problems}
+            problems.append(f"attempt {attempt + 1}: {status} (see {log_path})")
+            self.log(f"[paper_table] {rd.name}: {problems[-1]}")
+        raise RuntimeError(f"{rd.name}: " + "; ".join(problems))
 
     def run(self, row: Row, seed: int) -> tuple[dict, dict]:
         """Train (unless summary.json exists) and evaluate (unless eval.json exists) one
@@ -530,9 +566,14 @@ def main(argv=None) -> int:
                     help="training steps (default: the configs' 40, scaled down only if the core rows do not fit)")
     ap.add_argument("--min-steps", type=int, default=20)
     ap.add_argument("--eval-samples", type=int, default=4, help="samples per problem at T=1 (0: greedy only)")
+    ap.add_argument("--stall-min", type=float, default=5.0,
+                    help="stop (and retry once) a training run that prints nothing for this many minutes")
     ap.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides applied to every row (e.g. data.num_heldout=100)")
     args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a running launcher is stopped with us
 
     t_start = time.time()
     out = Path(args.out).resolve()
@@ -548,12 +589,14 @@ def main(argv=None) -> int:
     prev = _read_json(out / "plan.json")
     fixed_steps = args.steps or (prev["steps"] if prev and done else None)  # a resumed table keeps its steps
     timing = Timing(**prev["timing"]) if prev and "timing" in prev else Timing()
-    budget_s = args.budget_min * 60
+    used_before = prev.get("elapsed_s", 0.0) if prev and done else 0.0  # earlier attempts at this table
+    budget_s = args.budget_min * 60 - used_before
     plan = make_plan(rows, seeds, fixed_steps or cfg0.steps, budget_s, timing, min_steps=args.min_steps,
                      scale_steps=fixed_steps is None, done=done)
-    print(format_plan(plan, timing), flush=True)
     if done:
-        print(f"[paper_table] resuming: {len(done)} runs already in {out} are not run again", flush=True)
+        print(f"[paper_table] resuming: {len(done)} runs already in {out} are not run again; "
+              f"{used_before / 60:.1f} min of the budget were used before", flush=True)
+    print(format_plan(plan, timing), flush=True)
 
     # The experts' single-operation accuracy (the rows' expert decoding), measured once.
     expert_acc = {}
@@ -568,15 +611,16 @@ def main(argv=None) -> int:
                 print(f"[paper_table] expert {key}: single-op accuracy {a['all_steps']:.3f} on task steps "
                       f"({a['consult_like']:.3f} on a*b with a >= 10, the queries the policy delegates)", flush=True)
 
-    runner = Runner(out, plan.steps, args.eval_samples, list(args.sets))
+    runner = Runner(out, plan.steps, args.eval_samples, list(args.sets), stall_s=args.stall_min * 60)
     results: dict[str, dict[int, dict]] = {}
     counts: dict = {}
     meta = {"command": "python -m eapo_ray.experiments.paper_table " + " ".join(argv if argv is not None else sys.argv[1:]),
             "expert_accuracy": expert_acc, "eval_samples": args.eval_samples, "sets": args.sets}
 
     def save_plan():
-        (out / "plan.json").write_text(json.dumps(dataclasses.asdict(plan) | {"timing": dataclasses.asdict(timing)},
-                                                  indent=2))
+        (out / "plan.json").write_text(json.dumps(
+            dataclasses.asdict(plan) | {"timing": dataclasses.asdict(timing),
+                                        "elapsed_s": used_before + time.time() - t_start}, indent=2))
 
     save_plan()
     jobs = job_order([r for r in rows if r.name in plan.rows], seeds)
@@ -608,7 +652,7 @@ def main(argv=None) -> int:
             plan.dropped += new.dropped
             jobs = jobs[:i] + [(r, s) for r, s in jobs[i:] if r.name in new.rows]
             print(f"[paper_table] re-planned with measured times: dropping {', '.join(new.dropped)}", flush=True)
-        plan.estimate_s = elapsed + new.estimate_s
+        plan.estimate_s = used_before + elapsed + new.estimate_s
         save_plan()
         sampled = f" sampled {res['sampled']:.3f}" if res.get("sampled") is not None else ""
         print(f"[paper_table] {i}/{len(jobs)} {row.name} seed {seed}: greedy {res['greedy']:.3f}{sampled} "
@@ -617,7 +661,9 @@ def main(argv=None) -> int:
 
     kept = [r for r in rows if r.name in plan.rows]
     meta |= {"steps": plan.steps, "plan": dataclasses.asdict(plan), "timing": dataclasses.asdict(timing),
-             "wall_seconds": time.time() - t_start, "failures": failures}
+             "wall_seconds": time.time() - t_start, "wall_seconds_all_attempts": used_before + time.time() - t_start,
+             "failures": failures}
+    save_plan()
     write_outputs(out, kept, results, seeds, meta, cfg0.data.num_heldout, args.eval_samples)
     print((out / "table.md").read_text(), flush=True)
     print(f"[paper_table] done in {_hms(time.time() - t_start)}: {out / 'table.md'}, {out / 'results.json'}, "
