@@ -78,7 +78,7 @@ def expert_ask(cfg: RunConfig) -> Ask:
     return expert.answer_now
 
 
-def expert_accuracy(cfg: RunConfig, n_problems: int = 300, seed: int = 12345) -> dict:
+def expert_accuracy(cfg: RunConfig, n_problems: int = 1000, seed: int = 12345) -> dict:
     """The expert's single-operation accuracy (with the config's decoding) on the steps of
     training problems, overall and by operation; `consult_like` is the steps the bundled
     policy was taught to delegate (a*b with a >= 10)."""

@@ -298,6 +298,10 @@ def curve(metrics_by_seed: dict[int, list[dict]], key: str) -> dict:
 
 # ---------------------------------------------------------------- plots
 
+COLORS = {"rl": "C0", "eapo": "C1", "eapo_weak_expert": "C2", "eapo_constant": "C3", "eapo_sequential": "C4",
+          "eapo_inverse": "C5", "eapo_step": "C6"}
+
+
 def plot_accuracy(curves: dict[str, dict], labels: dict[str, str], path: Path, n_seeds: int) -> Path:
     import matplotlib
 
@@ -308,7 +312,8 @@ def plot_accuracy(curves: dict[str, dict], labels: dict[str, str], path: Path, n
     for name, c in curves.items():
         if not c["steps"]:
             continue
-        line, = ax.plot(c["samples"], c["mean"], marker="o", markersize=3, label=labels.get(name, name))
+        line, = ax.plot(c["samples"], c["mean"], marker="o", markersize=3, label=labels.get(name, name),
+                        color=COLORS.get(name))
         ax.fill_between(c["samples"], c["min"], c["max"], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training samples (learner)")
     ax.set_ylabel("held-out accuracy, policy alone (greedy)")
@@ -323,20 +328,21 @@ def plot_accuracy(curves: dict[str, dict], labels: dict[str, str], path: Path, n
 
 
 def plot_consult(curves: dict[str, dict[str, dict]], labels: dict[str, str], path: Path) -> Path:
-    """curves[metric][row]: consult rate, acceptance probability and rollout accuracy against step."""
+    """curves[metric][row]: consult rate, acceptance probability, turn budget and rollout accuracy
+    against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("consult_rate", "consult rate (rollouts)"), ("acceptance_prob", "acceptance probability"),
-              ("rollout_accuracy", "rollout accuracy (T=1, with help)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
+              ("rollout_turn_budget", "turn budget (rollouts)"), ("rollout_accuracy", "rollout accuracy (T=1)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
     for ax, (key, title) in zip(axes, panels):
         for name, c in curves.get(key, {}).items():
             if not c["steps"]:
                 continue
-            line, = ax.plot(c["steps"], c["mean"], label=labels.get(name, name))
+            line, = ax.plot(c["steps"], c["mean"], label=labels.get(name, name), color=COLORS.get(name))
             lo = [m - s for m, s in zip(c["mean"], c["std"])]
             hi = [m + s for m, s in zip(c["mean"], c["std"])]
             ax.fill_between(c["steps"], lo, hi, color=line.get_color(), alpha=0.2)
@@ -539,6 +545,7 @@ def write_outputs(out: Path, rows: list[Row], results: dict, seeds: list[int], m
     consult_curves = {
         "consult_rate": {n: curve(metrics[n], "consult_rate") for n in ("eapo", "rl") if metrics.get(n)},
         "acceptance_prob": {n: curve(metrics[n], "acceptance_prob") for n in ("eapo",) if metrics.get(n)},
+        "rollout_turn_budget": {n: curve(metrics[n], "rollout_turn_budget") for n in ("eapo",) if metrics.get(n)},
         "rollout_accuracy": {n: curve(metrics[n], "rollout_accuracy") for n in ("eapo", "rl") if metrics.get(n)},
     }
     plot_accuracy(acc_curves, labels, out / "accuracy_vs_samples.png", len(seeds))
