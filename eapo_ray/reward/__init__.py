@@ -119,8 +119,12 @@ class _Grader:
         except multiprocessing.TimeoutError:
             with self._lock:
                 if self._pool is pool:
-                    pool.terminate()
                     self._pool = None
+            # Pool.terminate() was seen to block forever under heavy load: kill the worker
+            # process first, and let terminate() tidy up off the caller's thread.
+            for proc in getattr(pool, "_pool", []):
+                proc.kill()
+            threading.Thread(target=pool.terminate, daemon=True).start()
             return None
 
 
