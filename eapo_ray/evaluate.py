@@ -106,8 +106,7 @@ def eval_shard(checkpoint: str, engine_kind: str, examples: list[Example], cfg: 
     expert = local_expert(expert_path, cfg) if expert_path else None
     trajs = run_eval(engine, engine.tokenizer, examples, cfg, temperature=temperature, samples=samples,
                      expert=expert, max_turns=cfg.rollout.train_turns if expert else None, progress=progress)
-    if hasattr(engine, "shutdown"):
-        engine.shutdown()
+    engine.shutdown()
     return trajs
 
 

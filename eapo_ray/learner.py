@@ -145,7 +145,7 @@ class Learner:
         sd = self.full_state_dict()
         return (self.version, [ray.put(sd)]) if self.rank == 0 else None
 
-    def init_weight_sync(self, rollout_actors: list) -> tuple[str, int] | None:
+    def init_weight_sync(self, rollout_actors: list) -> None:
         """Collective. NCCL path (GPU): open vLLM's weight-transfer group with the rollout engines."""
         from eapo_ray.weight_sync import NCCLWeightSync
 

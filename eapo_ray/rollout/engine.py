@@ -30,6 +30,9 @@ class Engine(ABC):
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Replace the weights with the learner's (full, unsharded) state dict."""
 
+    def shutdown(self) -> None:
+        """Release the engine's processes (vLLM); nothing to do for in-process engines."""
+
     async def agenerate(self, prompt: list[int], max_new_tokens: int, temperature: float, stop: list[str],
                         ban: list[str] = ()) -> Generation:
         """One request, awaitable, so many episodes can be in flight at once. Here concurrent
