@@ -111,22 +111,23 @@ def eval_shard(checkpoint: str, engine_kind: str, examples: list[Example], cfg: 
 
 
 def eval_on_ray(n: int, checkpoint, engine_kind, examples, cfg, temperature, samples, expert_path) -> list:
-    """Split the problems over n Ray actors (one engine each); trajectories come back in order."""
+    """Split the problems over n Ray actors (one engine each); trajectories come back as the
+    actors finish, their `group` mapped back to the index in `examples`."""
     from eapo_ray.launch import init_ray
 
     init_ray(cfg, n * cfg.rollout.num_cpus)
-    shards = [list(range(len(examples)))[i::n] for i in range(n)]
+    shards = [s for s in (list(range(len(examples)))[i::n] for i in range(n)) if s]
     task = ray.remote(eval_shard).options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
-    refs = [task.remote(checkpoint, engine_kind, [examples[j] for j in idx], cfg, temperature, samples, expert_path)
-            for idx in shards if idx]
-    trajs, t0, pending = [], time.time(), dict(zip(refs, [idx for idx in shards if idx]))
+    pending = {task.remote(checkpoint, engine_kind, [examples[j] for j in idx], cfg, temperature, samples,
+                           expert_path): idx for idx in shards}
+    trajs, t0 = [], time.time()
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         idx = pending.pop(done[0])
         for t in ray.get(done[0]):
             t.group = idx[t.group]  # shard-local problem index -> global
             trajs.append(t)
-        print(f"[evaluate] {len(refs) - len(pending)}/{len(refs)} actors done ({time.time() - t0:.0f}s)",
+        print(f"[evaluate] {len(shards) - len(pending)}/{len(shards)} actors done ({time.time() - t0:.0f}s)",
               file=sys.stderr, flush=True)
     return trajs
 

@@ -38,7 +38,6 @@ class Trajectory:
     expert_failures: int = 0  # accepted queries the expert failed to answer in time
     turns: int = 0
     overlong: bool = False  # cut off by the token budget
-    done: bool = False
 
     def extend(self, ids, logps=None, expert_mask=None):
         """Append policy tokens (with their log-probs) or observation tokens (without)."""
@@ -91,7 +90,6 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: Protoc
             t.overlong = True
             break
         t.extend(ids, expert_mask=mask)
-    t.done = True
     r = score(tokenizer.decode(t.response_ids, skip_special_tokens=True), t.gold, reward_cfg, proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
