@@ -78,6 +78,9 @@ class RolloutConfig:
     torch_threads: int = 1
     weight_sync: str = "object_store"  # learner -> engines: "object_store" (any device) or "nccl" (GPU, vllm)
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
+    max_actor_failures: int = 3  # an actor whose batches fail this many times in a row is retired
+    max_empty_batches: int = 20  # this many finished batches in a row with no kept sample stop the run
+    pause_timeout_s: float = 600.0  # a weight update waits at most this long for in-flight generation to drain
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -126,6 +129,8 @@ class LearnerConfig:
     epochs: int = 1
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
+    max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
+    checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
     backend: str = "gloo"
     num_cpus: float = 0.5
     num_gpus: float = 0.0
@@ -275,6 +280,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.weight_sync != "nccl" or (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus > 0),
          "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
         (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),
+        (cfg.rollout.max_actor_failures >= 1, "rollout.max_actor_failures", "must be >= 1"),
+        (cfg.rollout.max_empty_batches >= 1, "rollout.max_empty_batches", "must be >= 1"),
+        (cfg.rollout.pause_timeout_s > 0, "rollout.pause_timeout_s", "must be > 0"),
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),

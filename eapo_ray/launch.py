@@ -14,6 +14,8 @@ import math
 import os
 import sys
 import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eapo_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config, to_dict
@@ -36,12 +38,13 @@ def init_ray(cfg: RunConfig, required_cpus: float):
 class MetricsLog:
     """JSONL + TensorBoard in the run directory, and Ray metrics for the dashboard."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
         from ray.util.metrics import Gauge
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step: on resume, TensorBoard hides events at or after it that an earlier attempt wrote
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
         self.gauges = {k: Gauge(f"eapo_{k}", description=f"EAPO {k}") for k in
                        ("reward", "consult_rate", "acceptance_prob", "heldout_accuracy", "samples_per_s", "staleness")}
 
@@ -59,135 +62,287 @@ class MetricsLog:
         self.tb.close()
 
 
-def run(cfg: RunConfig) -> Path:
+@dataclass
+class System:
+    """Handles of the running parts; `teardown` releases whichever were started."""
+    run_name: str = ""
+    app_name: str | None = None  # the expert's Serve app (None: no expert this run)
+    buffer: object = None
+    learners: object = None  # learner.LearnerGroup
+    workers: list = field(default_factory=list)  # rollout actors
+    fleet: object = None  # rollout.fleet.RolloutFleet
+    evaluator: object = None
+    metrics: MetricsLog | None = None
+
+    def teardown(self) -> None:
+        """Stop everything that was started, each part on its own (one failing does not keep
+        the others, e.g. the expert's GPUs, alive)."""
+        import ray
+
+        steps = [("metrics", lambda: self.metrics and self.metrics.close()),
+                 ("rollout fleet", lambda: self.fleet and self.fleet.cancel_all()),
+                 ("rollout engines", lambda: self.workers and ray.wait(
+                     [w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=30)),
+                 *[(f"rollout actor {i}", lambda w=w: ray.kill(w, no_restart=True)) for i, w in enumerate(self.workers)],
+                 ("evaluator", lambda: self.evaluator and ray.kill(self.evaluator, no_restart=True)),
+                 ("learners", lambda: self.learners and self.learners.shutdown()),
+                 ("buffer", lambda: self.buffer and ray.kill(self.buffer, no_restart=True))]
+        if self.app_name:
+            from ray import serve
+
+            steps.append(("expert", lambda: serve.delete(self.app_name)))
+        for what, fn in steps:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 -- keep tearing down the rest
+                print(f"[eapo] teardown of {what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class LoopState:
+    """The driver's counters; saved beside each checkpoint so a resumed run continues them."""
+    version: int = 0  # learner updates done (= the policy version)
+    samples: int = 0  # samples trained on
+    generated: int = 0  # samples generated (including dropped groups)
+    serial: int = 0  # rollout batches requested so far; batch n's prompts and coins come from its serial
+    by_worker: dict = field(default_factory=dict)  # rollout batches delivered per actor
+    first_rollout: dict | None = None
+    last_rollout: dict | None = None
+    logp_gap_max: float = 0.0  # max |behaviour - learner| log-prob on policy tokens seen in the run
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "LoopState":
+        data = json.loads(path.read_text())
+        data["by_worker"] = {int(k): v for k, v in data.get("by_worker", {}).items()}
+        return cls(**data)
+
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[str, Path]:
+    run_name = cfg.run_name or (Path(cfg.resume).name if cfg.resume else time.strftime("eapo-%Y%m%d-%H%M%S"))
+    run_dir = Path(cfg.resume).resolve() if cfg.resume else Path(cfg.run_root).resolve() / run_name
+    if cfg.resume and not (run_dir / "checkpoint").is_dir():
+        raise ConfigError(f"config key 'resume': {run_dir} has no checkpoint/ to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return run_name, run_dir
+
+
+def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int:
+    """Ray, the Serve expert, buffer, learners, rollout actors and evaluator, filled into
+    `s` as they come up (so a failure half-way is torn down). Returns the policy version
+    (> 0 when resuming)."""
     import ray
     from ray import serve
-    from ray.rllib.utils.actor_manager import FaultTolerantActorManager
 
     from eapo_ray.buffer import TrajectoryBuffer
     from eapo_ray.evaluate import Evaluator
     from eapo_ray.expert import expert_app
     from eapo_ray.learner import LearnerGroup
-    from eapo_ray.rollout.actor import RolloutWorker
-
-    t_start = time.time()
-    run_name = cfg.run_name or time.strftime("eapo-%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.run_root).resolve() / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    print(f"[eapo] run directory: {run_dir}", flush=True)
+    from eapo_ray.rollout.actor import remote_worker_cls
+    from eapo_ray.rollout.fleet import RolloutFleet
 
     r, lc, ec = cfg.rollout, cfg.learner, cfg.expert
+    s.run_name = run_name
     required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + r.num_cpus
     init_ray(cfg, required)
-    app_name = f"{run_name}-expert"
-    use_expert = cfg.acceptance.kind != "constant" or cfg.acceptance.start > 0
-    if use_expert:
+    if cfg.acceptance.kind != "constant" or cfg.acceptance.start > 0:
+        s.app_name = f"{run_name}-expert"
         serve.start(proxy_location="Disabled")
-        serve.run(expert_app(cfg.model.expert, ec), name=app_name, route_prefix=None)
-        print(f"[eapo] expert Serve app '{app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
+        serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None)
+        print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
+    s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
+    s.learners = LearnerGroup(cfg, run_name)
+    version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
+    s.workers = [remote_worker_cls().options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus,
+                                             num_gpus=r.num_gpus, max_restarts=3, max_task_retries=0)
+                 .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
+    s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches)
+    if r.weight_sync == "nccl":
+        start_nccl_weight_sync(s.learners, s.workers)
+    s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
+                                                num_gpus=cfg.eval.num_gpus).remote(cfg)
+    return version
 
-    buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
-    learners = LearnerGroup(cfg, run_name)
-    resume_ckpt = str(run_dir / "checkpoint") if cfg.resume else ""
-    version = learners.setup(resume_ckpt)
-    weights = learners.publish()
-    worker_cls = ray.remote(RolloutWorker)
-    workers = [worker_cls.options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                                  max_restarts=3, max_task_retries=0)
-               .remote(cfg, i, app_name if use_expert else None, buffer) for i in range(r.num_actors)]
-    nccl = r.weight_sync == "nccl"
-    if nccl:  # GPU: learner rank 0 -> vLLM engines over NCCL each step; the object store only feeds the evaluator
-        learners.init_weight_sync(workers)
-    fleet = FaultTolerantActorManager(workers, max_remote_requests_in_flight_per_actor=1)
-    evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
-                                              num_gpus=cfg.eval.num_gpus).remote(cfg)
-    metrics = MetricsLog(run_dir)
 
-    ev0 = ray.get(evaluator.evaluate.remote(weights))
-    print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
-    metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
+def start_nccl_weight_sync(learners, workers) -> float:
+    """GPU path: open the NCCL group between learner rank 0 and every rollout engine, then
+    send the current weights at once (engines start from the base model; after a resume the
+    learner is ahead of them). Returns the seconds the first sync took."""
+    learners.init_weight_sync(workers)
+    return learners.sync_weights()
 
-    rollout_weights = None if nccl else weights
-    samples = generated = 0
-    by_worker: dict[int, int] = {}
-    first_rollout = last_rollout = None
-    ev = ev0
-    t_loop = time.time()
-    for step in range(version, cfg.steps):
-        items, rollouts = [], []
-        while not items:
-            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": rollout_weights})  # idle only
-            items = ray.get(buffer.get.remote(1, version, timeout_s=2.0))
-            rollouts += _collect(fleet)
-            if not items and fleet.num_healthy_actors() == 0:
-                raise RuntimeError("every rollout actor has failed; see their logs in the Ray dashboard")
-        if r.overlap:  # keep the fleet generating (with these weights) while the learner trains
-            fleet.foreach_actor_async("produce", kwargs={"step": step, "weights": rollout_weights})
-        for st in rollouts:
-            by_worker[st["worker"]] = by_worker.get(st["worker"], 0) + 1
-            generated += st["samples"]
-            first_rollout = first_rollout or st
-            last_rollout = st
-        stats = learners.train_step(items)
-        version += 1
-        done = version >= cfg.steps
-        eval_due = done or (cfg.eval.every and version % cfg.eval.every == 0)
-        if nccl:
-            stats["weight_sync_seconds"] = learners.sync_weights()
-        weights = learners.publish() if eval_due or not nccl else None
-        rollout_weights = None if nccl else weights
-        samples += stats["learner_samples"]
-        row = {**{f"rollout_{k}": v for k, v in (last_rollout or {}).items()},
-               **stats, "samples": samples, "generated": generated,
-               "samples_per_s": generated / (time.time() - t_loop), **_buffer_stats(buffer)}
-        if last_rollout:  # the newest finished rollout batch (none yet at the very first step)
-            row.update(reward=last_rollout["reward"], consult_rate=last_rollout["consult_rate"],
-                       acceptance_prob=last_rollout["acceptance_prob"])
-        if eval_due:
-            ev = ray.get(evaluator.evaluate.remote(weights))
-            row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
-        metrics.log(version, row)
-        nan = float("nan")
-        print(f"[eapo] step {version}/{cfg.steps} reward {row.get('reward', nan):.3f} "
-              f"consult_rate {row.get('consult_rate', nan):.2f} accept_p {row.get('acceptance_prob', nan):.2f} "
-              f"heldout_acc {ev['accuracy']:.3f} "
-              f"samples/s {row['samples_per_s']:.1f} staleness {stats.get('staleness', 0)}", flush=True)
-        if cfg.checkpoint_every and version % cfg.checkpoint_every == 0 and not done:
-            learners.save(str(run_dir))
 
-    loop_seconds = time.time() - t_loop
-    learners.save(str(run_dir))
-    summary = {
-        "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev["accuracy"],
-        "heldout_start": ev0, "heldout_end": ev, "steps": version, "samples": samples,
-        "generated_samples": generated, "wall_seconds": time.time() - t_start, "loop_seconds": loop_seconds,
-        "consult_rate_start": (first_rollout or {}).get("consult_rate", 0.0),
-        "consult_rate_end": (last_rollout or {}).get("consult_rate", 0.0),
-        "seed": cfg.seed, "buffer": _buffer_stats(buffer), "rollout_batches_by_worker": by_worker,
-        "checkpoint": str(run_dir / "final"),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    metrics.close()
-    from eapo_ray.tools.plot import plot_run
+def resume_metrics(run_dir: Path, version: int) -> tuple[dict | None, dict | None]:
+    """On resume: drop metric rows logged after the checkpoint (they are redone), and return
+    the first and last held-out evaluations already logged (None when there are none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None, None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row["step"] <= version]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    evals = [{k[len("heldout_"):]: v for k, v in row.items() if k.startswith("heldout_")}
+             for row in rows if "heldout_accuracy" in row]
+    return (evals[0], evals[-1]) if evals else (None, None)
 
-    plot_run(run_dir)
-    for w in workers:
-        ray.kill(w)
-    learners.shutdown()
-    if use_expert:
-        serve.delete(app_name)
+
+def run(cfg: RunConfig) -> Path:
+    """Start the system, train `cfg.steps` policy versions, write the summary; always tear down."""
+    import ray
+
+    t_start = time.time()
+    run_name, run_dir = prepare_run_dir(cfg)
+    print(f"[eapo] run directory: {run_dir}", flush=True)
+    s = System()
+    try:
+        version = start_system(cfg, run_name, run_dir, s)
+        state_path = run_dir / "checkpoint" / "driver_state.json"
+        state = LoopState.load(state_path) if cfg.resume and state_path.exists() else LoopState()
+        if state.version != version:
+            if cfg.resume:
+                print(f"[eapo] driver state is at version {state.version}, the checkpoint at {version}: "
+                      "counters restart from the checkpoint", flush=True)
+            state = LoopState(version=version)
+        ev0 = ev = None
+        if cfg.resume:
+            ev0, ev = resume_metrics(run_dir, version)
+        s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else None)
+        weights = s.learners.publish()
+        if ev is None:
+            ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights))
+            print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
+            s.metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
+        t_loop = time.time()
+        ev = train_loop(cfg, s, state, weights, ev, run_dir)
+        loop_seconds = time.time() - t_loop
+        s.learners.save(str(run_dir))
+        state.save(state_path)
+        summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
+        s.metrics.close()
+        s.metrics = None
+        from eapo_ray.tools.plot import plot_run
+
+        plot_run(run_dir)
+    finally:
+        s.teardown()
     print(f"[eapo] done in {summary['wall_seconds']:.0f}s: held-out accuracy {ev0['accuracy']:.3f} -> "
           f"{ev['accuracy']:.3f}", flush=True)
     print(f"[eapo] run directory: {run_dir}", flush=True)
     return run_dir
 
 
-def _collect(fleet) -> list[dict]:
-    """Finished rollout calls' stats; failed actors are marked unhealthy and probed back."""
-    out = [res.get() for res in fleet.fetch_ready_async_reqs(timeout_seconds=0) if res.ok]
-    fleet.probe_unhealthy_actors(timeout_seconds=1.0, mark_healthy=True)  # pings only unhealthy ones
-    return out
+def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: deque) -> tuple[list, list]:
+    """Keep every idle rollout actor busy while the buffer has room, enqueue the batches
+    they return (the driver owns them), and return the buffer's next item once there is
+    one, with the stats of the rollout batches that finished meanwhile."""
+    import ray
+
+    from eapo_ray.buffer import BufferItem
+
+    rollouts = []
+    while True:
+        feed(cfg, s, state, rollout_weights, pending)
+        while pending and ray.get(s.buffer.offer.remote(pending[0].box, pending[0].version, pending[0].num_samples)):
+            pending.popleft()
+        items = ray.get(s.buffer.get.remote(1, state.version, timeout_s=0))
+        if items:
+            return items, rollouts
+        for res in s.fleet.wait(timeout_s=5.0):
+            if res.stats is None:
+                continue
+            rollouts.append(res.stats)
+            if res.stats["kept_samples"]:
+                pending.append(BufferItem(res.stats["version"], [res.batch], res.stats["kept_samples"]))
+
+
+def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: deque) -> None:
+    """Submit a batch to each idle actor while batches waiting for the learner (in the
+    buffer or about to enter it) are fewer than the buffer's capacity."""
+    import ray
+
+    for i in s.fleet.idle():
+        if ray.get(s.buffer.stats.remote())["size"] + len(pending) >= cfg.buffer.capacity:
+            return
+        s.fleet.submit(i, step=state.version, weights=rollout_weights, serial=state.serial)
+        state.serial += 1
+
+
+def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, run_dir: Path) -> dict:
+    """Policy versions state.version .. cfg.steps: take a batch from the buffer, train, send
+    the new weights, evaluate and checkpoint on schedule. Returns the last evaluation."""
+    nccl = cfg.rollout.weight_sync == "nccl"
+    rollout_weights = None if nccl else weights
+    pending: deque = deque()  # finished batches the buffer had no room for yet
+    t_loop, first, generated0 = time.time(), state.version, state.generated
+    while state.version < cfg.steps:
+        items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
+        if cfg.rollout.overlap:  # keep the fleet generating (with these weights) while the learner trains
+            feed(cfg, s, state, rollout_weights, pending)
+        for st in rollouts:
+            state.by_worker[st["worker"]] = state.by_worker.get(st["worker"], 0) + 1
+            state.generated += st["samples"]
+            state.first_rollout = state.first_rollout or st
+            state.last_rollout = st
+        stats = s.learners.train_step(items)
+        state.version += 1
+        done = state.version >= cfg.steps
+        eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
+        if nccl:
+            stats["weight_sync_seconds"] = s.learners.sync_weights()
+        weights = s.learners.publish() if eval_due or not nccl else None
+        rollout_weights = None if nccl else weights
+        state.samples += stats["learner_samples"]
+        state.logp_gap_max = max(state.logp_gap_max, stats.get("logp_gap_max", 0.0))
+        elapsed = time.time() - t_loop
+        row = {**{f"rollout_{k}": v for k, v in (state.last_rollout or {}).items()},
+               **stats, "samples": state.samples, "generated": state.generated,
+               "samples_per_s": (state.generated - generated0) / max(elapsed, 1e-9),  # this attempt
+               **_buffer_stats(s.buffer)}
+        if state.last_rollout:  # the newest finished rollout batch
+            row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
+                       acceptance_prob=state.last_rollout["acceptance_prob"])
+        if eval_due:
+            import ray
+
+            ev = ray.get(s.evaluator.evaluate.remote(weights))
+            row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
+        s.metrics.log(state.version, row)
+        nan = float("nan")
+        eta = elapsed / (state.version - first) * (cfg.steps - state.version)
+        print(f"[eapo] step {state.version}/{cfg.steps} reward {row.get('reward', nan):.3f} "
+              f"consult_rate {row.get('consult_rate', nan):.2f} accept_p {row.get('acceptance_prob', nan):.2f} "
+              f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
+              f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
+        if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
+            s.learners.save(str(run_dir))
+            state.save(run_dir / "checkpoint" / "driver_state.json")
+    return ev
+
+
+def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev0: dict, ev: dict,
+                  wall_seconds: float, loop_seconds: float) -> dict:
+    summary = {
+        "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev["accuracy"],
+        "heldout_start": ev0, "heldout_end": ev, "steps": state.version, "samples": state.samples,
+        "generated_samples": state.generated, "wall_seconds": wall_seconds, "loop_seconds": loop_seconds,
+        "consult_rate_start": (state.first_rollout or {}).get("consult_rate", 0.0),
+        "consult_rate_end": (state.last_rollout or {}).get("consult_rate", 0.0),
+        "logp_gap_max": state.logp_gap_max,
+        "seed": cfg.seed, "buffer": _buffer_stats(s.buffer), "rollout_batches_by_worker": state.by_worker,
+        "rollout_actors_retired": sorted(s.fleet.retired), "checkpoint": str(run_dir / "final"),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _buffer_stats(buffer) -> dict:
@@ -204,12 +359,17 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name}, bundled)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
+    from eapo_ray.rollout.fleet import FleetError
+
     try:
         cfg = load_config(args.config, args.overrides)
+        run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    except FleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -50,3 +50,15 @@ def test_get_times_out_with_what_it_has(ray_local):
     t0 = time.time()
     assert ray.get(buf.get.remote(1, 0, 0.3)) == []
     assert time.time() - t0 < 5
+
+
+def test_offer_never_waits_and_refuses_when_full(ray_local):
+    ray = ray_local
+    buf = TrajectoryBuffer.remote(capacity=1, max_staleness=1)
+    assert ray.get(buf.offer.remote([ray.put(1)], 0, 1), timeout=5) is True
+    assert ray.get(buf.offer.remote([ray.put(2)], 0, 1), timeout=5) is False  # full: refused at once
+    assert ray.get(buf.stats.remote())["refused"] == 1
+    assert ray.get(buf.get.remote(1, 5, 0)) == []  # learner at version 5: the batch went stale
+    assert ray.get(buf.offer.remote([ray.put(3)], 5, 1), timeout=5) is True
+    got = ray.get(buf.get.remote(1, 5, 0))
+    assert got[0].version == 5 and got[0].num_samples == 1

@@ -89,3 +89,47 @@ def test_learner_logprobs_match_behaviour(engine):
     m = b["policy_mask"] > 0
     assert m.sum() > 100
     assert (lp[m] - b["behav_logp"][m]).abs().max() < 1e-4
+
+
+def test_expert_reply_with_an_answer_tag_earns_nothing(engine):
+    """Only the policy's own final turn is scored: an expert reply carrying the right
+    answer in answer tags is not the policy's answer (a reward-hacking channel)."""
+    from eapo_ray.reward import score
+
+    tok = engine.tokenizer
+    golds = {a for _, a in PROBLEMS}
+    trajs = []
+    for gold in sorted(golds):  # an expert that always "answers" with this problem set's gold
+        expert = lambda qs, g=gold: [f"<answer>\\boxed{{{g}}}</answer>" for _ in qs]  # noqa: E731
+        trajs += [t for t in episodes(engine, 1.0, n=32, expert=expert, max_turns=2) if t.gold == gold]
+    leaked = 0
+    for t in trajs:
+        turns = _policy_turns(t)
+        final = tok.decode(turns[-1])
+        assert t.correct == score(final, t.gold, RewardConfig(), PROTO).correct
+        whole = tok.decode(t.response_ids)
+        if t.accepted and score(whole, t.gold, RewardConfig(), PROTO).correct and not t.correct:
+            leaked += 1
+    assert leaked > 0, "some episodes must end without the policy's own answer after a leaking reply"
+
+
+def _policy_turns(t) -> list[list[int]]:
+    """The policy's generated runs of tokens, one per turn."""
+    runs, cur = [], []
+    for tok_id, p in zip(t.response_ids, t.policy_mask):
+        if p:
+            cur.append(tok_id)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def test_turn_cut_by_the_per_turn_budget_is_overlong_and_last_turn_gets_the_rest(engine):
+    trajs = episodes(engine, 1.0, n=32, max_new_tokens_per_turn=6, max_turns=3)
+    cut = [t for t in trajs if len(_policy_turns(t)[-1]) == 6 and t.turns < 3]
+    assert cut, "a 6-token turn budget cuts most turns"
+    assert all(t.overlong and t.reward == 0.0 for t in cut)
+    # a turn budget of 1: the only turn may use the whole response budget, not the per-turn cap
+    single = episodes(engine, 0.0, n=16, expert=None, max_new_tokens_per_turn=6, max_turns=1)
+    assert max(len(t.response_ids) for t in single) > 6

@@ -1,23 +1,35 @@
 """The rollout actor: a thin Ray shell around `run_episodes`. It keeps its own policy
-copy (any Engine), loads the newest published weights between batches, asks the Serve
-expert through a DeploymentHandle, and puts finished batches into the buffer."""
+copy (any Engine), loads the newest published weights when a batch starts (object-store
+path) or receives them mid-batch (NCCL path), asks the Serve expert through a
+DeploymentHandle, and RETURNS each finished batch: the caller owns it, so an actor that
+dies afterwards loses nothing it finished.
+
+Two concurrency groups: `produce` runs in the default one (one batch at a time); the
+weight-update methods run in their own ("weights"), so a weight update is never queued
+behind a batch that is being generated. Around an update, generation is paused: new
+requests wait, requests in flight drain, the weights change, generation resumes. A
+trajectory therefore may mix policy versions across turns; every token keeps the
+behaviour log-prob it was sampled with, which is what the learner's correction uses.
+"""
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
-from types import SimpleNamespace
 
 import ray
 import torch
-from ray.rllib.utils.actor_manager import FaultAwareApply
 
 from eapo_ray.algo.sampling import assign_advantages, to_batch
 from eapo_ray.algo.schedules import acceptance_prob, turn_budget
 from eapo_ray.config import RunConfig
 from eapo_ray.data import load_split, render_prompt
-from eapo_ray.rollout.engine import make_engine
+from eapo_ray.rollout.engine import Engine, make_engine
 from eapo_ray.rollout.episode import run_episodes
+
+WEIGHTS_GROUP = "weights"
+CONCURRENCY_GROUPS = {WEIGHTS_GROUP: 1}  # pass to .options(concurrency_groups=...) with ray.remote(RolloutWorker)
 
 
 class ServeExpert:
@@ -43,57 +55,142 @@ class ServeExpert:
         return list(await asyncio.gather(*[one(self.handle.remote(q)) for q in queries]))
 
 
-class RolloutWorker(FaultAwareApply):
-    def __init__(self, cfg: RunConfig, index: int, expert_app: str | None, buffer):
-        # FaultAwareApply (RLlib's actor-manager protocol) reads these on a failed call.
-        self.config = SimpleNamespace(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=1.0)
+class PausableEngine:
+    """The engine as episodes see it: `agenerate` waits while generation is paused, and
+    `pause()` (from another thread) returns once no request is in flight. Thread-safe."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._paused = False
+        self._inflight = 0
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def _enter(self, wait: bool) -> bool:
+        with self._cv:
+            if self._paused and not wait:
+                return False
+            self._cv.wait_for(lambda: not self._paused)
+            self._inflight += 1
+            return True
+
+    async def agenerate(self, *args, **kwargs):
+        if not self._enter(wait=False):  # paused: wait in a thread, not on the event loop
+            await asyncio.to_thread(self._enter, True)
+        try:
+            return await self.engine.agenerate(*args, **kwargs)
+        finally:
+            with self._cv:
+                self._inflight -= 1
+                self._cv.notify_all()
+
+    def pause(self, timeout_s: float | None = None) -> None:
+        """Stop new requests and wait for the ones in flight to finish."""
+        with self._cv:
+            self._paused = True
+            if not self._cv.wait_for(lambda: self._inflight == 0, timeout_s):
+                self._paused = False
+                self._cv.notify_all()
+                raise TimeoutError(f"generation did not drain within {timeout_s}s for a weight update")
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+
+def batch_rng(seed: int, serial: int) -> random.Random:
+    """The RNG of rollout batch number `serial` (prompts, acceptance coins): a function of
+    the run seed and the batch's serial number, so a resumed run continues the sequence
+    instead of replaying it, whichever actor the batch lands on."""
+    return random.Random(f"eapo:{seed}:{serial}")
+
+
+class RolloutWorker:
+    def __init__(self, cfg: RunConfig, index: int, expert_app: str | None):
         torch.set_num_threads(cfg.rollout.torch_threads)
-        torch.manual_seed(cfg.seed * 1000 + index)
-        self.cfg, self.index, self.buffer = cfg, index, buffer
-        self.rng = random.Random(cfg.seed * 1000 + index)
+        self.cfg, self.index = cfg, index
         self.engine = make_engine(cfg.rollout.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed * 1000 + index,
                                   **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}))
+        self.gen = PausableEngine(self.engine)
         self.tok = self.engine.tokenizer
         d = cfg.data
         self.data = load_split(d.train, "train", d.train_levels, d.num_train, cfg.seed, d.problem_key, d.answer_key)
         self.prompts = [self.tok(render_prompt(d.template, ex.problem))["input_ids"] for ex in self.data]
         self.expert = ServeExpert(expert_app, cfg.expert.timeout_s) if expert_app else None
 
+    def ping(self) -> str:
+        return "pong"
+
     def maybe_load(self, weights) -> None:
-        """weights: (version, [ObjectRef to a state dict]) or None."""
+        """weights: a learner.PublishedWeights (version, [ObjectRef to a state dict]) or None."""
         if weights is not None and weights[0] > self.engine.version:
             self.engine.load_weights(ray.get(weights[1][0]), weights[0])
 
-    # The inference side of vLLM's NCCL weight transfer (rollout.weight_sync: nccl), driven
-    # by learner rank 0 (eapo_ray/nccl_sync.py); calls queue behind a running `produce`.
+    # The inference side of vLLM's NCCL weight transfer (rollout.weight_sync: nccl), driven by
+    # learner rank 0 (eapo_ray/weight_sync.py). Their own concurrency group: they run while
+    # `produce` is generating, with generation paused from start to finish.
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def init_weight_transfer_engine(self, request):
         self.engine.init_weight_transfer_engine(request)
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def start_weight_update(self):
-        self.engine.start_weight_update()
+        self.gen.pause(timeout_s=self.cfg.rollout.pause_timeout_s)
+        try:
+            self.engine.start_weight_update()
+        except BaseException:
+            self.gen.resume()
+            raise
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def update_weights(self, request):
         self.engine.update_weights(request)
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def finish_weight_update(self, version: int | None = None):
-        self.engine.finish_weight_update(version)
+        try:
+            self.engine.finish_weight_update(version)
+        finally:
+            self.gen.resume()
 
-    def produce(self, step: int, weights=None, max_draws: int = 4) -> dict:
-        """Generate one training batch at learner step `step` and put it into the buffer."""
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
+    def weight_state(self) -> dict:
+        """The engine's policy version and whether generation is paused (for tests and the console)."""
+        return {"version": self.engine.version, "paused": self.gen.paused}
+
+    @ray.method(num_returns=2)
+    def produce(self, step: int, weights=None, serial: int = 0, max_draws: int = 4):
+        """Generate one training batch at learner step `step`. Returns (stats, batch): the
+        batch (algo.sampling.to_batch columns, or None when every group was dropped) becomes
+        an object owned by the caller, who enqueues it; stats is a small dict."""
         self.maybe_load(weights)
         c, r = self.cfg, self.cfg.rollout
+        rng = batch_rng(c.seed, serial)
+        torch.manual_seed(rng.randrange(2**31))  # the transformers engine samples with torch's RNG
         rho = acceptance_prob(step, c.acceptance) if self.expert else 0.0
         turns = turn_budget(step, r.train_turns, r.eval_turns, c.acceptance.total_steps)
         t0, kept, all_trajs, dropped = time.time(), [], [], 0
         for draw in range(max_draws):
-            idx = [self.rng.randrange(len(self.data)) for _ in range(r.prompts_per_batch - len(kept) // r.group_size)]
+            idx = [rng.randrange(len(self.data)) for _ in range(r.prompts_per_batch - len(kept) // r.group_size)]
             prompts = [self.prompts[i] for i in idx for _ in range(r.group_size)]
             golds = [self.data[i].answer for i in idx for _ in range(r.group_size)]
             groups = [draw * 10_000 + k for k in range(len(idx)) for _ in range(r.group_size)]
             trajs = run_episodes(
-                self.engine, self.tok, prompts, golds, proto=c.protocol, reward_cfg=c.reward, expert=self.expert,
+                self.gen, self.tok, prompts, golds, proto=c.protocol, reward_cfg=c.reward, expert=self.expert,
                 accept_prob=rho, max_turns=turns, max_new_tokens_per_turn=r.max_new_tokens_per_turn,
-                max_response_tokens=r.max_response_tokens, temperature=r.temperature, rng=self.rng, groups=groups)
+                max_response_tokens=r.max_response_tokens, temperature=r.temperature, rng=rng, groups=groups)
             all_trajs += trajs
             k, d = assign_advantages(trajs, adv_scale=c.algo.adv_scale, consult_cost=c.algo.consult_cost,
                                      dynamic_sampling=c.algo.dynamic_sampling)
@@ -103,7 +200,8 @@ class RolloutWorker(FaultAwareApply):
                 break
         n = len(all_trajs)
         stats = {
-            "worker": self.index, "version": self.engine.version, "acceptance_prob": rho, "turn_budget": turns,
+            "worker": self.index, "serial": serial, "version": min((t.version for t in all_trajs), default=0),
+            "acceptance_prob": rho, "turn_budget": turns,
             "samples": n, "kept_samples": len(kept), "dropped_groups": dropped,
             "reward": sum(t.reward for t in all_trajs) / n, "accuracy": sum(t.correct for t in all_trajs) / n,
             "consult_rate": sum(t.consults > 0 for t in all_trajs) / n,
@@ -114,7 +212,12 @@ class RolloutWorker(FaultAwareApply):
             "response_len": sum(len(t.response_ids) for t in all_trajs) / n,
             "gen_seconds": time.time() - t0,
         }
-        if kept:
-            ref = ray.put(to_batch(kept, c.algo.overlong_filter))  # owned by this actor (see learner.fetch_batches)
-            ray.get(self.buffer.put.remote([ref], self.engine.version, len(kept)))  # waits while the buffer is full
-        return stats
+        return stats, (to_batch(kept, c.algo.overlong_filter) if kept else None)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def remote_worker_cls():
+    """`RolloutWorker` as a Ray actor class with its concurrency groups declared."""
+    return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)

@@ -33,6 +33,23 @@ class Engine(ABC):
     def shutdown(self) -> None:
         """Release the engine's processes (vLLM); nothing to do for in-process engines."""
 
+    # The inference side of a pushed weight update (rollout.weight_sync: nccl, vLLM on GPUs).
+    # The rollout actor pauses generation around start..finish; an engine without a push
+    # path only takes the new version number (what the CPU tests of that control flow use).
+    def init_weight_transfer_engine(self, request) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no NCCL weight transfer (it needs engine: vllm on GPUs)")
+
+    def start_weight_update(self) -> None:
+        """Called with generation paused, before the tensors arrive."""
+
+    def update_weights(self, request) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no NCCL weight transfer (it needs engine: vllm on GPUs)")
+
+    def finish_weight_update(self, version: int | None = None) -> None:
+        """Called after the tensors arrived, before generation resumes."""
+        if version is not None:
+            self.version = version
+
     async def agenerate(self, prompt: list[int], max_new_tokens: int, temperature: float, stop: list[str],
                         ban: list[str] = ()) -> Generation:
         """One request, awaitable, so many episodes can be in flight at once. Here concurrent

@@ -38,6 +38,7 @@ class Trajectory:
     expert_failures: int = 0  # accepted queries the expert failed to answer in time
     turns: int = 0
     overlong: bool = False  # cut off by the token budget
+    advantage: float = 0.0  # set by algo.sampling.assign_advantages for kept samples
 
     def extend(self, ids, logps=None, expert_mask=None):
         """Append policy tokens (with their log-probs) or observation tokens (without)."""
@@ -66,16 +67,22 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: Protoc
     awaited, so a batch of episodes interleaves: while some wait for the expert, others
     generate."""
     stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if ban_consult else []
+    final_text = ""  # the policy's own last turn: the only text the reward reads
     for turn in range(max_turns):
-        budget = min(max_new_tokens_per_turn, max_response_tokens - len(t.response_ids))
+        room = max_response_tokens - len(t.response_ids)
+        # the last turn gets all the room that is left, so a turn budget of 1 does not halve the cap
+        budget = room if turn == max_turns - 1 else min(max_new_tokens_per_turn, room)
         g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, temperature, stop, ban)
         t.extend(g.tokens, g.logprobs)
         t.turns += 1
-        action = parse_action(tokenizer.decode(g.tokens, skip_special_tokens=True), proto)
+        final_text = tokenizer.decode(g.tokens, skip_special_tokens=True)
+        action = parse_action(final_text, proto)
         if action.kind == "consult":
             t.consults += len(action.queries)
+        if g.finish == "length":  # cut off before a consult or an answer closed: overlong, not wrong
+            t.overlong = True
+            break
         if action.kind != "consult" or turn == max_turns - 1:
-            t.overlong = g.finish == "length" and len(t.response_ids) >= max_response_tokens
             break
         flags = [expert is not None and rng.random() < accept_prob for _ in action.queries]
         asked = [q for q, f in zip(action.queries, flags) if f]
@@ -90,7 +97,9 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: Protoc
             t.overlong = True
             break
         t.extend(ids, expert_mask=mask)
-    r = score(tokenizer.decode(t.response_ids, skip_special_tokens=True), t.gold, reward_cfg, proto)
+    # Only the policy's final turn is scored: an answer tag inside an expert reply (or in an
+    # earlier turn) must never earn the reward.
+    r = score(final_text, t.gold, reward_cfg, proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
 

@@ -1,0 +1,103 @@
+"""The rollout fleet, seen from the driver: at most one `produce` call in flight per
+actor, finished calls collected with `ray.wait` (no polling), and two bounds that turn
+a silent spin into a clear error:
+
+- an actor whose calls fail `max_failures` times in a row is retired (Ray restarts a
+  crashed actor on its own; a call that reaches it while it restarts fails and counts);
+  when every actor is retired, `FleetError` says so with the last error;
+- `max_empty` finished batches in a row that kept no sample (every group had equal
+  rewards, so dynamic sampling dropped it) raise `FleetError` too.
+
+Each finished call comes back as a `RolloutResult`; its batch is an ObjectRef owned by
+the driver (the actor's return value), so it outlives the actor that made it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+
+class FleetError(RuntimeError):
+    pass
+
+
+@dataclass
+class RolloutResult:
+    """One finished `produce` call."""
+    worker: int
+    stats: dict | None  # RolloutWorker.produce's stats; None when the call failed
+    batch: Any = None  # ObjectRef of the batch (None-valued when nothing was kept); owned by the driver
+    error: str = ""  # why the call failed
+
+
+class RolloutFleet:
+    def __init__(self, actors: list, max_failures: int = 3, max_empty: int = 20):
+        self.actors = list(actors)
+        self.max_failures, self.max_empty = max_failures, max_empty
+        self.inflight: dict = {}  # stats ObjectRef -> (worker index, batch ObjectRef)
+        self.failures = [0] * len(self.actors)  # consecutive failed calls per actor
+        self.retired: set[int] = set()
+        self.empty_in_a_row = 0
+        self.last_error = ""
+
+    def idle(self) -> list[int]:
+        busy = {i for i, _ in self.inflight.values()}
+        return [i for i in range(len(self.actors)) if i not in busy and i not in self.retired]
+
+    @property
+    def num_alive(self) -> int:
+        return len(self.actors) - len(self.retired)
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self.inflight)
+
+    def submit(self, worker: int, **kwargs) -> None:
+        stats_ref, batch_ref = self.actors[worker].produce.remote(**kwargs)
+        self.inflight[stats_ref] = (worker, batch_ref)
+
+    def wait(self, timeout_s: float) -> list[RolloutResult]:
+        """Results of the calls that finish within `timeout_s` (at least one, unless none
+        finishes in time); failures are counted and may retire an actor or raise."""
+        if not self.inflight:
+            return []
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout_s)
+        if ready:  # take everything else that is done too
+            ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        out = []
+        for ref in ready:
+            worker, batch = self.inflight.pop(ref)
+            try:
+                stats = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                out.append(self._failed(worker, e))
+                continue
+            self.failures[worker] = 0
+            self.empty_in_a_row = 0 if stats["kept_samples"] else self.empty_in_a_row + 1
+            if self.empty_in_a_row >= self.max_empty:
+                raise FleetError(
+                    f"{self.empty_in_a_row} rollout batches in a row kept no samples: every group had equal rewards "
+                    "(all right or all wrong), so dynamic sampling dropped them. Check the reward and data "
+                    "(a harder/easier task, a longer response budget), or set algo.dynamic_sampling=false "
+                    "(rollout.max_empty_batches sets this bound).")
+            out.append(RolloutResult(worker, stats, batch))
+        return out
+
+    def _failed(self, worker: int, e: Exception) -> RolloutResult:
+        self.failures[worker] += 1
+        self.last_error = f"rollout actor {worker}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        print(f"[eapo] {self.last_error} (failure {self.failures[worker]}/{self.max_failures} in a row)", flush=True)
+        if self.failures[worker] >= self.max_failures:
+            self.retired.add(worker)
+            print(f"[eapo] rollout actor {worker} retired after {self.failures[worker]} failures in a row", flush=True)
+            if not self.num_alive:
+                raise FleetError(f"every rollout actor has failed {self.max_failures} times in a row; last error: "
+                                 f"{self.last_error} (see the actors' logs in the Ray dashboard)")
+        return RolloutResult(worker, None, error=self.last_error)
+
+    def cancel_all(self) -> None:
+        for ref in self.inflight:
+            ray.cancel(ref, force=False)
+        self.inflight.clear()
