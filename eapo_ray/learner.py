@@ -4,29 +4,77 @@ the batches pulled from the buffer, then rank 0 publishes the full weights once 
 object store with a version number."""
 from __future__ import annotations
 
+import math
 import os
+import re
+import shutil
 import socket
 import time
 from pathlib import Path
 
 import ray
 import torch
+from torch.distributed import ReduceOp
 
-from eapo_ray.algo.losses import policy_loss, sft_loss
-from eapo_ray.algo.sampling import collate, merge_batches, split_batch, token_logprobs
+from eapo_ray.algo.losses import kept_mask, log_importance, normaliser, policy_loss, sft_loss
+from eapo_ray.algo.sampling import (collate, hidden_token_logprobs, merge_batches, padded_tokens, split_batch,
+                                    split_by_tokens)
 from eapo_ray.config import RunConfig
 
+LOGP_CHUNK_TOKENS = 1024  # positions per lm_head chunk: the logits held at once are this x vocabulary
 
-def fetch_batches(boxes: list) -> tuple[list, int]:
-    """ray.get each boxed batch ref; a batch whose producer died before the learner read
-    it (its owner is gone) is skipped and counted, not fatal."""
-    batches, lost = [], 0
+
+def fetch_batches(boxes: list) -> list:
+    """ray.get each boxed batch ref; None for a batch whose producer died before the learner
+    read it (its owner is gone): skipped and counted, not fatal."""
+    batches = []
     for box in boxes:
         try:
             batches.append(ray.get(box[0]))
         except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
-            lost += 1
-    return batches, lost
+            batches.append(None)
+    return batches
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` DeepSpeed tag directories step<version> (never the
+    one the `latest` file names); keep_last <= 0 keeps all. Returns the deleted tags."""
+    if keep_last <= 0:
+        return []
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)),
+                  key=lambda p: int(p.name[4:]))
+    old = [p for p in tags[:-keep_last] if p.name != latest]
+    for p in old:
+        shutil.rmtree(p)
+    return [p.name for p in old]
+
+
+class PolicyLogProbs(torch.nn.Module):
+    """The policy as DeepSpeed sees it: the causal LM's own submodules under their own names (so
+    parameter names, checkpoints and weight sync are those of the HF model), with a forward that
+    returns the [B, L-1] next-token log-probs at the sampling temperature, computed chunk by chunk
+    from the final hidden states: never the [B, L, V] logits. Runs inside the engine's forward, so
+    ZeRO-3 gathers the head's parameters for every chunk on every rank alike."""
+
+    def __init__(self, lm: torch.nn.Module, temperature: float):
+        super().__init__()
+        c = lm.config
+        if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(lm).__name__}: logits = lm_head(hidden) is assumed (no soft-capping or scale)")
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        head = lm.get_output_embeddings()
+        self.base_name = lm.base_model_prefix
+        self.head_name = next(n for n, m in lm.named_children() if m is head)
+        self.temperature = temperature
+        if list(self.state_dict()) != list(lm.state_dict()):
+            raise ValueError(f"{type(lm).__name__} has parameters outside its submodules")
+
+    def forward(self, input_ids, attention_mask, num_chunks: int = 1):
+        base = getattr(self, self.base_name)
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return hidden_token_logprobs(hidden, getattr(self, self.head_name), input_ids, self.temperature, num_chunks)
 
 
 def ds_config(cfg: RunConfig) -> dict:
@@ -41,6 +89,40 @@ def ds_config(cfg: RunConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+class StepStats:
+    """Loss statistics of one train step, summed over micro-batches (weighted by their token
+    counts), then over ranks: the same numbers on every rank."""
+    SUMS = ("loss", "expert_sft_loss", "clip_frac", "kl_behav", "kept_tokens", "is_weight_mean", "dropped_frac",
+            "policy_tokens")
+
+    def __init__(self, sft: bool):
+        self.sums, self.weight_max, self.sft = dict.fromkeys(self.SUMS, 0.0), float("-inf"), sft
+
+    def add(self, st: dict, loss: float, sft: float | None):
+        kept, policy = st["kept_tokens"], st["policy_tokens"]
+        for k, v in {"loss": loss, "expert_sft_loss": sft or 0.0, "clip_frac": st["clip_frac"] * kept,
+                     "kl_behav": st["kl_behav"] * kept, "kept_tokens": kept,
+                     "is_weight_mean": st["is_weight_mean"] * policy, "dropped_frac": st["dropped_frac"] * policy,
+                     "policy_tokens": policy}.items():
+            self.sums[k] += v
+        if policy:
+            self.weight_max = max(self.weight_max, st["is_weight_max"])
+
+    def reduce(self, all_reduce, world_size: int, n_updates: int) -> dict:
+        """Collective (all_reduce as Learner._all_reduce). Losses: per update (each rank's loss is
+        world_size x its share); fractions: per token; kept_tokens: per update, all ranks."""
+        t = dict(zip(self.SUMS, all_reduce(list(self.sums.values()))))
+        (weight_max,) = all_reduce([self.weight_max], ReduceOp.MAX)
+        kept, policy = max(t["kept_tokens"], 1.0), t["policy_tokens"]
+        out = {"loss": t["loss"] / world_size / n_updates, "clip_frac": t["clip_frac"] / kept,
+               "is_weight_mean": t["is_weight_mean"] / policy if policy else 1.0,
+               "is_weight_max": weight_max if policy else 1.0, "dropped_frac": t["dropped_frac"] / max(policy, 1.0),
+               "kl_behav": t["kl_behav"] / kept, "kept_tokens": t["kept_tokens"] / n_updates}
+        if self.sft:
+            out["expert_sft_loss"] = t["expert_sft_loss"] / world_size / n_updates
+        return out
 
 
 class Learner:
@@ -76,55 +158,123 @@ class Learner:
         if self.cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        model.train()  # from_pretrained leaves eval mode, and HF checkpoints activations only in training mode
+        self.model = model  # the HF model; the engine's module shares its parameters
         opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.learner.lr, weight_decay=self.cfg.learner.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(self.cfg))
+        self.engine, *_ = deepspeed.initialize(model=PolicyLogProbs(model, self.cfg.rollout.temperature),
+                                               optimizer=opt, config=ds_config(self.cfg))
         if resume_dir:
             _, client = self.engine.load_checkpoint(resume_dir)  # the tag in its "latest" file
             self.version = int(client["version"])
         return self.version
 
-    def _logp(self, b):
-        out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        return token_logprobs(out.logits, b["input_ids"], self.cfg.rollout.temperature)
+    def _all_reduce(self, values: list, op=ReduceOp.SUM) -> list[float]:
+        """Collective: `values` reduced elementwise over the ranks."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.engine.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _logp(self, b, num_chunks: int) -> torch.Tensor:
+        """Token log-probs of a collated micro-batch; b None: a dummy 2-token forward for a rank
+        with fewer micro-batches than another (ZeRO-3 gathers parameters inside forward)."""
+        if b is None:
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.full((1, 2), pad, dtype=torch.long, device=self.engine.device)
+            b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], num_chunks=num_chunks)
+
+    def _normalisers(self, micro: list, olds: list) -> tuple[list, dict]:
+        """Collective. Each minibatch's global loss denominators (kept tokens or sequences, Dr.
+        GRPO's sequences x max_response_tokens, expert tokens for SFT), summed over its micro-batches
+        and the ranks, then divided by world_size since DeepSpeed averages gradients over ranks;
+        and the gap |log mu - log pi_old| on policy tokens (mean, max) over the whole step."""
+        c, shares, gap = self.cfg, [], [0.0, 0.0, 0.0]  # sum, count, max
+        for mb, old in zip(micro, olds):
+            pol = sft = 0.0
+            for b, o in zip(mb, old):
+                if b is None:
+                    continue
+                pol += float(normaliser(kept_mask(o, b["behav_logp"], b["policy_mask"], c.loss), c.loss.agg,
+                                        c.rollout.max_response_tokens))
+                sft += float(b["expert_mask"].sum())
+                log_w, finite = log_importance(o, b["behav_logp"])
+                on = (b["policy_mask"] > 0) & finite
+                if on.any():
+                    g = log_w[on].abs()
+                    gap = [gap[0] + float(g.sum()), gap[1] + float(on.sum()), max(gap[2], float(g.max()))]
+            shares += [pol, sft]
+        *shares, gsum, gcount = self._all_reduce(shares + gap[:2])
+        (gmax,) = self._all_reduce(gap[2:], ReduceOp.MAX)
+        norms = [{"policy": max(p, 1.0) / self.world_size, "sft": max(e, 1.0) / self.world_size}
+                 for p, e in zip(shares[0::2], shares[1::2])]
+        return norms, {"logp_gap_mean": gsum / gcount if gcount else 0.0, "logp_gap_max": gmax}
+
+    def _loss(self, b, logp, old_logp, norm: dict, acc: StepStats) -> torch.Tensor:
+        """This micro-batch's share of the minibatch loss (global normalisers); 0 x the log-probs
+        for a dummy pass, which still joins the gradient reduction."""
+        if b is None:
+            return logp.sum() * 0.0
+        c = self.cfg
+        loss, st = policy_loss(logp, old_logp, b["behav_logp"], b["advantage"], b["policy_mask"], c.loss,
+                               denom=norm["policy"])
+        sft = None
+        if c.algo.expert_sft_coef > 0:
+            sft = sft_loss(logp, b["expert_mask"], denom=norm["sft"])
+            loss = loss + c.algo.expert_sft_coef * sft
+        acc.add(st, loss.item(), None if sft is None else sft.item())
+        return loss
 
     def train_step(self, boxes: list) -> dict:
         """One policy update: `boxes` = [[ref], ...] of batches from the buffer; this rank
-        trains on its 1/world_size slice of their samples."""
+        trains on its 1/world_size slice of their samples. Collective: all ranks."""
         t0 = time.time()
-        batches, lost = fetch_batches(boxes)
-        if not batches:  # every rank sees the same loss, so all skip this update together
+        c, lc = self.cfg, self.cfg.learner
+        fetched = fetch_batches(boxes)
+        # Train only on the batches every rank got: ranks that split different batches would run
+        # different collectives and hang.
+        got = self._all_reduce([b is not None for b in fetched], ReduceOp.MIN)
+        batches = [b for b, ok in zip(fetched, got) if ok]
+        lost = len(boxes) - len(batches)
+        if not batches:  # every rank agreed on this, so all skip this update together
             self.version += 1
             return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0}
-        c = self.cfg
         pad = self.tokenizer.pad_token_id or 0
         shard = split_batch(merge_batches(batches), self.world_size)[self.rank]
-        minis = split_batch(shard, c.learner.minibatches)
-        stats_sum, n_updates = {}, 0
-        for _ in range(c.learner.epochs):
-            olds = []
+        micro = [split_by_tokens(mb, lc.max_tokens_per_microbatch) for mb in split_batch(shard, lc.minibatches)]
+        # Every rank runs, per minibatch, as many forward passes as the rank that needs the most
+        # (dummy ones pad), each with the same number of lm_head chunks: ZeRO-3 gathers parameters
+        # inside forward. A minibatch empty on every rank takes no backward and no optimizer step.
+        plan = self._all_reduce([len(m) for m in micro] + [max(map(padded_tokens, sum(micro, [])), default=0)],
+                                ReduceOp.MAX)
+        chunks = max(1, math.ceil(plan[-1] / LOGP_CHUNK_TOKENS))
+        dev = self.engine.device
+        micro = [[{k: v.to(dev) for k, v in collate(x, pad).items()} for x in m] + [None] * (int(n) - len(m))
+                 for m, n in zip(micro, plan[:-1])]
+
+        # pi_old is the policy before this update. With one epoch of one minibatch in one forward
+        # pass, that forward's own log-probs are pi_old (same weights); otherwise one pass first.
+        reuse = lc.epochs == 1 and len(micro) == 1 and len(micro[0]) <= 1
+        if not reuse:
             with torch.no_grad():
-                for mb in minis:
-                    olds.append(self._logp(collate(mb, pad)) if mb["input_ids"] else None)
-            for mb, old in zip(minis, olds):
-                if not mb["input_ids"]:  # an empty shard still joins the gradient all-reduce
-                    loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-                    self.engine.backward(loss)
-                    self.engine.step()
+                olds = [[self._logp(b, chunks) for b in mb] for mb in micro]
+            norms, gap = self._normalisers(micro, olds)
+        acc, n_updates = StepStats(sft=c.algo.expert_sft_coef > 0), 0
+        for _ in range(lc.epochs):
+            for i, mb in enumerate(micro):
+                if not mb:
                     continue
-                b = collate(mb, pad)
-                logp = self._logp(b)
-                loss, st = policy_loss(logp, old, b["behav_logp"], b["advantage"], b["policy_mask"], c.loss)
-                if c.algo.expert_sft_coef > 0:
-                    st["expert_sft_loss"] = (sft := sft_loss(logp, b["expert_mask"])).item()
-                    loss = loss + c.algo.expert_sft_coef * sft
-                st["loss"] = loss.item()
-                self.engine.backward(loss)
+                for j, b in enumerate(mb):
+                    self.engine.set_gradient_accumulation_boundary(j == len(mb) - 1)  # one step per minibatch
+                    logp = self._logp(b, chunks)
+                    if reuse:
+                        olds = [[logp.detach()]]
+                        norms, gap = self._normalisers(micro, olds)
+                    self.engine.backward(self._loss(b, logp, olds[i][j], norms[i], acc))
                 self.engine.step()
-                for k, v in st.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v
                 n_updates += 1
         self.version += 1
-        stats = {k: v / max(1, n_updates) for k, v in stats_sum.items()}
+        stats = {**acc.reduce(self._all_reduce, self.world_size, n_updates), **gap} if n_updates else {}
         stats["learner_samples"] = len(shard["input_ids"])
         stats["lost_batches"] = lost
         stats["train_seconds"] = time.time() - t0
@@ -135,7 +285,7 @@ class Learner:
         """The unsharded weights on every rank (a collective under ZeRO-3)."""
         import deepspeed
 
-        module = self.engine.module
+        module = self.model
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.learner.zero_stage == 3):
             return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
@@ -152,7 +302,7 @@ class Learner:
         r = self.cfg.rollout
         addr, port = self.endpoint() if self.rank == 0 else ("", 0)
         self.weight_sync = NCCLWeightSync(
-            self.engine.module, rank=self.rank, zero3=self.cfg.learner.zero_stage == 3, actors=rollout_actors,
+            self.model, rank=self.rank, zero3=self.cfg.learner.zero_stage == 3, actors=rollout_actors,
             tp=r.vllm.tensor_parallel_size, bucket_mb=r.sync_bucket_mb, master_address=addr, master_port=port)
 
     def sync_weights(self) -> float:
@@ -162,14 +312,19 @@ class Learner:
         return time.time() - t0
 
     def save(self, run_dir: str, hf: bool = True) -> str:
-        """Collective. A DeepSpeed checkpoint (for resume) and, on rank 0, an HF directory."""
+        """Collective. A DeepSpeed checkpoint (for resume) and, on rank 0, an HF directory; then
+        rank 0 deletes all but the newest learner.checkpoint_keep checkpoint tags."""
         ckpt = Path(run_dir) / "checkpoint"
         self.engine.save_checkpoint(str(ckpt), tag=f"step{self.version}", client_state={"version": self.version})
         sd = self.full_state_dict()
         if hf and self.rank == 0:
             out = Path(run_dir) / "final"
-            self.engine.module.save_pretrained(out, state_dict=sd)
+            self.model.save_pretrained(out, state_dict=sd)
             self.tokenizer.save_pretrained(out)
+        if self.world_size > 1:
+            torch.distributed.barrier()  # every rank has written its part of this tag
+        if self.rank == 0:
+            prune_checkpoints(ckpt, self.cfg.learner.checkpoint_keep)
         return str(ckpt)
 
     def ping(self) -> str:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from eapo_ray.algo.losses import LossConfig, policy_loss, sft_loss
+from eapo_ray.algo.losses import LossConfig, kept_mask, normaliser, policy_loss, sft_loss
 
 
 def reference(logp, old, behav, adv, mask, cfg):
@@ -121,3 +121,43 @@ def test_sft_loss_and_config_errors():
         LossConfig(correction="vtrace")
     with pytest.raises(ValueError, match="agg"):
         LossConfig(agg="sum")
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "decoupled", "icepop"])
+def test_nonfinite_behaviour_logp_is_dropped_without_nan(correction):
+    """A -inf behaviour log-prob (w = inf) is dropped from the loss; no 0 * inf = NaN reaches
+    the gradient through the branch torch.where did not pick."""
+    cfg = LossConfig(correction=correction, is_cap=5.0, is_low=0.5, is_high=5.0)
+    logp = torch.zeros(1, 3, requires_grad=True)
+    behav = torch.tensor([[0.0, float("-inf"), 0.0]])
+    loss, st = policy_loss(logp, torch.zeros(1, 3), behav, torch.tensor([1.0]), torch.ones(1, 3), cfg)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0 and logp.grad[0, 0] != 0
+    assert loss.item() == pytest.approx(-1.0)  # the mean over the two finite tokens
+    assert st["dropped_frac"] == pytest.approx(1 / 3)
+    assert all(math.isfinite(v) for v in st.values())
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_global_normaliser_splits_into_parts_exactly(agg):
+    """Rows split unevenly over ranks or micro-batches, each part normalised by the summed
+    `normaliser` of all parts, add up to the whole batch's loss and gradient. Dr. GRPO's
+    normaliser is sequences x a constant length, not the padded width."""
+    cfg = LossConfig(correction="decoupled", agg=agg, is_cap=2.0)
+    logp, old, behav, adv, mask = random_case(3, B=5, T=6)
+    max_len = 9 if agg == "seq-mean-token-sum-norm" else None
+    parts = [slice(0, 1), slice(1, 4), slice(4, 5)]
+    keeps = [kept_mask(old[s], behav[s], mask[s], cfg) for s in parts]
+    denom = sum(normaliser(k, agg, max_len) for k in keeps)
+    x = logp.clone().requires_grad_(True)
+    whole, _ = policy_loss(x, old, behav, adv, mask, cfg, denom=denom)
+    (g_whole,) = torch.autograd.grad(whole, x)
+    total = sum(policy_loss(x[s], old[s], behav[s], adv[s], mask[s], cfg, denom=denom)[0] for s in parts)
+    (g_parts,) = torch.autograd.grad(total, x)
+    assert total.item() == pytest.approx(whole.item(), rel=1e-12)
+    assert torch.allclose(g_parts, g_whole, atol=1e-14)
+    if agg == "seq-mean-token-sum-norm":
+        assert float(denom) == 5 * 9
+    else:  # the whole batch's own normaliser: the single-process loss
+        assert whole.item() == pytest.approx(policy_loss(x, old, behav, adv, mask, cfg)[0].item(), rel=1e-12)
+    assert sft_loss(logp, mask, denom=4.0).item() == pytest.approx(-(logp * mask).sum().item() / 4)

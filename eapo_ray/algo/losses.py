@@ -35,22 +35,60 @@ class LossConfig:
             raise ValueError(f"loss needs 0 < is_low <= is_high and is_cap > 0, got {self.is_low}, {self.is_high}, {self.is_cap}")
 
 
-def aggregate(per_token: torch.Tensor, keep: torch.Tensor, agg: str) -> torch.Tensor:
-    """Reduce a [B, T] per-token loss over the kept tokens (`keep` is 0/1)."""
+def log_importance(old_logp: torch.Tensor, behav_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log w = log pi_old - log mu per token, and where it is finite. A token whose behaviour
+    log-prob is -inf or NaN has no usable weight: its log-ratio is set to 0 here (no inf reaches
+    exp, hence no 0 * inf = NaN in a backward) and `kept_mask` drops it."""
+    log_w = old_logp.detach() - behav_logp.detach()
+    finite = torch.isfinite(log_w)
+    return torch.where(finite, log_w, torch.zeros_like(log_w)), finite
+
+
+def kept_mask(old_logp, behav_logp, mask, cfg: LossConfig) -> torch.Tensor:
+    """The 0/1 [B, T] tokens that enter the loss: policy tokens with a finite importance weight
+    w = pi_old / mu, inside the correction's trust region (decoupled: w <= is_cap, icepop:
+    is_low <= w <= is_high). It depends on pi_old and mu only, so it is known before the update."""
+    log_w, finite = log_importance(old_logp, behav_logp)
+    w = torch.exp(log_w)
+    keep = mask * finite.to(mask.dtype)
+    if cfg.correction == "decoupled":
+        keep = keep * (w <= cfg.is_cap).to(mask.dtype)
+    elif cfg.correction == "icepop":
+        keep = keep * ((w >= cfg.is_low) & (w <= cfg.is_high)).to(mask.dtype)
+    return keep
+
+
+def normaliser(keep: torch.Tensor, agg: str, max_len: int | None = None) -> torch.Tensor:
+    """This batch's share of the aggregation's denominator; shares add up over micro-batches and
+    data-parallel ranks, so the loss of a whole batch is sum(numerators) / sum(shares):
+    token-mean: kept tokens; seq-mean-token-mean: sequences with a kept token;
+    seq-mean-token-sum-norm (Dr. GRPO): sequences x a constant max_len (default: T)."""
     if agg == "token-mean":
-        return (per_token * keep).sum() / keep.sum().clamp(min=1)
+        return keep.sum()
     if agg == "seq-mean-token-mean":
-        n = keep.sum(dim=1)
-        seq = (per_token * keep).sum(dim=1) / n.clamp(min=1)
-        has = (n > 0).float()
-        return (seq * has).sum() / has.sum().clamp(min=1)
+        return (keep.sum(dim=1) > 0).sum().to(keep.dtype)
     if agg == "seq-mean-token-sum-norm":
-        return (per_token * keep).sum() / keep.numel()
+        n = keep.shape[0] * (keep.shape[1] if max_len is None else max_len)
+        return torch.tensor(float(n), dtype=keep.dtype, device=keep.device)
     raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGS}")
 
 
-def policy_loss(logp, old_logp, behav_logp, advantages, mask, cfg: LossConfig):
-    """All of logp/old_logp/behav_logp/mask are [B, T]; advantages [B] or [B, T].
+def aggregate(per_token: torch.Tensor, keep: torch.Tensor, agg: str, denom=None) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss over the kept tokens (`keep` is 0/1). `denom` is the
+    normaliser of the whole batch this one is part of (see `normaliser`); None: this batch's own."""
+    if denom is None:
+        denom = normaliser(keep, agg).clamp(min=1)
+    if agg in ("token-mean", "seq-mean-token-sum-norm"):
+        return (per_token * keep).sum() / denom
+    if agg == "seq-mean-token-mean":
+        seq = (per_token * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)  # 0 for a sequence with none kept
+        return seq.sum() / denom
+    raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGS}")
+
+
+def policy_loss(logp, old_logp, behav_logp, advantages, mask, cfg: LossConfig, denom=None):
+    """All of logp/old_logp/behav_logp/mask are [B, T]; advantages [B] or [B, T]. `denom`: the
+    aggregation's normaliser for the whole (global) batch, None for this batch alone.
 
     Returns (loss, stats) with stats as Python floats.
     """
@@ -60,42 +98,43 @@ def policy_loss(logp, old_logp, behav_logp, advantages, mask, cfg: LossConfig):
         adv = adv[:, None]
     old_logp, behav_logp = old_logp.detach(), behav_logp.detach()
     u = torch.exp(logp - old_logp)
-    w = torch.exp(old_logp - behav_logp)
+    log_w, finite = log_importance(old_logp, behav_logp)
+    w = torch.exp(log_w)
     unclipped = -u * adv
     clipped = -torch.clamp(u, 1 - cfg.clip_low, 1 + cfg.clip_high) * adv
     pg = torch.maximum(unclipped, clipped)
 
-    keep = mask
+    keep = kept_mask(old_logp, behav_logp, mask, cfg)
     if cfg.correction == "none":
-        per_token = pg
+        scale = torch.ones_like(w)
     elif cfg.correction == "tis":
-        per_token = torch.clamp(w, max=cfg.is_cap) * pg
-    elif cfg.correction == "decoupled":
-        keep = mask * (w <= cfg.is_cap).to(mask.dtype)
-        per_token = w * pg
-    else:  # icepop
-        keep = mask * ((w >= cfg.is_low) & (w <= cfg.is_high)).to(mask.dtype)
-        per_token = w * pg
-    # Dropped tokens must not leak NaN/inf into the sum through 0 * inf.
-    per_token = torch.where(keep > 0, per_token, torch.zeros_like(per_token))
-    loss = aggregate(per_token, keep, cfg.agg)
+        scale = torch.clamp(w, max=cfg.is_cap)
+    else:  # decoupled, icepop: w, inside the trust region on the kept tokens
+        scale = w
+    # Dropped tokens must not leak NaN/inf into the sum, nor into the gradient through 0 * inf
+    # (torch.where passes a zero gradient to the branch it did not pick, and 0 * inf = NaN).
+    scale = torch.where(keep > 0, scale, torch.zeros_like(scale))
+    per_token = torch.where(keep > 0, scale * pg, torch.zeros_like(pg))
+    loss = aggregate(per_token, keep, cfg.agg, denom)
 
     with torch.no_grad():
         n_mask, n_keep = mask.sum().clamp(min=1), keep.sum().clamp(min=1)
-        w_on_mask = w[mask > 0]
+        w_on_mask = w[(mask > 0) & finite]
         stats = {
             "clip_frac": float(((clipped > unclipped).to(mask.dtype) * keep).sum() / n_keep),
             "is_weight_mean": float(w_on_mask.mean()) if w_on_mask.numel() else 1.0,
             "is_weight_max": float(w_on_mask.max()) if w_on_mask.numel() else 1.0,
             "dropped_frac": float((mask - keep).sum() / n_mask),
-            "kl_behav": float(((behav_logp - old_logp) * keep).sum() / n_keep),
+            "kl_behav": float((-log_w * keep).sum() / n_keep),
             "kept_tokens": float(keep.sum()),
+            "policy_tokens": float(mask.sum()),
         }
     return loss, stats
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
     """Negative log-likelihood of the tokens where `mask` is 1 (the auxiliary SFT term
-    on accepted expert tokens); zero when there are none."""
+    on accepted expert tokens); zero when there are none. `denom`: the number of such tokens
+    in the whole (global) batch, None for this batch alone."""
     mask = mask.to(logp.dtype)
-    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+    return -(logp * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from eapo_ray.algo.advantages import group_advantages
 
@@ -87,6 +88,30 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def hidden_token_logprobs(hidden: torch.Tensor, head, input_ids: torch.Tensor, temperature: float = 1.0,
+                          num_chunks: int = 1) -> torch.Tensor:
+    """`token_logprobs(head(hidden), input_ids, temperature)` from the final hidden states [B, L, H],
+    without the [B, L, V] logits: the B*(L-1) positions go through `head` (hidden -> logits) in
+    exactly `num_chunks` chunks (some may be empty), each under activation checkpointing when
+    autograd records, so that backward recomputes a chunk's logits instead of keeping them all."""
+    B, L, H = hidden.shape
+    h, targets = hidden[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
+    size = -(-h.shape[0] // num_chunks)  # ceil
+    parts = []
+    for k in range(num_chunks):
+        args = (h[k * size:(k + 1) * size], targets[k * size:(k + 1) * size], head, temperature)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    return torch.cat(parts).view(B, L - 1)
+
+
 def merge_batches(batches: list[dict]) -> dict:
     return {k: [v for b in batches for v in b[k]] for k in batches[0]}
 
@@ -96,3 +121,26 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     size = len(batch["input_ids"])
     bounds = [round(i * size / n) for i in range(n + 1)]
     return [{k: v[bounds[i]: bounds[i + 1]] for k, v in batch.items()} for i in range(n)]
+
+
+def padded_tokens(batch: dict) -> int:
+    """Tokens of a columnar batch once collated: rows x the longest row."""
+    return len(batch["input_ids"]) * max((len(x) for x in batch["input_ids"]), default=0)
+
+
+def split_by_tokens(batch: dict, max_tokens: int) -> list[dict]:
+    """Contiguous micro-batches whose padded size (`padded_tokens`) is at most `max_tokens`; a
+    sequence longer than that goes alone. [batch] when max_tokens <= 0; [] for an empty batch."""
+    n = len(batch["input_ids"])
+    if n == 0:
+        return []
+    if max_tokens <= 0:
+        return [batch]
+    bounds, start, longest = [0], 0, 0
+    for i, seq in enumerate(batch["input_ids"]):
+        longest = max(longest, len(seq))
+        if i > start and longest * (i + 1 - start) > max_tokens:
+            bounds.append(i)
+            start, longest = i, len(seq)
+    bounds.append(n)
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
