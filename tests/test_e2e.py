@@ -22,7 +22,7 @@ def launch(tmp_path, name, *overrides, timeout=600):
 
 
 def test_default_run_writes_summary_metrics_checkpoint(tmp_path):
-    out, run_dir = launch(tmp_path, "e2e", "steps=3")
+    out, run_dir = launch(tmp_path, "e2e", "steps=3", "checkpoint_every=1")
     assert f"run directory: {run_dir}" in out and "step 3/3" in out
     s = json.loads((run_dir / "summary.json").read_text())
     for key in ("heldout_accuracy_start", "heldout_accuracy_end", "steps", "samples", "wall_seconds",
@@ -37,6 +37,9 @@ def test_default_run_writes_summary_metrics_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final") is not None
 
+    assert 0 <= s["logp_gap_max"] < 1e-3  # fp32 transformers engine vs fp32 learner: the same numbers
+    tags = sorted(p.name for p in (run_dir / "checkpoint").iterdir() if p.is_dir())
+    assert tags == ["step2", "step3"]  # learner.checkpoint_keep=2 of the 3 saved
     state = json.loads((run_dir / "checkpoint" / "driver_state.json").read_text())
     assert state["version"] == 3 and state["serial"] >= 3
 

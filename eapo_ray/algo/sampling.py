@@ -79,7 +79,8 @@ def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
             emask[i, p - 1: n - 1] = torch.tensor(batch["expert_mask"][i], dtype=torch.float)
             blogp[i, p - 1: n - 1] = torch.tensor(batch["behav_logp"][i], dtype=torch.float)
     return {"input_ids": ids, "attention_mask": attn, "policy_mask": pmask, "expert_mask": emask,
-            "behav_logp": blogp, "advantage": torch.tensor(batch["advantage"], dtype=torch.float)}
+            "behav_logp": blogp, "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
+            "version": torch.tensor(batch.get("version", [0] * B), dtype=torch.long)}
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
