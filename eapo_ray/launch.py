@@ -262,11 +262,13 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
 
 def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: deque) -> None:
     """Submit a batch to each idle actor while batches waiting for the learner (in the
-    buffer or about to enter it) are fewer than the buffer's capacity."""
+    buffer or about to enter it) are fewer than the buffer's capacity; synchronous
+    (rollout.overlap=false): only when none is waiting, i.e. the learner needs data now."""
     import ray
 
+    room = cfg.buffer.capacity if cfg.rollout.overlap else 1
     for i in s.fleet.idle():
-        if ray.get(s.buffer.stats.remote())["size"] + len(pending) >= cfg.buffer.capacity:
+        if ray.get(s.buffer.stats.remote())["size"] + len(pending) >= room:
             return
         s.fleet.submit(i, step=state.version, weights=rollout_weights, serial=state.serial)
         state.serial += 1

@@ -55,34 +55,40 @@ class Engine(ABC):
         """One request, awaitable, so many episodes can be in flight at once. Here concurrent
         requests are gathered into one batched `generate` in a thread; engines with their own
         scheduler (vLLM) override this."""
-        if getattr(self, "_batcher", None) is None:
-            self._batcher = _MicroBatcher(self)
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_batcher", None) is None or self._batcher.loop is not loop:
+            self._batcher = _MicroBatcher(self, loop)  # one per event loop: futures belong to their loop
         return await self._batcher.submit(prompt, max_new_tokens, (temperature, tuple(stop), tuple(ban)))
 
 
 class _MicroBatcher:
     """Collects the requests that arrive while the engine is busy (or within a few ms of
     each other) and runs them as one `generate` call; requests with different sampling
-    settings go into different batches."""
+    settings go into different batches. Bound to one event loop. A request whose caller
+    was cancelled is skipped; if the drain task itself dies, every waiter gets the error."""
 
-    def __init__(self, engine: Engine, settle_s: float = 0.002):
-        self.engine, self.settle_s, self.pending, self.busy = engine, settle_s, [], False
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, settle_s: float = 0.002):
+        self.engine, self.loop, self.settle_s = engine, loop, settle_s
+        self.pending: list = []  # (key, prompt, max_new_tokens, future)
+        self.task: asyncio.Task | None = None
 
     async def submit(self, prompt, max_new_tokens, key):
-        fut = asyncio.get_running_loop().create_future()
+        fut = self.loop.create_future()
         self.pending.append((key, prompt, max_new_tokens, fut))
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._drain())
         return await fut
 
     async def _drain(self):
         try:
-            while self.pending:
+            while True:
                 n = -1
                 while n != len(self.pending):  # wait until no more requests are arriving
                     n = len(self.pending)
                     await asyncio.sleep(self.settle_s)
+                self.pending = [x for x in self.pending if not x[3].done()]  # callers that gave up
+                if not self.pending:
+                    return
                 key = self.pending[0][0]
                 batch = [x for x in self.pending if x[0] == key]
                 self.pending = [x for x in self.pending if x[0] != key]
@@ -91,16 +97,29 @@ class _MicroBatcher:
                                                    key[0], list(key[1]), list(key[2]))
                 except Exception as e:  # noqa: BLE001 -- handed to every waiting request
                     for x in batch:
-                        x[3].set_exception(e)
+                        if not x[3].done():
+                            x[3].set_exception(e)
                     continue
                 for x, g in zip(batch, gens):
-                    x[3].set_result(g)
-        finally:
-            self.busy = False
+                    if not x[3].done():
+                        x[3].set_result(g)
+        except BaseException as e:  # cancelled (the loop is closing) or a bug: no waiter may hang
+            for x in self.pending:
+                if not x[3].done():
+                    x[3].set_exception(e if isinstance(e, Exception) else RuntimeError("engine batcher stopped"))
+            self.pending = []
+            raise
+
+
+def _contains_any(text: str, strings) -> bool:
+    return any(s in text for s in strings)
 
 
 class HFEngine(Engine):
-    """transformers `generate` on CPU (or one GPU), batched with left padding."""
+    """transformers on CPU (or one GPU): our own batched sampling loop with a KV cache, so the
+    sampled distribution is exactly softmax(logits / T) over the whole vocabulary, whatever the
+    checkpoint's generation_config.json says (no top-k/top-p/penalty processors), and the
+    recorded log-prob is that distribution's."""
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,52 +128,74 @@ class HFEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.device = device
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = {i for i in [self.tokenizer.eos_token_id] if i is not None}
         self.version = 0
 
-    def _stop_ids(self, stop: list[str]) -> tuple[list[int], list[str]]:
-        """Stops that are single tokens become eos ids; the rest stay strings."""
-        ids, strings = [self.tokenizer.eos_token_id], []
-        for s in stop:
-            t = self.tokenizer.encode(s, add_special_tokens=False)
-            (ids.append(t[0]) if len(t) == 1 else strings.append(s))
-        return ids, strings
+    def _window(self, toks: list[int], strings) -> str:
+        """The decoded tail of `toks` long enough to contain any of `strings` that ends in it
+        (every token decodes to at least one character, except special ones)."""
+        n = max((len(x) for x in strings), default=0) + 2
+        return self.tokenizer.decode(toks[-n:])
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
-        from transformers import GenerationConfig
-
         if not prompts:
             return []
-        n = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), n), self.pad_id, dtype=torch.long)
+        B, n = len(prompts), max(len(p) for p in prompts)
+        dev = self.device
+        ids = torch.full((B, n), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, n - len(p):], attn[i, n - len(p):] = torch.tensor(p), 1
-        stop_ids, stop_strings = self._stop_ids(stop)
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
         greedy = temperature <= 0
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max(max_new_tokens), do_sample=not greedy, temperature=None if greedy else temperature,
-            top_k=None, top_p=None, eos_token_id=stop_ids, pad_token_id=self.pad_id,
-            stop_strings=stop_strings or None, return_dict_in_generate=True, output_logits=True,
-            bad_words_ids=[self.tokenizer.encode(s, add_special_tokens=False) for s in ban] or None)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                  generation_config=gen_cfg, tokenizer=self.tokenizer if stop_strings else None)
-        new = out.sequences[:, n:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, new, V] raw
-        logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
-        token_logp = logp.gather(-1, new[..., None]).squeeze(-1)
-        results = []
-        for i in range(len(prompts)):
-            toks, lps, finish = [], [], "length"
-            for j in range(min(new.shape[1], max_new_tokens[i])):
-                t = int(new[i, j])
-                toks.append(t)
-                lps.append(float(token_logp[i, j]))
-                if t in stop_ids or (stop_strings and any(self.tokenizer.decode(toks).endswith(s) for s in stop_strings)):
-                    finish = "stop"
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
+        finish, active = ["length"] * B, [m > 0 for m in max_new_tokens]
+        for _ in range(max(max_new_tokens)):
+            if not any(active):
+                break
+            logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
+            nxt = self._choose(logp, greedy, toks, active, ban)
+            for i in range(B):
+                if not active[i]:
+                    continue
+                t = int(nxt[i])
+                toks[i].append(t)
+                lps[i].append(0.0 if greedy else float(logp[i, t]))
+                if t in self.eos_ids or (stop and _contains_any(self._window(toks[i], stop), stop)):
+                    finish[i], active[i] = "stop", False
+                elif len(toks[i]) >= max_new_tokens[i]:
+                    active[i] = False
+            if not any(active):
+                break
+            step_ids = torch.tensor([[int(x)] for x in nxt], dtype=torch.long, device=dev)
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                             use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return [Generation(t, lp, f) for t, lp, f in zip(toks, lps, finish)]
+
+    def _choose(self, logp: torch.Tensor, greedy: bool, toks: list, active: list, ban) -> torch.Tensor:
+        """Next token per row (argmax, or a sample from exp(logp)). With `ban`, a token that
+        would complete a banned string is masked in that row's `logp` (in place, renormalised)
+        and the row is drawn again, so no tokenization of a banned string can get through."""
+        nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        if not ban:
+            return nxt
+        for i in range(len(toks)):
+            if not active[i]:
+                continue
+            for _ in range(64):
+                if not _contains_any(self._window(toks[i] + [int(nxt[i])], ban), ban):
                     break
-            results.append(Generation(toks, lps, finish))
-        return results
+                logp[i, int(nxt[i])] = -float("inf")
+                logp[i] = torch.log_softmax(logp[i], dim=-1)
+                nxt[i] = logp[i].argmax() if greedy else torch.multinomial(logp[i].exp(), 1)[0]
+        return nxt
 
     def load_weights(self, state_dict, version):
         self.model.load_state_dict(state_dict)

@@ -86,6 +86,7 @@ class VLLMEngine(Engine):
             model=model_path, seed=seed, enforce_eager=vcfg.enforce_eager or cpu,
             dtype=("bfloat16" if cpu and vcfg.dtype == "auto" else vcfg.dtype),
             logprobs_mode="processed_logprobs",  # behaviour log-probs after temperature, as the learner needs
+            generation_config="vllm",  # never take sampling defaults from the checkpoint's generation_config.json
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
             tensor_parallel_size=vcfg.tensor_parallel_size, max_num_seqs=vcfg.max_num_seqs,
             enable_prefix_caching=vcfg.enable_prefix_caching, gpu_memory_utilization=vcfg.gpu_memory_utilization,
@@ -113,8 +114,11 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         greedy = temperature <= 0
+        # Every processor explicitly neutral: the sampled distribution is softmax(logits / T) over
+        # the whole vocabulary, the one whose (processed) log-probs are recorded.
         params = SamplingParams(
-            temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens, logprobs=None if greedy else 0,
+            temperature=0.0 if greedy else temperature, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, logprobs=None if greedy else 0,
             stop=list(stop) or None, include_stop_str_in_output=True, bad_words=list(ban) or None,
             skip_special_tokens=False)
         final = None
@@ -123,7 +127,25 @@ class VLLMEngine(Engine):
         o = final.outputs[0]
         tokens = list(o.token_ids)
         logps = [0.0] * len(tokens) if greedy else [d[t].logprob for d, t in zip(o.logprobs, tokens)]
-        return Generation(tokens, logps, "stop" if o.finish_reason == "stop" else "length")
+        finish = "stop" if o.finish_reason == "stop" else "length"
+        if ban:  # vLLM's bad_words covers the bare and one space-prefixed tokenization only
+            tokens, logps, finish = self._cut_at_ban(tokens, logps, finish, ban)
+        return Generation(tokens, logps, finish)
+
+    def _cut_at_ban(self, tokens, logps, finish, ban):
+        """If another tokenization of a banned string got through, end the generation before the
+        token that starts it (the banned action is not taken; the turn ends there)."""
+        if not any(b in self.tokenizer.decode(tokens) for b in ban):
+            return tokens, logps, finish
+        for k in range(1, len(tokens) + 1):
+            text = self.tokenizer.decode(tokens[:k])
+            if any(b in text for b in ban):
+                start = min(text.find(b) for b in ban if b in text)
+                j = k
+                while j > 0 and len(self.tokenizer.decode(tokens[:j - 1])) > start:
+                    j -= 1
+                return tokens[:j - 1], logps[:j - 1], "stop"
+        return tokens, logps, finish
 
     async def agenerate(self, prompt, max_new_tokens, temperature, stop, ban=()):
         fut = asyncio.run_coroutine_threadsafe(self._generate(prompt, max_new_tokens, temperature, stop, ban), self.loop)
