@@ -42,6 +42,7 @@ class DataConfig:
     problem_key: str = "problem"
     answer_key: str = "answer"
     template: str = "Q:{problem}\nA:"
+    chat_template: bool = False  # wrap the filled template as a user message in the tokenizer's chat template
     train_levels: list = field(default_factory=lambda: [2, 3, 4])
     heldout_levels: list = field(default_factory=lambda: [2, 3, 4])
     num_train: int = 4000

@@ -20,8 +20,32 @@ class DataError(ValueError):
     pass
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def render_prompt(template: str, problem: str) -> str:
     return template.replace("{problem}", problem)
+
+
+def encode_prompt(tokenizer, data_cfg, problem: str) -> list[int]:
+    """The prompt's token ids: the template filled in, and with `data.chat_template` wrapped as
+    one user message in the tokenizer's chat template (with the assistant turn opened)."""
+    text = render_prompt(data_cfg.template, problem)
+    if getattr(data_cfg, "chat_template", False):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(text)["input_ids"]
+
+
+def resolve_path(source: str) -> Path:
+    """A data file path: as given (absolute, or relative to the current directory), else
+    relative to the repository root (so `../shared/data/...` in a config works from anywhere)."""
+    path = Path(source).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    alt = REPO_ROOT / path
+    return alt if alt.exists() else path
 
 
 def _rows_from_file(path: Path):
@@ -64,9 +88,10 @@ def load_rows(source: str, problem_key: str = "problem", answer_key: str = "answ
     keys, or with an empty answer, is an error naming the file and line."""
     rows = _rows_from_hub(source[3:]) if source.startswith("hf:") else None
     if rows is None:
-        path = Path(source).expanduser()
+        path = resolve_path(source)
         if not path.exists():
-            raise DataError(f"data file not found: {path}")
+            raise DataError(f"data file not found: {path} (relative paths are tried from the current directory "
+                            f"and from {REPO_ROOT})")
         rows = _rows_from_file(path)
     out = []
     for where, row in rows:

@@ -25,7 +25,7 @@ import ray
 import torch
 
 from eapo_ray.config import ConfigError, RunConfig, load_config
-from eapo_ray.data import DataError, Example, load_split, render_prompt
+from eapo_ray.data import DataError, Example, encode_prompt, load_split, render_prompt
 from eapo_ray.rollout.engine import Engine, make_engine
 from eapo_ray.rollout.episode import ExpertFn, run_episodes
 
@@ -44,7 +44,7 @@ def run_eval(engine: Engine, tok, examples: list[Example], cfg: RunConfig, *, te
     trajs, t0 = [], time.time()
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
-        prompts = [tok(render_prompt(cfg.data.template, ex.problem))["input_ids"] for _, ex in chunk]
+        prompts = [encode_prompt(tok, cfg.data, ex.problem) for _, ex in chunk]
         trajs += run_episodes(
             engine, tok, prompts, [ex.answer for _, ex in chunk], proto=cfg.protocol, reward_cfg=cfg.reward,
             expert=expert, accept_prob=1.0 if expert else 0.0, max_turns=max_turns or cfg.eval.max_turns,
@@ -174,6 +174,9 @@ def main(argv=None) -> int:
     if args.actors < 1:
         print("error: --actors must be >= 1", file=sys.stderr)
         return 2
+    from eapo_ray.models import resolve_model
+
+    args.checkpoint = resolve_model(args.checkpoint)  # a model name (e.g. smollm2-135m) is built on first use
     engine_kind = args.engine or cfg.rollout.engine
     expert_path = (args.expert or cfg.model.expert) if args.mode == "workflow" else None
     if args.actors > 1:

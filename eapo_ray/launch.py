@@ -146,6 +146,9 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     from eapo_ray.rollout.actor import remote_worker_cls
     from eapo_ray.rollout.fleet import RolloutFleet
 
+    from eapo_ray.models import resolve_models
+
+    resolve_models(cfg)  # model names (e.g. smollm2-135m) -> directories, built on first use
     r, lc, ec = cfg.rollout, cfg.learner, cfg.expert
     s.run_name = run_name
     required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + r.num_cpus
@@ -156,16 +159,17 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
         serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None)
         print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
     s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
-    s.learners = LearnerGroup(cfg, run_name)
-    version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
+    # Rollout engines and the evaluator load their models while the learners set up.
     s.workers = [remote_worker_cls().options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus,
                                              num_gpus=r.num_gpus, max_restarts=3, max_task_retries=0)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
+    s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
+                                                num_gpus=cfg.eval.num_gpus).remote(cfg)
+    s.learners = LearnerGroup(cfg, run_name)
+    version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
     s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches)
     if r.weight_sync == "nccl":
         start_nccl_weight_sync(s.learners, s.workers)
-    s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
-                                                num_gpus=cfg.eval.num_gpus).remote(cfg)
     return version
 
 

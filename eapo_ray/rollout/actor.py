@@ -24,7 +24,7 @@ import torch
 from eapo_ray.algo.sampling import assign_advantages, to_batch
 from eapo_ray.algo.schedules import acceptance_prob, turn_budget
 from eapo_ray.config import RunConfig
-from eapo_ray.data import load_split, render_prompt
+from eapo_ray.data import encode_prompt, load_split
 from eapo_ray.rollout.engine import Engine, make_engine
 from eapo_ray.rollout.episode import run_episodes
 
@@ -127,7 +127,7 @@ class RolloutWorker:
         self.tok = self.engine.tokenizer
         d = cfg.data
         self.data = load_split(d.train, "train", d.train_levels, d.num_train, cfg.seed, d.problem_key, d.answer_key)
-        self.prompts = [self.tok(render_prompt(d.template, ex.problem))["input_ids"] for ex in self.data]
+        self.prompts = [encode_prompt(self.tok, d, ex.problem) for ex in self.data]
         self.expert = ServeExpert(expert_app, cfg.expert.timeout_s) if expert_app else None
 
     def ping(self) -> str:
