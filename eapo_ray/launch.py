@@ -161,7 +161,9 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
     # Rollout engines and the evaluator load their models while the learners set up.
     s.workers = [remote_worker_cls().options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus,
-                                             num_gpus=r.num_gpus, max_restarts=3, max_task_retries=0)
+                                             num_gpus=r.num_gpus, max_task_retries=0,
+                                             # a restarted engine cannot rejoin the NCCL weight group
+                                             max_restarts=0 if r.weight_sync == "nccl" else 3)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
     s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
                                                 num_gpus=cfg.eval.num_gpus).remote(cfg)
@@ -211,7 +213,7 @@ def run(cfg: RunConfig) -> Path:
             if cfg.resume:
                 print(f"[eapo] driver state is at version {state.version}, the checkpoint at {version}: "
                       "counters restart from the checkpoint", flush=True)
-            state = LoopState(version=version)
+            state = LoopState(version=version, serial=state.serial)  # never replay batch serials
         ev0 = ev = None
         if cfg.resume:
             ev0, ev = resume_metrics(run_dir, version)
@@ -265,14 +267,15 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
 
 
 def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: deque) -> None:
-    """Submit a batch to each idle actor while batches waiting for the learner (in the
-    buffer or about to enter it) are fewer than the buffer's capacity; synchronous
-    (rollout.overlap=false): only when none is waiting, i.e. the learner needs data now."""
+    """Submit a batch to an idle actor while the batches ahead of the learner (being generated,
+    finished, or in the buffer) are fewer than `buffer.capacity` (so capacity also bounds how
+    stale a batch can get; set it >= rollout.num_actors to keep every actor busy); synchronous
+    (rollout.overlap=false): one batch, only when there is none, i.e. the learner needs data now."""
     import ray
 
     room = cfg.buffer.capacity if cfg.rollout.overlap else 1
     for i in s.fleet.idle():
-        if ray.get(s.buffer.stats.remote())["size"] + len(pending) >= room:
+        if ray.get(s.buffer.stats.remote())["size"] + len(pending) + s.fleet.num_inflight >= room:
             return
         s.fleet.submit(i, step=state.version, weights=rollout_weights, serial=state.serial)
         state.serial += 1

@@ -11,11 +11,12 @@ from eapo_ray.config import load_config
 from eapo_ray.rollout.actor import batch_rng, remote_worker_cls
 from eapo_ray.rollout.fleet import FleetError, RolloutFleet
 
-pytestmark = pytest.mark.slow
+
 
 SMALL = ["rollout.prompts_per_batch=2", "acceptance.kind=constant", "acceptance.start=0.0", "data.num_train=50"]
 
 
+@pytest.mark.slow
 def test_crashed_rollout_actor_loses_nothing_and_comes_back(ray_local):
     ray = ray_local
     cfg = load_config(None, SMALL)
@@ -43,6 +44,7 @@ def test_crashed_rollout_actor_loses_nothing_and_comes_back(ray_local):
     assert fleet.failures[0] == 0 and not fleet.retired  # a success resets the count
 
 
+@pytest.mark.slow
 def test_weight_update_runs_while_a_batch_is_generating(ray_local):
     """The NCCL path's control flow on CPU: learner rank 0 calls start/update/finish on every
     rollout actor right after a train step, while their `produce` calls are generating. Those
@@ -88,6 +90,7 @@ class _BrokenWorker:
         return {"worker": 0, "kept_samples": 0, "samples": 16}, None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,match", [("raise", "every rollout actor has failed 3 times in a row.*engine exploded"),
                                         ("empty", "5 rollout batches in a row kept no samples")])
 def test_fleet_stops_with_a_clear_error_instead_of_spinning(ray_local, mode, match):
@@ -107,3 +110,42 @@ def test_batch_rng_depends_on_seed_and_serial_only():
     seq = [a.random() for _ in range(3)]
     assert seq == [b.random() for _ in range(3)] and seq != [c.random() for _ in range(3)]
     assert batch_rng(1, 5).random() != batch_rng(0, 5).random()
+
+
+class _InstantEngine:
+    tokenizer, version = None, 0
+
+    async def agenerate(self, *args, **kwargs):
+        return "done"
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_paused_generation_waits_and_a_cancelled_waiter_leaves_no_count(cancel):
+    """A request that arrives during a weight update waits for the resume; one whose episode is
+    cancelled while waiting must not leave an in-flight count behind (the next pause would then
+    wait for a request that does not exist until pause_timeout_s)."""
+    import asyncio
+    import threading
+
+    from eapo_ray.rollout.actor import PausableEngine
+
+    gen = PausableEngine(_InstantEngine())
+    gen.pause(timeout_s=1)
+
+    async def episode():
+        task = asyncio.ensure_future(gen.agenerate([1], 4, 1.0, []))
+        await asyncio.sleep(0.2)
+        assert not task.done()  # paused: waiting
+        if cancel:
+            task.cancel()
+            threading.Timer(0.3, gen.resume).start()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return None
+        gen.resume()
+        return await task
+
+    assert asyncio.run(episode()) == (None if cancel else "done")
+    time.sleep(0.5)  # the waiting thread has seen the resume
+    gen.pause(timeout_s=2)  # nothing in flight: returns at once
+    gen.resume()

@@ -73,17 +73,21 @@ class PausableEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def _enter(self, wait: bool) -> bool:
+    def _try_enter(self) -> bool:
         with self._cv:
-            if self._paused and not wait:
+            if self._paused:
                 return False
-            self._cv.wait_for(lambda: not self._paused)
             self._inflight += 1
             return True
 
+    def _wait_unpaused(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: not self._paused)
+
     async def agenerate(self, *args, **kwargs):
-        if not self._enter(wait=False):  # paused: wait in a thread, not on the event loop
-            await asyncio.to_thread(self._enter, True)
+        # Counted only on the event loop, so a caller cancelled while it waits leaves no count behind.
+        while not self._try_enter():
+            await asyncio.to_thread(self._wait_unpaused)  # paused: wait in a thread, not on the loop
         try:
             return await self.engine.agenerate(*args, **kwargs)
         finally:
@@ -200,7 +204,7 @@ class RolloutWorker:
                 break
         n = len(all_trajs)
         stats = {
-            "worker": self.index, "serial": serial, "version": min((t.version for t in all_trajs), default=0),
+            "worker": self.index, "serial": serial, "version": min((t.version for t in kept or all_trajs), default=0),
             "acceptance_prob": rho, "turn_budget": turns,
             "samples": n, "kept_samples": len(kept), "dropped_groups": dropped,
             "reward": sum(t.reward for t in all_trajs) / n, "accuracy": sum(t.correct for t in all_trajs) / n,

@@ -120,9 +120,12 @@ def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: lis
              for i, (p, g) in enumerate(zip(prompts, golds))]
     kw = dict(proto=proto, reward_cfg=reward_cfg, expert=expert, accept_prob=accept_prob, max_turns=max_turns,
               max_new_tokens_per_turn=max_new_tokens_per_turn, max_response_tokens=max_response_tokens,
-              temperature=temperature, rng=rng, ban_consult=ban_consult)
+              temperature=temperature, ban_consult=ban_consult)
+    # one RNG per episode, drawn in order: acceptance coins do not depend on which episode's
+    # expert call comes back first
+    rngs = [random.Random(rng.getrandbits(64)) for _ in trajs]
 
     async def all_episodes():
-        return await asyncio.gather(*[run_episode(engine, tokenizer, t, **kw) for t in trajs])
+        return await asyncio.gather(*[run_episode(engine, tokenizer, t, rng=r, **kw) for t, r in zip(trajs, rngs)])
 
     return asyncio.run(all_episodes())

@@ -2,9 +2,10 @@
 actor, finished calls collected with `ray.wait` (no polling), and two bounds that turn
 a silent spin into a clear error:
 
-- an actor whose calls fail `max_failures` times in a row is retired (Ray restarts a
-  crashed actor on its own; a call that reaches it while it restarts fails and counts);
-  when every actor is retired, `FleetError` says so with the last error;
+- an actor whose calls fail `max_failures` times in a row is retired; when every actor is
+  retired, `FleetError` says so with the last error. Ray restarts a crashed actor on its own:
+  a call that finds it restarting (ActorUnavailableError) does not count, and the actor gets
+  no new call for `restart_backoff_s`; other failures back off too, doubling each time;
 - `max_empty` finished batches in a row that kept no sample (every group had equal
   rewards, so dynamic sampling dropped it) raise `FleetError` too.
 
@@ -13,6 +14,7 @@ the driver (the actor's return value), so it outlives the actor that made it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +35,10 @@ class RolloutResult:
 
 
 class RolloutFleet:
-    def __init__(self, actors: list, max_failures: int = 3, max_empty: int = 20):
+    def __init__(self, actors: list, max_failures: int = 3, max_empty: int = 20, restart_backoff_s: float = 2.0):
         self.actors = list(actors)
-        self.max_failures, self.max_empty = max_failures, max_empty
+        self.max_failures, self.max_empty, self.backoff_s = max_failures, max_empty, restart_backoff_s
+        self.not_before = [0.0] * len(self.actors)  # no new call to an actor before this time (backoff)
         self.inflight: dict = {}  # stats ObjectRef -> (worker index, batch ObjectRef)
         self.failures = [0] * len(self.actors)  # consecutive failed calls per actor
         self.retired: set[int] = set()
@@ -43,8 +46,9 @@ class RolloutFleet:
         self.last_error = ""
 
     def idle(self) -> list[int]:
-        busy = {i for i, _ in self.inflight.values()}
-        return [i for i in range(len(self.actors)) if i not in busy and i not in self.retired]
+        busy, now = {i for i, _ in self.inflight.values()}, time.time()
+        return [i for i in range(len(self.actors))
+                if i not in busy and i not in self.retired and self.not_before[i] <= now]
 
     @property
     def num_alive(self) -> int:
@@ -61,7 +65,9 @@ class RolloutFleet:
     def wait(self, timeout_s: float) -> list[RolloutResult]:
         """Results of the calls that finish within `timeout_s` (at least one, unless none
         finishes in time); failures are counted and may retire an actor or raise."""
-        if not self.inflight:
+        if not self.inflight:  # nothing to wait for but backoffs: sleep until the first ends
+            waits = [t - time.time() for i, t in enumerate(self.not_before) if i not in self.retired]
+            time.sleep(max(0.0, min([timeout_s] + waits)))
             return []
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout_s)
         if ready:  # take everything else that is done too
@@ -86,7 +92,11 @@ class RolloutFleet:
         return out
 
     def _failed(self, worker: int, e: Exception) -> RolloutResult:
+        if isinstance(e, ray.exceptions.ActorUnavailableError):  # restarting (loading its model): wait
+            self.not_before[worker] = time.time() + self.backoff_s
+            return RolloutResult(worker, None, error=f"rollout actor {worker} is restarting")
         self.failures[worker] += 1
+        self.not_before[worker] = time.time() + self.backoff_s * 2 ** (self.failures[worker] - 1)
         self.last_error = f"rollout actor {worker}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         print(f"[eapo] {self.last_error} (failure {self.failures[worker]}/{self.max_failures} in a row)", flush=True)
         if self.failures[worker] >= self.max_failures:
