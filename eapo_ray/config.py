@@ -256,6 +256,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
                 raise ConfigError(f"override {item!r}: '{k}' is not a section")
         node[keys[-1]] = value
     cfg = from_dict(RunConfig, data)
+    from eapo_ray.data import resolve_data_paths
+
+    resolve_data_paths(cfg.data, path)  # relative data files: cwd, the config's dir and its parent, the repo root
     validate(cfg)
     return cfg
 

@@ -32,20 +32,46 @@ def encode_prompt(tokenizer, data_cfg, problem: str) -> list[int]:
     one user message in the tokenizer's chat template (with the assistant turn opened)."""
     text = render_prompt(data_cfg.template, problem)
     if getattr(data_cfg, "chat_template", False):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"data.chat_template is true but the tokenizer ({tokenizer.name_or_path}) has no chat template")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer(text)["input_ids"]
 
 
-def resolve_path(source: str) -> Path:
+def resolve_path(source: str, base_dirs=()) -> Path:
     """A data file path: as given (absolute, or relative to the current directory), else
-    relative to the repository root (so `../shared/data/...` in a config works from anywhere)."""
+    relative to each of `base_dirs` (load_config passes the config file's directory and its
+    parent), else relative to the repository root, so `../shared/data/...` in a config works
+    from any directory. The first that exists wins; nothing found: the path as given."""
     path = Path(source).expanduser()
     if path.exists() or path.is_absolute():
         return path
-    alt = REPO_ROOT / path
-    return alt if alt.exists() else path
+    for base in [*base_dirs, REPO_ROOT]:
+        alt = Path(base) / path
+        if alt.exists():
+            return alt
+    return path
+
+
+def resolve_data_paths(data_cfg, config_path=None) -> None:
+    """Rewrite `data.train` / `data.heldout` (a config.DataConfig), when they are relative file
+    paths found by `resolve_path` (current directory, the config file's directory and its
+    parent, the repository root), into absolute paths, so every actor reads the same file
+    whatever its working directory. Bundled (tiny:) and hub (hf:) sources, and paths found
+    nowhere (an error when loaded, naming the path), stay as they are."""
+    bases = []
+    if config_path is not None:
+        cdir = Path(config_path).expanduser().resolve().parent
+        bases = [cdir, cdir.parent]
+    for key in ("train", "heldout"):
+        source = getattr(data_cfg, key)
+        if source.startswith(("tiny:", "hf:")) or Path(source).expanduser().is_absolute():
+            continue
+        path = resolve_path(source, bases)
+        if path.exists():
+            setattr(data_cfg, key, str(path.resolve()))
 
 
 def _rows_from_file(path: Path):

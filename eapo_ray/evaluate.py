@@ -142,13 +142,16 @@ def local_expert(path: str, cfg: RunConfig) -> ExpertFn:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eapo_ray.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="an HF causal-LM directory (e.g. a run's final/)")
+    ap.add_argument("--checkpoint", required=True,
+                    help="an HF causal-LM directory (e.g. a run's final/), or a model name built on first use "
+                         "(smollm2-135m: eapo_ray/models.py)")
     ap.add_argument("--data", default="tiny:arith",
                     help="tiny:arith, a .jsonl/.parquet file, or a Hugging Face dataset NAME[:split] (or hf:NAME)")
     ap.add_argument("--samples", type=int, default=1, help="samples per problem (pass@k, avg@k)")
     ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 1.0")
     ap.add_argument("--mode", choices=["independent", "workflow"], default="independent")
-    ap.add_argument("--expert", default=None, help="expert directory for --mode workflow (default: the config's)")
+    ap.add_argument("--expert", default=None,
+                    help="expert directory or model name for --mode workflow (default: the config's)")
     ap.add_argument("--limit", type=int, default=200, help="problems to evaluate (tiny:arith draws this many)")
     ap.add_argument("--config", default=None, help="config for template, protocol and reward (default: tiny_cpu)")
     ap.add_argument("--out", default=None, help="output directory (default: eval-<time>)")
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
 
     args.checkpoint = resolve_model(args.checkpoint)  # a model name (e.g. smollm2-135m) is built on first use
     engine_kind = args.engine or cfg.rollout.engine
-    expert_path = (args.expert or cfg.model.expert) if args.mode == "workflow" else None
+    expert_path = resolve_model(args.expert or cfg.model.expert) if args.mode == "workflow" else None
     if args.actors > 1:
         trajs = eval_on_ray(args.actors, args.checkpoint, engine_kind, examples, cfg, temperature, args.samples,
                             expert_path)
@@ -195,7 +198,9 @@ def main(argv=None) -> int:
     with (out / "samples.jsonl").open("w") as f:
         for t in trajs:
             ex = examples[t.group]
-            f.write(json.dumps({"problem": ex.problem, "prompt": render_prompt(cfg.data.template, ex.problem),
+            prompt = (tok.decode(encode_prompt(tok, cfg.data, ex.problem)) if cfg.data.chat_template
+                      else render_prompt(cfg.data.template, ex.problem))  # the text the policy saw
+            f.write(json.dumps({"problem": ex.problem, "prompt": prompt,
                                 "response": tok.decode(t.response_ids, skip_special_tokens=True), "answer": ex.answer,
                                 "correct": t.correct, "consults": t.consults}) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

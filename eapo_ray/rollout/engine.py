@@ -80,6 +80,7 @@ class _MicroBatcher:
         return await fut
 
     async def _drain(self):
+        batch: list = []
         try:
             while True:
                 n = -1
@@ -96,30 +97,104 @@ class _MicroBatcher:
                     gens = await asyncio.to_thread(self.engine.generate, [x[1] for x in batch], [x[2] for x in batch],
                                                    key[0], list(key[1]), list(key[2]))
                 except Exception as e:  # noqa: BLE001 -- handed to every waiting request
-                    for x in batch:
-                        if not x[3].done():
-                            x[3].set_exception(e)
-                    continue
-                for x, g in zip(batch, gens):
-                    if not x[3].done():
-                        x[3].set_result(g)
+                    _settle(batch, error=e)
+                else:
+                    _settle(batch, results=gens)
+                batch = []
         except BaseException as e:  # cancelled (the loop is closing) or a bug: no waiter may hang
-            for x in self.pending:
-                if not x[3].done():
-                    x[3].set_exception(e if isinstance(e, Exception) else RuntimeError("engine batcher stopped"))
+            err = e if isinstance(e, Exception) else RuntimeError("engine batcher stopped")
+            _settle(batch + self.pending, error=err)
             self.pending = []
             raise
+
+
+def _settle(entries, results=None, error=None) -> None:
+    """Resolve the futures of `entries` that are still waiting (a cancelled caller's is done)."""
+    for k, x in enumerate(entries):
+        if not x[3].done():
+            if error is not None:
+                x[3].set_exception(error)
+            else:
+                x[3].set_result(results[k])
 
 
 def _contains_any(text: str, strings) -> bool:
     return any(s in text for s in strings)
 
 
+def _tail(tokenizer, toks: list[int], strings) -> str:
+    """The decoded tail of `toks`, long enough to hold any of `strings` that ends in its last
+    token (every token decodes to at least one character; special tokens to their text)."""
+    n = max((len(x) for x in strings), default=0) + 2
+    return tokenizer.decode(toks[-n:]) if toks else ""
+
+
+def hits_stop(tokenizer, toks: list[int], stop) -> bool:
+    """Whether the generated `toks` now contain a stop string, wherever it ends: the last
+    token may complete it and carry more text (SmolLM2 spells `</answer>.` as `</`,
+    `answer`, `>.`). Checked after every token, so a hit is always in the last token."""
+    stop = [s for s in stop if s]
+    return bool(stop) and _contains_any(_tail(tokenizer, toks, stop), stop)
+
+
+def token_texts(tokenizer) -> list[str]:
+    """Every token's text as it reads inside a sequence (after another token: SentencePiece
+    drops a leading space only at the start), special tokens as their text."""
+    vocab = len(tokenizer)
+    anchor = (tokenizer.encode("a", add_special_tokens=False) or [None])[-1]
+    if anchor is None:
+        return tokenizer.batch_decode([[i] for i in range(vocab)])
+    head = tokenizer.decode([anchor])
+    both = tokenizer.batch_decode([[anchor, i] for i in range(vocab)])
+    alone = None
+    out = []
+    for i, t in enumerate(both):
+        if t.startswith(head):
+            out.append(t[len(head):])
+        else:  # a decoder that rewrites across the boundary: fall back to the token alone
+            alone = alone or tokenizer.batch_decode([[j] for j in range(vocab)])
+            out.append(alone[i])
+    return out
+
+
+class StringBan:
+    """Bans strings at the text level, whatever tokens would spell them. After generated text
+    T (no banned string in it yet), token v would complete banned string b iff v's text
+    contains b, or T ends with b[:j] and v's text starts with b[j:] (0 < j < len(b)).
+    `banned(toks)` lists those tokens (mask them before sampling); `completes(toks, v)` checks
+    one choice by decoding, the exact test, for tokenizers whose texts do not simply add up."""
+
+    def __init__(self, tokenizer, ban, texts: list[str] | None = None):
+        self.tokenizer, self.ban = tokenizer, tuple(b for b in ban if b)
+        self.texts = texts if texts is not None else token_texts(tokenizer)
+        self.always = [v for v, t in enumerate(self.texts) if _contains_any(t, self.ban)]
+        self._starting: dict[str, list[int]] = {}
+
+    def _starts_with(self, prefix: str) -> list[int]:
+        if prefix not in self._starting:
+            self._starting[prefix] = [v for v, t in enumerate(self.texts) if t.startswith(prefix)]
+        return self._starting[prefix]
+
+    def banned(self, toks: list[int]) -> list[int]:
+        tail = _tail(self.tokenizer, toks, self.ban)
+        ids = list(self.always)
+        for b in self.ban:
+            for j in range(1, len(b)):
+                if tail.endswith(b[:j]):
+                    ids += self._starts_with(b[j:])
+        return ids
+
+    def completes(self, toks: list[int], v: int) -> bool:
+        return _contains_any(_tail(self.tokenizer, toks + [int(v)], self.ban), self.ban)
+
+
 class HFEngine(Engine):
     """transformers on CPU (or one GPU): our own batched sampling loop with a KV cache, so the
     sampled distribution is exactly softmax(logits / T) over the whole vocabulary, whatever the
     checkpoint's generation_config.json says (no top-k/top-p/penalty processors), and the
-    recorded log-prob is that distribution's."""
+    recorded log-prob is that distribution's. A sequence ends at EOS (the tokenizer's and the
+    checkpoint's eos ids, as vLLM does) or at the token that completes a stop string (kept,
+    even if it carries text past the stop string); nothing is returned after it."""
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,14 +203,20 @@ class HFEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.device = device
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = {i for i in [self.tokenizer.eos_token_id] if i is not None}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_ids = {i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None}
         self.version = 0
+        self._texts: list[str] | None = None  # token_texts, computed on the first ban
+        self._bans: dict[tuple, StringBan] = {}
 
-    def _window(self, toks: list[int], strings) -> str:
-        """The decoded tail of `toks` long enough to contain any of `strings` that ends in it
-        (every token decodes to at least one character, except special ones)."""
-        n = max((len(x) for x in strings), default=0) + 2
-        return self.tokenizer.decode(toks[-n:])
+    def _string_ban(self, ban) -> StringBan:
+        key = tuple(ban)
+        if key not in self._bans:
+            if self._texts is None:
+                self._texts = token_texts(self.tokenizer)
+            self._bans[key] = StringBan(self.tokenizer, key, self._texts)
+        return self._bans[key]
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
@@ -150,6 +231,7 @@ class HFEngine(Engine):
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         greedy = temperature <= 0
+        sban = self._string_ban(ban) if ban else None
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
         toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
@@ -157,21 +239,32 @@ class HFEngine(Engine):
         for _ in range(max(max_new_tokens)):
             if not any(active):
                 break
-            logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
-            nxt = self._choose(logp, greedy, toks, active, ban)
+            scaled = logits.float() / (1.0 if greedy else temperature)
+            if sban is not None:  # mask every token that would complete a banned string
+                for i in range(B):
+                    if active[i]:
+                        scaled[i, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
+            logp = torch.log_softmax(scaled, dim=-1)
+            nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
             for i in range(B):
                 if not active[i]:
                     continue
                 t = int(nxt[i])
+                if sban is not None:
+                    t = self._recheck_ban(sban, logp, i, t, toks[i], greedy)
+                    if t is None:  # every token would spell a banned string: end the turn here
+                        finish[i], active[i] = "stop", False
+                        continue
+                    nxt[i] = t
                 toks[i].append(t)
                 lps[i].append(0.0 if greedy else float(logp[i, t]))
-                if t in self.eos_ids or (stop and _contains_any(self._window(toks[i], stop), stop)):
+                if t in self.eos_ids or hits_stop(self.tokenizer, toks[i], stop):
                     finish[i], active[i] = "stop", False
                 elif len(toks[i]) >= max_new_tokens[i]:
                     active[i] = False
             if not any(active):
                 break
-            step_ids = torch.tensor([[int(x)] for x in nxt], dtype=torch.long, device=dev)
+            step_ids = nxt.view(B, 1).to(dev)
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
@@ -179,23 +272,18 @@ class HFEngine(Engine):
             past, logits = out.past_key_values, out.logits[:, -1]
         return [Generation(t, lp, f) for t, lp, f in zip(toks, lps, finish)]
 
-    def _choose(self, logp: torch.Tensor, greedy: bool, toks: list, active: list, ban) -> torch.Tensor:
-        """Next token per row (argmax, or a sample from exp(logp)). With `ban`, a token that
-        would complete a banned string is masked in that row's `logp` (in place, renormalised)
-        and the row is drawn again, so no tokenization of a banned string can get through."""
-        nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
-        if not ban:
-            return nxt
-        for i in range(len(toks)):
-            if not active[i]:
-                continue
-            for _ in range(64):
-                if not _contains_any(self._window(toks[i] + [int(nxt[i])], ban), ban):
-                    break
-                logp[i, int(nxt[i])] = -float("inf")
-                logp[i] = torch.log_softmax(logp[i], dim=-1)
-                nxt[i] = logp[i].argmax() if greedy else torch.multinomial(logp[i].exp(), 1)[0]
-        return nxt
+    @staticmethod
+    def _recheck_ban(sban: StringBan, logp: torch.Tensor, i: int, t: int, toks: list[int], greedy: bool):
+        """The exact (decoding) test of the chosen token; the mask already caught it unless the
+        tokenizer's token texts do not add up. A token that fails is masked in `logp` row i (in
+        place, renormalised) and the row drawn again; None if nothing is left."""
+        while sban.completes(toks, t):
+            logp[i, t] = -float("inf")
+            if torch.isinf(logp[i]).all():
+                return None
+            logp[i] = torch.log_softmax(logp[i], dim=-1)
+            t = int(logp[i].argmax()) if greedy else int(torch.multinomial(logp[i].exp(), 1))
+        return t
 
     def load_weights(self, state_dict, version):
         self.model.load_state_dict(state_dict)

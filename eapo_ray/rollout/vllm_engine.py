@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import threading
 import uuid
@@ -27,6 +28,7 @@ import torch
 from eapo_ray.rollout.engine import Engine, Generation
 
 TESTED_VLLM = ("0.32.",)
+logger = logging.getLogger(__name__)
 
 
 def check_vllm_version(version: str | None = None) -> str:
@@ -60,6 +62,65 @@ class WeightSyncExtension:
             return float(sum(p.float().abs().sum() for p in self.model_runner.model.parameters()))
 
 
+BAN_KEY = "eapo_ban"  # SamplingParams.extra_args key: the strings this request may never emit
+
+
+def _make_ban_processor():
+    """A vLLM logits processor that masks, for each request with banned strings, every token
+    that would complete one of them, however it is tokenized (engine.StringBan; vLLM's own
+    `bad_words` bans one or two tokenizations only). It masks before temperature, so greedy
+    and sampled requests alike never emit a banned string, and the processed log-probs are
+    those of the distribution actually sampled. Built on first use (module __getattr__), so
+    importing this module does not import vLLM; vLLM loads it in its engine process by name."""
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    from eapo_ray.rollout.engine import StringBan, token_texts
+
+    class BanLogitsProcessor(AdapterLogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            super().__init__(vllm_config, device, is_pin_memory)
+            self.tokenizer_path = vllm_config.model_config.tokenizer
+            self.tokenizer, self.texts, self.bans = None, None, {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes greedy choices too
+
+        def _ban(self, ban: tuple) -> StringBan:
+            if ban not in self.bans:
+                if self.tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+                    self.texts = token_texts(self.tokenizer)
+                self.bans[ban] = StringBan(self.tokenizer, ban, self.texts)
+            return self.bans[ban]
+
+        def new_req_logits_processor(self, params):
+            ban = (params.extra_args or {}).get(BAN_KEY)
+            if not ban:
+                return None
+            sban = self._ban(tuple(ban))
+
+            def mask(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+                ids = [v for v in sban.banned([t for t in output_ids if t >= 0]) if v < logits.shape[-1]]
+                if ids:
+                    logits[torch.tensor(ids, device=logits.device)] = -float("inf")
+                return logits
+
+            return mask
+
+    BanLogitsProcessor.__module__ = __name__
+    BanLogitsProcessor.__qualname__ = "BanLogitsProcessor"
+    return BanLogitsProcessor
+
+
+def __getattr__(name: str):
+    if name == "BanLogitsProcessor":
+        globals()[name] = cls = _make_ban_processor()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _device_kind() -> str:
     from vllm.platforms import current_platform
 
@@ -88,6 +149,7 @@ class VLLMEngine(Engine):
             logprobs_mode="processed_logprobs",  # behaviour log-probs after temperature, as the learner needs
             generation_config="vllm",  # never take sampling defaults from the checkpoint's generation_config.json
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            logits_processors=[f"{__name__}:BanLogitsProcessor"],  # string-level bans (any tokenization)
             tensor_parallel_size=vcfg.tensor_parallel_size, max_num_seqs=vcfg.max_num_seqs,
             enable_prefix_caching=vcfg.enable_prefix_caching, gpu_memory_utilization=vcfg.gpu_memory_utilization,
             max_model_len=vcfg.max_model_len or None)
@@ -114,13 +176,16 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         greedy = temperature <= 0
-        # Every processor explicitly neutral: the sampled distribution is softmax(logits / T) over
-        # the whole vocabulary, the one whose (processed) log-probs are recorded.
+        # Every processor explicitly neutral (top_k=0 is "off" in vLLM 0.32): the sampled
+        # distribution is softmax(logits / T) over the whole vocabulary, the one whose
+        # (processed) log-probs are recorded. A stop string is matched in the new text; the
+        # token that completes it is kept, even if it carries text past it, and nothing after
+        # it is returned (vLLM truncates only the text) -- as the transformers engine does.
         params = SamplingParams(
             temperature=0.0 if greedy else temperature, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
             presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, logprobs=None if greedy else 0,
-            stop=list(stop) or None, include_stop_str_in_output=True, bad_words=list(ban) or None,
-            skip_special_tokens=False)
+            stop=list(stop) or None, include_stop_str_in_output=True, skip_special_tokens=False,
+            extra_args={BAN_KEY: list(ban)} if ban else None)
         final = None
         async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, request_id=uuid.uuid4().hex):
             final = out
@@ -128,13 +193,13 @@ class VLLMEngine(Engine):
         tokens = list(o.token_ids)
         logps = [0.0] * len(tokens) if greedy else [d[t].logprob for d, t in zip(o.logprobs, tokens)]
         finish = "stop" if o.finish_reason == "stop" else "length"
-        if ban:  # vLLM's bad_words covers the bare and one space-prefixed tokenization only
+        if ban:  # the processor masks every tokenization; this only guards against a tokenizer it misreads
             tokens, logps, finish = self._cut_at_ban(tokens, logps, finish, ban)
         return Generation(tokens, logps, finish)
 
     def _cut_at_ban(self, tokens, logps, finish, ban):
-        """If another tokenization of a banned string got through, end the generation before the
-        token that starts it (the banned action is not taken; the turn ends there)."""
+        """If a banned string got through anyway, end the generation before the token that
+        starts it (the banned action is not taken; the turn ends there), and say so."""
         if not any(b in self.tokenizer.decode(tokens) for b in ban):
             return tokens, logps, finish
         for k in range(1, len(tokens) + 1):
@@ -144,6 +209,7 @@ class VLLMEngine(Engine):
                 j = k
                 while j > 0 and len(self.tokenizer.decode(tokens[:j - 1])) > start:
                     j -= 1
+                logger.warning("vLLM emitted a banned string %r; the turn is cut before it", text[start:])
                 return tokens[:j - 1], logps[:j - 1], "stop"
         return tokens, logps, finish
 
