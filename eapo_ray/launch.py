@@ -274,8 +274,12 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
     import ray
 
     room = cfg.buffer.capacity if cfg.rollout.overlap else 1
-    for i in s.fleet.idle():
-        if ray.get(s.buffer.stats.remote())["size"] + len(pending) + s.fleet.num_inflight >= room:
+    idle = s.fleet.idle()
+    if not idle:
+        return
+    ahead = ray.get(s.buffer.stats.remote())["size"] + len(pending)  # + in flight, which grows as we submit
+    for i in idle:
+        if ahead + s.fleet.num_inflight >= room:
             return
         s.fleet.submit(i, step=state.version, weights=rollout_weights, serial=state.serial)
         state.serial += 1

