@@ -140,9 +140,10 @@ def load_rows(source: str, problem_key: str = "problem", answer_key: str = "answ
 
 def load_split(source: str, split: str, levels: list[int], n: int, seed: int,
                problem_key: str = "problem", answer_key: str = "answer") -> list[Example]:
-    """`source` "tiny:arith" draws the bundled task's `split`; anything else is loaded as rows."""
-    if source == "tiny:arith":
-        return [Example(p.problem, p.answer, p.level) for p in task.sample_problems(n, levels, split, seed)]
+    """`source` "tiny:arith" / "tiny:arith-mul" draws that bundled task's `split`; anything else is loaded as rows."""
+    if source in task.FAMILIES:
+        return [Example(p.problem, p.answer, p.level)
+                for p in task.sample_problems(n, levels, split, seed, task.FAMILIES[source])]
     if source.startswith("tiny:"):
-        raise DataError(f"unknown bundled task {source!r} (available: tiny:arith)")
+        raise DataError(f"unknown bundled task {source!r} (available: {', '.join(task.FAMILIES)})")
     return load_rows(source, problem_key, answer_key, limit=n or None)

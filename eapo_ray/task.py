@@ -4,7 +4,9 @@ A problem is a chain of 1..4 operations on operands 1-9, e.g. ``(3+4)*5-2``, eve
 intermediate value in 0..999. Its reference solution evaluates one operation per
 step (``3+4=7;7*5=35;35-2=33;``) and ends with ``<answer>\\boxed{33}</answer>``.
 Train and held-out problems are disjoint: a problem's split is a hash of its text.
-Pure Python; no Ray, no torch.
+``tiny:arith-mul`` (`make_mul_problem`) is the family built for EAPO: first value 1-99 and at
+least one multi-digit-by-digit product, which the bundled mul policy is weak at and its expert
+is not. Pure Python; no Ray, no torch.
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def make_problem(rng: random.Random, level: int) -> Problem:
+def make_problem(rng: random.Random, level: int, family: str = "arith") -> Problem:
     """Draw one problem with `level` operations (rejection-sampled to stay in 0..999)."""
+    if family == "mul":
+        return make_mul_problem(rng, level)
     while True:
         value = rng.randint(1, 9)
         text, top = str(value), "*"  # `top`: "+" when the text is a sum/difference at top level
@@ -47,6 +51,42 @@ def make_problem(rng: random.Random, level: int) -> Problem:
             return Problem(text, str(value), tuple(steps), level)
 
 
+MUL_LEVELS = (2, 3, 4)
+MUL_MIN_HARD_LEFT = 12  # every `tiny:arith-mul` problem multiplies a left operand >= this
+
+
+def is_hard_product(a: int, op: str, b: int) -> bool:
+    """A multi-digit-by-digit product: what `tiny:arith-mul` is built around."""
+    return op == "*" and a >= 10
+
+
+def make_mul_problem(rng: random.Random, level: int) -> Problem:
+    """`tiny:arith-mul`: a chain of `level` (2-4) operations written like the bundled task; the
+    first value 1-99, `+`/`-` take a right operand 1-9, `*` takes 2-9, every intermediate in
+    0..999, and at least one product has a left operand >= MUL_MIN_HARD_LEFT (rejection-sampled)."""
+    if level not in MUL_LEVELS:
+        raise ValueError(f"tiny:arith-mul has {MUL_LEVELS} operations, got {level}")
+    while True:
+        value = rng.randint(1, 99)
+        text, top, steps = str(value), "*", []
+        for _ in range(level):
+            op = rng.choice(OPS)
+            b = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
+            result = _apply(value, op, b)
+            if not 0 <= result <= MAX_VALUE:
+                break
+            left = f"({text})" if op == "*" and top == "+" else text
+            text, top = f"{left}{op}{b}", ("*" if op == "*" else "+")
+            steps.append((value, op, b, result))
+            value = result
+        else:
+            if any(op == "*" and a >= MUL_MIN_HARD_LEFT for a, op, _, _ in steps):
+                return Problem(text, str(value), tuple(steps), level)
+
+
+FAMILIES = {"tiny:arith": "arith", "tiny:arith-mul": "mul"}  # data.train / data.heldout value -> family
+
+
 def final_answer(p: Problem) -> str:
     """The answer block that ends every response."""
     return f"<answer>\\boxed{{{p.answer}}}</answer>"
@@ -62,13 +102,13 @@ def split_of(problem_text: str, heldout_frac: float = 0.2) -> str:
     return "heldout" if h < heldout_frac else "train"
 
 
-def sample_problems(n: int, levels: list[int], split: str, seed: int) -> list[Problem]:
+def sample_problems(n: int, levels: list[int], split: str, seed: int, family: str = "arith") -> list[Problem]:
     """`n` distinct problems of the given split, levels drawn uniformly, reproducible from `seed`."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(n * 200):
-        p = make_problem(rng, rng.choice(levels))
+        p = make_problem(rng, rng.choice(levels), family)
         if p.problem not in seen and split_of(p.problem) == split:
             seen.add(p.problem)
             out.append(p)

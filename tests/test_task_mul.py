@@ -1,0 +1,82 @@
+"""`tiny:arith-mul`: the task family built for EAPO (eapo_ray/task.py)."""
+import random
+import re
+
+import pytest
+
+from eapo_ray import task
+from eapo_ray.data import load_split
+
+
+def _eval(text: str) -> int:
+    assert re.fullmatch(r"[0-9+\-*()]+", text), text
+    return eval(text)  # noqa: S307 - digits, + - * and parentheses only (checked above)
+
+
+def test_mul_problems_meet_every_constraint():
+    rng = random.Random(0)
+    levels_seen, ops_seen = set(), set()
+    for _ in range(3000):
+        level = rng.choice(task.MUL_LEVELS)
+        p = task.make_problem(rng, level, "mul")
+        assert p.level == level == len(p.steps)
+        assert 1 <= p.steps[0][0] <= 99  # the first value
+        value = p.steps[0][0]
+        for a, op, b, c in p.steps:
+            assert a == value and op in "+-*"
+            assert (2 <= b <= 9) if op == "*" else (1 <= b <= 9)
+            assert c == (a + b if op == "+" else a - b if op == "-" else a * b)
+            assert 0 <= c <= task.MAX_VALUE
+            value = c
+            ops_seen.add(op)
+        assert any(op == "*" and a >= 12 for a, op, _, _ in p.steps), p
+        # written like the bundled task: evaluating the text (with its parentheses) gives the answer
+        assert str(_eval(p.problem)) == p.answer
+        assert task.solution(p).endswith(task.final_answer(p))
+        levels_seen.add(level)
+    assert levels_seen == {2, 3, 4} and ops_seen == set("+-*")
+
+
+def test_mul_parentheses_follow_the_bundled_rule():
+    rng = random.Random(1)
+    found = 0
+    for _ in range(500):
+        p = task.make_problem(rng, 3, "mul")
+        for i, (_, op, _, _) in enumerate(p.steps[1:], 1):
+            if op == "*" and p.steps[i - 1][1] in "+-":
+                assert p.problem.startswith("(")
+                found += 1
+    assert found > 0
+    # the bundled task's rule on a hand-checked chain: 47*3=141, 141+5=146, 146*2 -> "(47*3+5)*2"
+    rng2 = random.Random(0)
+    while True:
+        p = task.make_problem(rng2, 3, "mul")
+        if [s[1] for s in p.steps] == ["*", "+", "*"]:
+            a, _, b, _ = p.steps[0]
+            assert p.problem == f"({a}*{b}+{p.steps[1][2]})*{p.steps[2][2]}"
+            break
+
+
+def test_mul_levels_and_family_checked():
+    with pytest.raises(ValueError):
+        task.make_problem(random.Random(0), 1, "mul")
+    with pytest.raises(ValueError):
+        task.make_problem(random.Random(0), 5, "mul")
+
+
+def test_mul_split_is_disjoint_and_reproducible():
+    train = load_split("tiny:arith-mul", "train", [2, 3, 4], 400, seed=0)
+    held = load_split("tiny:arith-mul", "heldout", [2, 3, 4], 200, seed=1)
+    assert not {e.problem for e in train} & {e.problem for e in held}
+    assert train == load_split("tiny:arith-mul", "train", [2, 3, 4], 400, seed=0)
+    assert len({e.problem for e in held}) == 200
+    # a different family from tiny:arith (whose first value is 1-9 and has no hard product guarantee)
+    assert held != load_split("tiny:arith", "heldout", [2, 3, 4], 200, seed=1)
+    assert all(task.split_of(e.problem) == "heldout" for e in held)
+
+
+def test_unknown_tiny_task_names_the_available_ones():
+    from eapo_ray.data import DataError
+
+    with pytest.raises(DataError, match="tiny:arith-mul"):
+        load_split("tiny:nope", "train", [2], 10, seed=0)
