@@ -102,11 +102,20 @@ def batchify(tok, examples):
     return ids, labels, attn
 
 
-def train(model, make_batch, steps, lr, log_every=100, name="model"):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+def train(model, make_batch, steps, lr, log_every=100, name="model", constant=False, state=None):
+    """AdamW with warmup + cosine over `steps`; `constant`: warmup (50 steps) then a constant lr,
+    resumable in chunks through `state` (a dict holding the optimizer and step count)."""
+    state = {} if state is None else state
+    if "opt" not in state:
+        state["opt"], state["step"] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), 0
+    opt = state["opt"]
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    if constant:
+        first = state["step"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (first + s + 1) / 50))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     t0 = time.time()
     for step in range(steps):
@@ -115,6 +124,7 @@ def train(model, make_batch, steps, lr, log_every=100, name="model"):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad()
+        state["step"] += 1
         if step % log_every == 0 or step == steps - 1:
             print(f"[{name}] step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
@@ -146,7 +156,28 @@ def main(argv=None):
     ap.add_argument("--direct-frac", type=float, default=0.55,
                     help="share of warm-start samples that answer at once, without working (a habit RL must unlearn)")
     ap.add_argument("--reuse-expert", action="store_true", help="keep the expert already in --out; train the policy only")
+    ap.add_argument("--task", choices=["arith", "mul"], default="arith",
+                    help="mul: models for tiny:arith-mul (eapo_ray/tools/make_tiny_mul.py), default --out assets/tiny_mul")
+    mul = ap.add_argument_group("--task mul")
+    mul.add_argument("--eval-every", type=int, default=100, help="policy / weak expert evaluated every N steps")
+    mul.add_argument("--hard-consult", type=float, default=0.6, help="P(consult) for a multi-digit product")
+    mul.add_argument("--easy-consult", type=float, default=0.03, help="P(consult) for any other step")
+    mul.add_argument("--accept", type=float, default=0.8, help="P(answered) for a warm-start consult")
+    mul.add_argument("--parallel", type=float, default=0.3, help="P(two parallel queries) for a consult")
+    mul.add_argument("--hard-max", type=float, default=0.30, help="keep a policy checkpoint with products <= this")
+    mul.add_argument("--easy-min", type=float, default=0.95, help="... and +/-, single-digit products >= this")
+    mul.add_argument("--weak-target", type=float, default=0.60, help="weak expert: stop at this product accuracy")
+    mul.add_argument("--weak-max-steps", type=int, default=3000)
+    mul.add_argument("--stage", choices=["all", "experts", "policy", "report"], default="all",
+                     help="build in parts (e.g. experts and policy in two processes, then report)")
     args = ap.parse_args(argv)
+    if args.task == "mul":
+        from eapo_ray.tools.make_tiny_mul import build
+
+        if args.out == ap.get_default("out"):
+            args.out = str(Path(__file__).resolve().parents[1] / "assets" / "tiny_mul")
+        torch.set_num_threads(args.threads)
+        return build(args, build_char_tokenizer(), ProtocolConfig(query_sep="|"), train, llama, batchify, TEMPLATE)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

@@ -1,0 +1,289 @@
+"""Bundled models for `tiny:arith-mul` (``python -m eapo_ray.tools.make_tiny --task mul``).
+
+Writes ``eapo_ray/assets/tiny_mul/{policy,expert,weak_expert}`` and ``make_tiny.json``:
+
+- expert (d=192, 4 layers): trained on single steps as the task asks them (steps of sampled
+  `tiny:arith-mul` problems, every type and value range, plus uniform products and single
+  operations), greedy answer digits written in order.
+- weak_expert (d=128, 4 layers: the policy's size): the same data, stopped at the first
+  evaluation where its accuracy on the task's multi-digit products reaches --weak-target
+  (a genuinely weaker model, not a temperature).
+- policy (d=128, 4 layers): warm-started on reference solutions in the EAPO action language.
+  A multi-digit-by-digit product (left operand >= 10) is consulted with probability
+  --hard-consult (sometimes as two parallel queries, ``a*b|a*b``, a cross-check); the reply
+  (masked out of the warm-start loss) is answered with probability --accept, else the
+  policy works the step out. Other steps are rarely consulted. No bare-answer habit.
+  Training is evaluated every --eval-every steps (teacher-forced per-step accuracy on
+  held-out problems) and the policy kept is the last checkpoint whose multi-digit product
+  accuracy is <= --hard-max while +/- and single-digit products are >= --easy-min: weak
+  exactly where the expert is strong, measured, not assumed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from eapo_ray.task import MAX_VALUE, MUL_LEVELS, Problem, final_answer, is_hard_product, make_problem, \
+    sample_problems
+
+STEP_TYPES = ("add", "sub", "mul_small", "mul_hard")
+
+
+def step_type(a: int, op: str, b: int) -> str:
+    if op == "*":
+        return "mul_hard" if is_hard_product(a, op, b) else "mul_small"
+    return "add" if op == "+" else "sub"
+
+
+def task_step(rng: random.Random) -> tuple[int, str, int, int]:
+    """One step of a random `tiny:arith-mul` problem (the distribution the task asks)."""
+    p = make_problem(rng, rng.choice(MUL_LEVELS), "mul")
+    return rng.choice(p.steps)
+
+
+def expert_query(rng: random.Random) -> tuple[str, str]:
+    """(query, answer) for expert training: 60% task steps, 25% uniform multi-digit products,
+    15% uniform single operations (values the policy's own wrong intermediates can reach)."""
+    u = rng.random()
+    if u < 0.6:
+        a, op, b, c = task_step(rng)
+    elif u < 0.85:
+        b = rng.randint(2, 9)
+        a = rng.randint(10, MAX_VALUE // b)
+        op, c = "*", a * b
+    else:
+        while True:
+            a, op, b = rng.randint(0, MAX_VALUE), rng.choice("+-*"), rng.randint(1, 9)
+            if op == "*":
+                a = rng.randint(0, MAX_VALUE // b)
+            c = a + b if op == "+" else a - b if op == "-" else a * b
+            if 0 <= c <= MAX_VALUE:
+                break
+    return f"{a}{op}{b}", str(c)
+
+
+def policy_example(p: Problem, rng: random.Random, proto, hard_consult: float, easy_consult: float, accept: float,
+                   parallel: float, template: str):
+    """(text, trained) segments of one warm-start sample. Expert replies are observations: not trained."""
+    segs = [(template.format(problem=p.problem), False)]
+    for a, op, b, c in p.steps:
+        if rng.random() < (hard_consult if is_hard_product(a, op, b) else easy_consult):
+            q = f"{a}{op}{b}"
+            queries = [q, q] if rng.random() < parallel else [q]
+            segs.append((f"{proto.consult_open}{proto.query_sep.join(queries)}{proto.consult_close}", True))
+            if rng.random() < accept:
+                segs.append(("".join(f"{proto.expert_open}{q}={c}{proto.expert_close}" for q in queries), False))
+                continue
+            segs.append(("".join(f"{proto.expert_open}{proto.unavailable}{proto.expert_close}" for _ in queries), False))
+        segs.append((f"{a}{op}{b}={c};", True))
+    segs.append((final_answer(p), True))
+    return segs
+
+
+@torch.no_grad()
+def complete(model, tok, prompts: list[str], max_new_tokens: int, stop_ids: list[int], batch: int = 256,
+             bad_words_ids=None) -> list[str]:
+    out = []
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
+        g = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                           pad_token_id=tok.pad_token_id, bad_words_ids=bad_words_ids)
+        out += tok.batch_decode(g[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def expert_accuracy(model, tok, queries: list[tuple[int, str, int, int]], template: str) -> dict:
+    """Greedy exact-match accuracy on `queries` (steps), overall and by step type."""
+    replies = complete(model, tok, [template.format(problem=f"{a}{op}{b}") for a, op, b, _ in queries], 6,
+                       [tok.eos_token_id])
+    ok = [r.strip() == str(c) for r, (_, _, _, c) in zip(replies, queries)]
+    out = {"n": len(queries), "accuracy": sum(ok) / len(ok)}
+    for t in STEP_TYPES:
+        idx = [i for i, (a, op, b, _) in enumerate(queries) if step_type(a, op, b) == t]
+        if idx:
+            out[t] = {"n": len(idx), "accuracy": sum(ok[i] for i in idx) / len(idx)}
+    return out
+
+
+def policy_step_accuracy(model, tok, problems: list[Problem], template: str) -> dict:
+    """Teacher-forced per-step accuracy: the reference steps so far, then ``a op b=``; greedy until ``;``."""
+    prompts, golds, types = [], [], []
+    for p in problems:
+        prefix = template.format(problem=p.problem)
+        for a, op, b, c in p.steps:
+            prompts.append(prefix + f"{a}{op}{b}=")
+            golds.append(str(c))
+            types.append(step_type(a, op, b))
+            prefix += f"{a}{op}{b}={c};"
+    semi = tok.convert_tokens_to_ids(";")
+    replies = complete(model, tok, prompts, 5, [semi, tok.eos_token_id])
+    ok = [r.split(";")[0].strip() == g for r, g in zip(replies, golds)]
+    out = {}
+    for t in STEP_TYPES:
+        idx = [i for i, tt in enumerate(types) if tt == t]
+        if idx:
+            out[t] = {"n": len(idx), "accuracy": sum(ok[i] for i in idx) / len(idx)}
+    return out
+
+
+def pass_at_k_report(policy_dir: str, expert_dir: str, n_problems: int, samples: int, seed: int) -> dict:
+    """pass@1 (greedy and sampled) and pass@k (T=1) on held-out problems, alone (consult banned)
+    and with the expert (every query answered, up to rollout.train_turns turns): the launcher's
+    own episode code on the HF engine."""
+    from eapo_ray.config import load_config
+    from eapo_ray.evaluate import local_expert, run_eval, summarize
+    from eapo_ray.rollout.engine import HFEngine
+
+    cfg = load_config(None, [f"model.policy={policy_dir}", f"model.expert={expert_dir}", "data.heldout=tiny:arith-mul",
+                             'expert.reply_template={query}={answer}', "protocol.query_sep=|", f"seed={seed}",
+                             "rollout.train_turns=6", "rollout.max_response_tokens=200"])
+    ex = sample_problems(n_problems, list(MUL_LEVELS), "heldout", seed, "mul")
+    from eapo_ray.data import Example
+
+    examples = [Example(p.problem, p.answer, p.level) for p in ex]
+    engine = HFEngine(policy_dir)
+    tok = engine.tokenizer
+    expert = local_expert(expert_dir, cfg)
+    out = {"problems": n_problems, "samples": samples, "seed": seed}
+    for mode, e in (("alone", None), ("with_expert", expert)):
+        torch.manual_seed(seed)
+        kw = dict(expert=e, max_turns=cfg.rollout.train_turns if e else None, batch=256)
+        g = summarize(run_eval(engine, tok, examples, cfg, temperature=0.0, samples=1, **kw), examples, 1)
+        s = summarize(run_eval(engine, tok, examples, cfg, temperature=1.0, samples=samples, **kw), examples, samples)
+        out[mode] = {"greedy_pass@1": g["pass@1"], "sampled_pass@1": s["pass@1"], f"pass@{samples}": s[f"pass@{samples}"],
+                     "sampled_consults_per_sample": s["consults_per_sample"],
+                     "greedy_consults_per_sample": g["consults_per_sample"]}
+    return out
+
+
+def build(args, tok, proto, train, llama, batchify, TEMPLATE) -> dict:
+    out = Path(args.out)
+    report = {"args": vars(args), "task": "tiny:arith-mul"}
+    eval_rng = random.Random(args.seed + 1000)
+    eval_queries = [task_step(eval_rng) for _ in range(1000)]  # 1,000 queries as the task asks them
+    hard_rng = random.Random(args.seed + 2000)
+    hard_queries = []
+    while len(hard_queries) < 300:
+        s = task_step(hard_rng)
+        if is_hard_product(*s[:3]):
+            hard_queries.append(s)
+
+    def batches(rng, n):
+        return lambda: batchify(tok, [[(TEMPLATE.format(problem=q), False), (f"{a}</s>", True)]
+                                      for q, a in (expert_query(rng) for _ in range(n))])
+
+    stage = getattr(args, "stage", "all")
+    if stage == "policy":
+        return train_policy(args, tok, proto, train, llama, batchify, TEMPLATE, out, report)
+    t0 = time.time()
+    if args.reuse_expert or stage == "report":
+        from transformers import LlamaForCausalLM
+
+        expert = LlamaForCausalLM.from_pretrained(out / "expert").eval()
+        weak = LlamaForCausalLM.from_pretrained(out / "weak_expert").eval()
+        prev = out / "make_tiny.json"
+        if prev.exists():
+            report["weak_expert_stopped_at"] = json.loads(prev.read_text()).get("weak_expert_stopped_at")
+    else:
+        torch.manual_seed(args.seed)
+        expert = llama(tok, hidden=192, layers=4, heads=6)
+        train(expert, batches(random.Random(args.seed), 128), args.expert_steps, 2e-3, name="expert")
+        # the weak expert: the policy's size, same data, stopped once its products reach --weak-target
+        torch.manual_seed(args.seed + 7)
+        weak = llama(tok, hidden=128, layers=4, heads=4)
+        rng_w, stopped, acc, wstate = random.Random(args.seed + 7), None, 0.0, {}
+        for chunk in range(args.weak_max_steps // args.eval_every):
+            train(weak, batches(rng_w, 128), args.eval_every, 1e-3, name="weak_expert", log_every=10**9, constant=True,
+                  state=wstate)
+            acc = expert_accuracy(weak, tok, hard_queries, TEMPLATE)["accuracy"]
+            print(f"[weak_expert] step {(chunk + 1) * args.eval_every}: multi-digit products {acc:.3f}", flush=True)
+            if acc >= args.weak_target:
+                stopped = (chunk + 1) * args.eval_every
+                break
+        report["weak_expert_stopped_at"] = {"step": stopped, "hard_product_accuracy_at_stop": acc}
+        for name, m in (("expert", expert), ("weak_expert", weak)):
+            m.save_pretrained(out / name)
+            tok.save_pretrained(out / name)
+        report["experts_seconds"] = time.time() - t0
+    if stage == "experts":
+        (out / "experts.json").write_text(json.dumps(report, indent=2))
+        return report
+    for name, m in (("expert", expert), ("weak_expert", weak)):
+        report[f"{name}_accuracy_task_queries"] = expert_accuracy(m, tok, eval_queries, TEMPLATE)
+        print(f"{name} on 1,000 task queries: {json.dumps(report[f'{name}_accuracy_task_queries'])}", flush=True)
+
+    if stage == "report":  # experts and policy already built (--stage experts / --stage policy)
+        from transformers import LlamaForCausalLM
+
+        for f in ("experts.json", "policy.json"):
+            report.update({k: v for k, v in json.loads((out / f).read_text()).items() if k != "args"})
+        policy = LlamaForCausalLM.from_pretrained(out / "policy").eval()
+    else:
+        policy = train_policy(args, tok, proto, train, llama, batchify, TEMPLATE, out, report)
+    return policy_report(args, tok, policy, out, report, TEMPLATE)
+
+
+def train_policy(args, tok, proto, train, llama, batchify, TEMPLATE, out, report):
+    t0 = time.time()
+    torch.manual_seed(args.seed + 1)
+    rng = random.Random(args.seed + 1)
+    policy = llama(tok, hidden=128, layers=4, heads=4)
+    check = sample_problems(150, list(MUL_LEVELS), "heldout", args.seed + 3000, "mul")
+    mk = lambda: batchify(tok, [policy_example(make_problem(rng, rng.choice(MUL_LEVELS), "mul"), rng, proto,
+                                               args.hard_consult, args.easy_consult, args.accept, args.parallel,
+                                               TEMPLATE) for _ in range(48)])
+    curve, kept, over = [], None, 0
+    opt_state = {}
+    for chunk in range(args.policy_steps // args.eval_every):
+        train(policy, mk, args.eval_every, 1.5e-3, name="policy", log_every=10**9, constant=True, state=opt_state)
+        acc = policy_step_accuracy(policy, tok, check, TEMPLATE)
+        step = (chunk + 1) * args.eval_every
+        curve.append({"step": step} | {t: v["accuracy"] for t, v in acc.items()})
+        print(f"[policy] step {step}: {curve[-1]} ({time.time() - t0:.0f}s)", flush=True)
+        # keep the checkpoint with products <= hard_max that is best on the other steps (the latest
+        # on ties); stop once the easy steps are learned and products passed hard_max, or products
+        # passed it twice in a row
+        easy = min(acc[t]["accuracy"] for t in ("add", "sub", "mul_small") if t in acc)
+        hard = acc["mul_hard"]["accuracy"]
+        if hard <= args.hard_max and (kept is None or easy >= kept[2]):
+            kept = (step, copy.deepcopy(policy.state_dict()), easy)
+        over = over + 1 if hard > args.hard_max else 0
+        if over and ((kept and kept[2] >= args.easy_min) or over >= 2):
+            break
+    if kept is None:
+        raise SystemExit(f"no policy checkpoint with multi-digit products <= {args.hard_max}: {curve}")
+    policy.load_state_dict(kept[1])
+    policy.eval()
+    report["policy_training_curve"] = curve
+    report["policy_kept_step"] = kept[0]
+    report["policy_seconds"] = time.time() - t0
+    policy.save_pretrained(out / "policy")
+    tok.save_pretrained(out / "policy")
+    (out / "policy.json").write_text(json.dumps({k: report[k] for k in ("policy_training_curve", "policy_kept_step",
+                                                                         "policy_seconds")}, indent=2))
+    return policy
+
+
+def policy_report(args, tok, policy, out, report, TEMPLATE):
+    for name in ("expert", "weak_expert"):
+        if f"{name}_accuracy_task_queries" not in report:
+            from transformers import LlamaForCausalLM
+
+            m = LlamaForCausalLM.from_pretrained(out / name).eval()
+            eval_rng = random.Random(args.seed + 1000)
+            report[f"{name}_accuracy_task_queries"] = expert_accuracy(m, tok, [task_step(eval_rng) for _ in range(1000)],
+                                                                    TEMPLATE)
+    held = sample_problems(400, list(MUL_LEVELS), "heldout", args.seed + 4000, "mul")
+    report["policy_step_accuracy_heldout"] = policy_step_accuracy(policy, tok, held, TEMPLATE)
+    print(f"policy per-step accuracy: {json.dumps(report['policy_step_accuracy_heldout'])}", flush=True)
+    for name in ("expert", "weak_expert"):
+        report[f"pass_at_k_{name}"] = pass_at_k_report(str(out / "policy"), str(out / name), 200, 8, args.seed + 5000)
+        print(f"pass@k ({name}): {json.dumps(report[f'pass_at_k_{name}'])}", flush=True)
+    (out / "make_tiny.json").write_text(json.dumps(report, indent=2))
+    print(f"saved to {out}", flush=True)
+    return report
