@@ -73,6 +73,10 @@ class RolloutConfig:
     max_response_tokens: int = 160  # policy + expert tokens after the prompt
     train_turns: int = 4
     eval_turns: int = 1
+    # the turn budget's horizon: linear train_turns -> eval_turns over this many steps; -1: over
+    # acceptance.total_steps (as before issue 11), 0: no shrinking. Never below 2 turns while
+    # the acceptance probability is > 0 (algo.schedules.training_turns)
+    turn_budget_steps: int = -1
     overlap: bool = True  # generate the next batch while the learner trains (async); False: synchronous
     num_cpus: float = 0.5
     num_gpus: float = 0.0
@@ -275,6 +279,7 @@ def validate(cfg: RunConfig) -> None:
         (not (cfg.eval.engine == "vllm" and cfg.rollout.num_gpus > 0 and cfg.eval.num_gpus <= 0), "eval.num_gpus",
          "must be > 0 with eval.engine: vllm on GPUs (the evaluator's vLLM engine needs a GPU)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
+        (cfg.rollout.turn_budget_steps >= -1, "rollout.turn_budget_steps", "must be >= -1 (-1: acceptance.total_steps)"),
         (cfg.rollout.train_turns >= cfg.rollout.eval_turns >= 1, "rollout.train_turns",
          "must be >= rollout.eval_turns >= 1"),
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",

@@ -57,3 +57,30 @@ def test_turn_budget_shrinks_to_eval_budget():
     assert turn_budget(100, 10, 2, 100) == 2
     assert turn_budget(1000, 10, 2, 100) == 2
     assert all(turn_budget(s, 4, 1, 30) >= 1 for s in range(60))
+
+
+def test_training_turns_has_its_own_horizon_and_never_cuts_help_off():
+    from eapo_ray.algo.schedules import training_turns
+
+    # its own horizon: shrinking over 100 steps, whatever the acceptance schedule's length
+    assert [training_turns(s, 4, 1, 100, 0.0) for s in (0, 50, 100, 500)] == [4, 2, 1, 1]
+    assert training_turns(50, 4, 1, 100, 0.0) == turn_budget(50, 4, 1, 100)
+    # horizon <= 0: no shrinking
+    assert all(training_turns(s, 4, 1, 0, 0.0) == 4 for s in range(0, 1000, 37))
+    # while help is available, a consult can be answered and then answered upon (>= 2 turns) ...
+    assert training_turns(500, 4, 1, 100, 0.3) == 2
+    assert training_turns(500, 4, 1, 100, 1e-6) == 2
+    # ... never more than train_turns allows, and the floor does not lift a larger budget
+    assert training_turns(500, 1, 1, 100, 1.0) == 1
+    assert training_turns(0, 4, 1, 100, 1.0) == 4
+    # with acceptance 0 (self-exploratory RL, or after help ends) the budget falls to eval_turns
+    assert training_turns(500, 4, 1, 100, 0.0) == 1
+
+
+def test_turn_budget_steps_config():
+    from eapo_ray.config import ConfigError, load_config
+
+    assert load_config(None, []).rollout.turn_budget_steps == -1  # default: acceptance.total_steps, as before
+    assert load_config(None, ["rollout.turn_budget_steps=120"]).rollout.turn_budget_steps == 120
+    with pytest.raises(ConfigError, match="turn_budget_steps"):
+        load_config(None, ["rollout.turn_budget_steps=-2"])

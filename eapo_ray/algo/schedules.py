@@ -59,3 +59,15 @@ def turn_budget(step: int, train_turns: int, eval_turns: int, total_steps: int) 
         return max(eval_turns, min(train_turns, eval_turns))
     frac = min(max(step, 0), total_steps) / total_steps
     return max(eval_turns, math.floor(train_turns + (eval_turns - train_turns) * frac))
+
+
+def training_turns(step: int, train_turns: int, eval_turns: int, horizon: int, accept_prob: float) -> int:
+    """The rollout turn budget at `step`: `turn_budget` over the budget's own `horizon` (steps;
+    <= 0: no shrinking, `train_turns` throughout), and while help is available
+    (`accept_prob` > 0) never below 2 turns (capped by `train_turns`): one for a consult to be
+    answered, one to answer upon the reply. So the acceptance schedule alone decides when
+    help ends; with one turn a consult would be the episode's last action, never answered."""
+    turns = train_turns if horizon <= 0 else turn_budget(step, train_turns, eval_turns, horizon)
+    if accept_prob > 0:
+        turns = max(turns, min(2, train_turns))
+    return turns

@@ -22,7 +22,7 @@ import ray
 import torch
 
 from eapo_ray.algo.sampling import assign_advantages, to_batch
-from eapo_ray.algo.schedules import acceptance_prob, turn_budget
+from eapo_ray.algo.schedules import acceptance_prob, training_turns
 from eapo_ray.config import RunConfig
 from eapo_ray.data import encode_prompt, load_split
 from eapo_ray.rollout.engine import Engine, make_engine
@@ -184,7 +184,8 @@ class RolloutWorker:
         rng = batch_rng(c.seed, serial)
         torch.manual_seed(rng.randrange(2**31))  # the transformers engine samples with torch's RNG
         rho = acceptance_prob(step, c.acceptance) if self.expert else 0.0
-        turns = turn_budget(step, r.train_turns, r.eval_turns, c.acceptance.total_steps)
+        horizon = c.acceptance.total_steps if r.turn_budget_steps < 0 else r.turn_budget_steps
+        turns = training_turns(step, r.train_turns, r.eval_turns, horizon, rho)
         t0, kept, all_trajs, dropped = time.time(), [], [], 0
         for draw in range(max_draws):
             idx = [rng.randrange(len(self.data)) for _ in range(r.prompts_per_batch - len(kept) // r.group_size)]
