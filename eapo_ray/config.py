@@ -1,7 +1,13 @@
 """Run configuration: dataclasses, loaded from YAML plus ``key=value`` overrides.
 
-Unknown keys and wrong types fail at once with the dotted key in the message.
-The algorithm configs (acceptance, loss, protocol, reward) live beside their code.
+One truth: the dataclass defaults below ARE the embedded default run (bundled tiny models, local
+Ray, CPU, a few minutes; what `python -m eapo_ray.launch` with no arguments and `make demo` run).
+Every YAML file is a delta on them (nanoGPT style): it names only the keys it changes, and may
+start from another file with ``base: other.yaml`` (relative to the file; chains allowed).
+``python -m eapo_ray.launch --config F --print-config`` prints the resolved result.
+
+Unknown keys, wrong types and choices outside a ``Literal[...]`` fail at once with the dotted key
+in the message. The algorithm configs (acceptance, loss, protocol, reward) live beside their code.
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from typing import Literal
 
 import yaml
 
@@ -20,7 +28,7 @@ from eapo_ray.rollout.protocol import ProtocolConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TINY_DIR = PACKAGE_DIR / "assets" / "tiny"
-DEFAULT_CONFIG = PACKAGE_DIR.parent / "configs" / "tiny_cpu.yaml"  # the repo's configs/
+Engine = Literal["hf", "vllm"]
 
 
 class ConfigError(ValueError):
@@ -46,7 +54,7 @@ class DataConfig:
     train_levels: list = field(default_factory=lambda: [2, 3, 4])
     heldout_levels: list = field(default_factory=lambda: [2, 3, 4])
     num_train: int = 4000
-    num_heldout: int = 200
+    num_heldout: int = 150
 
 
 @dataclass
@@ -65,8 +73,8 @@ class VLLMConfig:
 @dataclass
 class RolloutConfig:
     num_actors: int = 1
-    engine: str = "hf"
-    prompts_per_batch: int = 8  # one batch = prompts_per_batch groups of group_size samples
+    engine: Engine = "hf"
+    prompts_per_batch: int = 16  # one batch = prompts_per_batch groups of group_size samples
     group_size: int = 8
     temperature: float = 1.0
     max_new_tokens_per_turn: int = 64
@@ -81,7 +89,7 @@ class RolloutConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
-    weight_sync: str = "object_store"  # learner -> engines: "object_store" (any device) or "nccl" (GPU, vllm)
+    weight_sync: Literal["object_store", "nccl"] = "object_store"  # learner -> engines: "object_store" (any device) or "nccl" (GPU, vllm)
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
     max_actor_failures: int = 3  # an actor whose batches fail this many times in a row is retired
     max_empty_batches: int = 20  # this many finished batches in a row with no kept sample stop the run
@@ -91,9 +99,9 @@ class RolloutConfig:
 
 @dataclass
 class ExpertConfig:
-    engine: str = "hf"
+    engine: Engine = "hf"
     template: str = "Q:{problem}\nA:"
-    reply_template: str = "{answer}"  # how a reply is shown to the policy; may also use {query}
+    reply_template: str = "{query}={answer}"  # how a reply is shown to the policy (<expert>40*3=120</expert>); {answer} alone for free text
     max_new_tokens: int = 8
     temperature: float = 0.0
     timeout_s: float = 10.0
@@ -110,7 +118,7 @@ class ExpertConfig:
 
 @dataclass
 class AlgoConfig:
-    adv_scale: str = "std"  # "std" (GRPO) or "none" (Dr. GRPO)
+    adv_scale: Literal["std", "none"] = "std"  # "std" (GRPO) or "none" (Dr. GRPO)
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     overlong_filter: bool = True  # mask out samples cut off by the length budget
     consult_cost: float = 0.0  # reward -= consult_cost * number of consults
@@ -119,7 +127,7 @@ class AlgoConfig:
 
 @dataclass
 class BufferConfig:
-    capacity: int = 8  # batches held; producers wait when full
+    capacity: int = 4  # batches held; producers wait when full
     max_staleness: int = 2  # drop batches more than this many versions behind the learner
 
 
@@ -127,7 +135,7 @@ class BufferConfig:
 class LearnerConfig:
     num_learners: int = 1
     zero_stage: int = 0
-    lr: float = 1e-4
+    lr: float = 5e-5  # 1e-4 wrecks the tiny policy (docs/results.md)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     minibatches: int = 1
@@ -136,7 +144,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
     checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
-    backend: str = "gloo"
+    backend: Literal["gloo", "nccl"] = "gloo"
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
@@ -145,7 +153,7 @@ class LearnerConfig:
 @dataclass
 class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0: only at start and end)
-    engine: str = "hf"  # the evaluator's own policy copy: "hf" or "vllm" (uses rollout.vllm)
+    engine: Engine = "hf"  # the evaluator's own policy copy: "hf" or "vllm" (uses rollout.vllm)
     num_gpus: float = 0.0  # the evaluator actor's GPUs (a vLLM evaluator on GPUs needs one)
     temperature: float = 0.0  # 0 = greedy
     max_turns: int = 1
@@ -164,8 +172,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    # The run's defaults for the algorithm sections differ from their modules' generic defaults
+    # (the paper's 1/s schedule, newline-separated queries): the embedded run separates queries
+    # with "|" (<consult>40*3|7*8</consult>) and withdraws help linearly over 30 of its 40 steps.
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(query_sep="|"))
+    acceptance: AcceptanceConfig = field(default_factory=lambda: AcceptanceConfig(kind="linear", total_steps=30))
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -176,6 +187,11 @@ class RunConfig:
 
 def _coerce(value, typ, key: str):
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value in choices and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if typ is typing.Any or typ is list or origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
@@ -241,16 +257,38 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    if path is None and not DEFAULT_CONFIG.exists():
-        data = {}  # installed without the repo: the dataclass defaults are the tiny CPU run
-    else:
-        path = Path(path) if path else DEFAULT_CONFIG
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+def _merge(base: dict, delta: dict) -> dict:
+    """`delta` over `base`, section by section (a mapping merges, anything else replaces)."""
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path, _seen: tuple = ()) -> dict:
+    """The delta a YAML file describes, with its ``base:`` chain (paths relative to each file) merged in."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}" + (f" (base of {_seen[-1]})" if _seen else ""))
+    if path.resolve() in _seen:
+        raise ConfigError(f"config key 'base': {path} includes itself ({' -> '.join(map(str, _seen))})")
+    try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config key 'base' in {path}: expected a file name, got {base!r}")
+    return _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The dataclass defaults, then the file's delta (with its ``base:`` chain), then ``key=value`` overrides."""
+    data = read_yaml(Path(path)) if path else {}
     for item in overrides:
         keys, value = parse_override(item)
         node = data
@@ -259,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{k}' is not a section")
         node[keys[-1]] = value
-    cfg = from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, _merge(to_dict(RunConfig()), data))  # a partial section keeps the run's defaults
     from eapo_ray.data import resolve_data_paths
 
     resolve_data_paths(cfg.data, path)  # relative data files: cwd, the config's dir and its parent, the repo root
@@ -273,9 +311,6 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "must be >= 1"),
         (cfg.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (group advantages need a group)"),
         (cfg.rollout.prompts_per_batch >= 1, "rollout.prompts_per_batch", "must be >= 1"),
-        (cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", "must be 'hf' or 'vllm'"),
-        (cfg.expert.engine in ("hf", "vllm"), "expert.engine", "must be 'hf' or 'vllm'"),
-        (cfg.eval.engine in ("hf", "vllm"), "eval.engine", "must be 'hf' or 'vllm'"),
         (not (cfg.eval.engine == "vllm" and cfg.rollout.num_gpus > 0 and cfg.eval.num_gpus <= 0), "eval.num_gpus",
          "must be > 0 with eval.engine: vllm on GPUs (the evaluator's vLLM engine needs a GPU)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
@@ -285,7 +320,6 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
          "must satisfy 1 <= min_replicas <= max_replicas"),
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
-        (cfg.rollout.weight_sync in ("object_store", "nccl"), "rollout.weight_sync", "must be 'object_store' or 'nccl'"),
         (cfg.rollout.weight_sync != "nccl" or (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus > 0),
          "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
         (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),
@@ -295,10 +329,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
-        (cfg.learner.backend in ("gloo", "nccl"), "learner.backend", "must be 'gloo' or 'nccl'"),
         (cfg.buffer.capacity >= 1, "buffer.capacity", "must be >= 1"),
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
-        (cfg.algo.adv_scale in ("std", "none"), "algo.adv_scale", "must be 'std' or 'none'"),
         (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),
         (cfg.algo.expert_sft_coef >= 0, "algo.expert_sft_coef", "must be >= 0"),
         ("{problem}" in cfg.data.template, "data.template", "must contain '{problem}'"),

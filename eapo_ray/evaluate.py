@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert", default=None,
                     help="expert directory or model name for --mode workflow (default: the config's)")
     ap.add_argument("--limit", type=int, default=200, help="problems to evaluate (tiny:arith draws this many)")
-    ap.add_argument("--config", default=None, help="config for template, protocol and reward (default: tiny_cpu)")
+    ap.add_argument("--config", default=None, help="config for template, protocol and reward (default: the embedded default)")
     ap.add_argument("--out", default=None, help="output directory (default: eval-<time>)")
     ap.add_argument("--engine", choices=["hf", "vllm"], default=None, help="default: the config's rollout.engine")
     ap.add_argument("--actors", type=int, default=1, help="N > 1: evaluate on N Ray actors, one engine each")

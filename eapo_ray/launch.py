@@ -1,7 +1,7 @@
 """Run EAPO: ``python -m eapo_ray.launch [--config FILE] [key=value ...]``.
 
-With no arguments it runs the embedded default (configs/tiny_cpu.yaml: bundled tiny
-models, local Ray, CPU). Under ``ray job submit`` (RAY_ADDRESS set) it joins that
+With no arguments it runs the embedded default (the defaults in eapo_ray/config.py: bundled
+tiny models, local Ray, CPU); a --config file is a delta on it. Under ``ray job submit`` (RAY_ADDRESS set) it joins that
 cluster. Parts, named in the Ray dashboard: the expert Serve app
 (<run>-expert), rollout actors (<run>-rollout-i), the buffer (<run>-buffer), the
 learners (<run>-learner-r) and the evaluator (<run>-evaluator).
@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eapo_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config, to_dict
+from eapo_ray.config import ConfigError, RunConfig, load_config, to_dict
 
 
 def init_ray(cfg: RunConfig, required_cpus: float):
@@ -368,14 +368,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m eapo_ray.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  python -m eapo_ray.launch steps=10 rollout.num_actors=2\n"
-               "  python -m eapo_ray.launch --config configs/tiny_cpu.yaml learner.num_learners=2")
-    ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name}, bundled)")
+               "  python -m eapo_ray.launch --config configs/paper/rl.yaml seed=1 learner.num_learners=2\n"
+               "  python -m eapo_ray.launch --config configs/smollm2_cpu.yaml --print-config")
+    ap.add_argument("--config", default=None,
+                    help="YAML delta on the embedded default (keys it names; `base: other.yaml` chains files)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
     from eapo_ray.rollout.fleet import FleetError
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,23 +6,27 @@ u = pi / pi_old (PPO ratio, clipped), w = pi_old / mu (importance weight, no gra
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-CORRECTIONS = ("none", "tis", "decoupled", "icepop")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+Correction = Literal["none", "tis", "decoupled", "icepop"]
+Agg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+CORRECTIONS = typing.get_args(Correction)
+AGGS = typing.get_args(Agg)
 
 
 @dataclass
 class LossConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
-    correction: str = "decoupled"
+    correction: Correction = "decoupled"
     is_cap: float = 5.0
     is_low: float = 0.5
     is_high: float = 5.0
-    agg: str = "token-mean"
+    agg: Agg = "token-mean"
 
     def __post_init__(self):
         if self.correction not in CORRECTIONS:

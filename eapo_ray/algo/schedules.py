@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-KINDS = ("inverse", "linear", "cosine", "exponential", "constant", "step")
+Kind = Literal["inverse", "linear", "cosine", "exponential", "constant", "step"]
+KINDS = typing.get_args(Kind)
 
 
 @dataclass
@@ -15,7 +18,7 @@ class AcceptanceConfig:
     `step`: `start` until `total_steps`, then `end` (a hard cut-off).
     """
 
-    kind: str = "inverse"
+    kind: Kind = "inverse"
     start: float = 1.0
     end: float = 0.0
     total_steps: int = 1000
