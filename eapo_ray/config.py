@@ -123,6 +123,7 @@ class AlgoConfig:
     overlong_filter: bool = True  # mask out samples cut off by the length budget
     consult_cost: float = 0.0  # reward -= consult_cost * number of consults
     expert_sft_coef: float = 0.0  # auxiliary NLL on accepted expert tokens
+    expert_sft_anneal: bool = False  # multiply expert_sft_coef by the acceptance probability rho_s (UFT-style)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from eapo_ray.algo.losses import kept_mask, log_importance, normaliser, policy_loss, sft_loss
+from eapo_ray.algo.schedules import expert_sft_weight
 from eapo_ray.algo.sampling import (collate, hidden_token_logprobs, merge_batches, padded_tokens, split_batch,
                                     split_by_tokens)
 from eapo_ray.config import RunConfig
@@ -224,7 +225,7 @@ class Learner:
         sft = None
         if c.algo.expert_sft_coef > 0:
             sft = sft_loss(logp, b["expert_mask"], denom=norm["sft"])
-            loss = loss + c.algo.expert_sft_coef * sft
+            loss = loss + expert_sft_weight(c.algo, c.acceptance, self.version) * sft
         acc.add(st, loss.item(), None if sft is None else sft.item())
         return loss
 

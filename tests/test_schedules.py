@@ -84,3 +84,15 @@ def test_turn_budget_steps_config():
     assert load_config(None, ["rollout.turn_budget_steps=120"]).rollout.turn_budget_steps == 120
     with pytest.raises(ConfigError, match="turn_budget_steps"):
         load_config(None, ["rollout.turn_budget_steps=-2"])
+
+
+def test_expert_sft_weight_anneals_with_acceptance():
+    from eapo_ray.algo.schedules import expert_sft_weight
+    from eapo_ray.config import AlgoConfig
+
+    acc = AcceptanceConfig(kind="linear", start=1.0, end=0.0, total_steps=100)
+    fixed = AlgoConfig(expert_sft_coef=0.5)
+    annealed = AlgoConfig(expert_sft_coef=0.5, expert_sft_anneal=True)
+    assert [expert_sft_weight(fixed, acc, s) for s in (0, 50, 200)] == [0.5, 0.5, 0.5]
+    assert [expert_sft_weight(annealed, acc, s) for s in (0, 50, 100, 200)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
+    assert expert_sft_weight(AlgoConfig(), acc, 10) == 0.0

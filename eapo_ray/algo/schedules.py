@@ -74,3 +74,13 @@ def training_turns(step: int, train_turns: int, eval_turns: int, horizon: int, a
     if accept_prob > 0:
         turns = max(turns, min(2, train_turns))
     return turns
+
+
+def expert_sft_weight(algo_cfg, acceptance_cfg: AcceptanceConfig, step: int) -> float:
+    """The auxiliary NLL's coefficient on accepted expert tokens at learner step `step`:
+    `algo.expert_sft_coef`, times the acceptance probability rho_s when
+    `algo.expert_sft_anneal` (UFT-style: the imitation term fades as help is withdrawn)."""
+    coef = algo_cfg.expert_sft_coef
+    if getattr(algo_cfg, "expert_sft_anneal", False):
+        coef *= acceptance_prob(max(step, 0), acceptance_cfg)
+    return coef
