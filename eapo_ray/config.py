@@ -103,6 +103,7 @@ class ExpertConfig:
     template: str = "Q:{problem}\nA:"
     reply_template: str = "{query}={answer}"  # how a reply is shown to the policy (<expert>40*3=120</expert>); {answer} alone for free text
     max_new_tokens: int = 8
+    reverse_answer: bool = False  # the expert model writes its answer reversed (digits last-first); flipped back
     temperature: float = 0.0
     timeout_s: float = 10.0
     min_replicas: int = 1

@@ -25,6 +25,8 @@ class Expert:
         prompts = [self.tok(render_prompt(self.cfg.template, q))["input_ids"] for q in queries]
         gens = self.engine.generate(prompts, [self.cfg.max_new_tokens] * len(prompts), self.cfg.temperature, [])
         answers = [self.tok.decode(g.tokens, skip_special_tokens=True).strip() for g in gens]
+        if self.cfg.reverse_answer:  # the model writes the answer's characters last-first (tiny_mul experts)
+            answers = [a[::-1] for a in answers]
         return [self.cfg.reply_template.replace("{query}", q).replace("{answer}", a) for q, a in zip(queries, answers)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

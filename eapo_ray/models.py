@@ -41,7 +41,9 @@ def resolve_model(spec: str) -> str:
     """A model directory for `spec`: a known name (NAMED) is built into cache_dir() on first
     use and its directory returned; anything else (a local HF directory) comes back unchanged."""
     if spec not in NAMED:
-        return spec
+        path = Path(spec).expanduser()
+        repo = Path(__file__).resolve().parent.parent / path  # e.g. eapo_ray/assets/tiny_mul/policy from any cwd
+        return str(repo) if not path.is_absolute() and not path.exists() and repo.exists() else spec
     out = cache_dir() / spec
     if _complete(out):
         return str(out)

@@ -84,7 +84,7 @@ def expert_accuracy(cfg: RunConfig, n_problems: int = 1000, seed: int = 12345) -
     policy was taught to delegate (a*b with a >= 10)."""
     import torch
 
-    probs = task.sample_problems(n_problems, cfg.data.train_levels, "train", seed)
+    probs = task.sample_problems(n_problems, cfg.data.train_levels, "train", seed, task.FAMILIES.get(cfg.data.train, "arith"))
     steps = [s for p in probs for s in p.steps]
     ask = expert_ask(cfg)
     torch.manual_seed(seed)  # reproducible when the expert samples (temperature > 0)
@@ -174,7 +174,7 @@ def distill(cfg: RunConfig, dc: DistillConfig, out_dir: str | Path, log=print) -
     from eapo_ray.evaluate import evaluate_alone
     from eapo_ray.rollout.engine import HFEngine
 
-    if cfg.data.train != "tiny:arith":
+    if cfg.data.train not in task.FAMILIES:
         raise ConfigError("distill: only the bundled task (data.train: tiny:arith) has steps to ask the expert about")
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -182,7 +182,8 @@ def distill(cfg: RunConfig, dc: DistillConfig, out_dir: str | Path, log=print) -
     torch.set_num_threads(dc.threads)
     torch.manual_seed(cfg.seed)
     d = cfg.data
-    problems = task.sample_problems(dc.num_problems or d.num_train, d.train_levels, "train", cfg.seed)  # = RL's split
+    problems = task.sample_problems(dc.num_problems or d.num_train, d.train_levels, "train", cfg.seed,
+                                    task.FAMILIES[d.train])  # = RL's split
     solutions = expert_solutions(problems, expert_ask(cfg))
     correct = sum(v == p.answer for (_, v), p in zip(solutions, problems)) / len(problems)
     log(f"[distill] {len(problems)} expert solutions ({time.time() - t_start:.0f}s); "

@@ -73,7 +73,11 @@ ROWS = (
     Row("eapo_inverse", "ablation: rho = min(1, 10/s)", "train", core=False),
     Row("eapo_step", "ablation: rho = 1 until 50% of steps, then 0", "train", core=False),
 )
-ROW_BY_NAME = {r.name: r for r in ROWS}
+# Rows only some config directories have (configs/mul): run when <config-dir>/<row>.yaml exists.
+EXTRA_ROWS = (
+    Row("eapo_sft", "EAPO + NLL on accepted expert tokens (coef annealed with rho)", "train", core=False),
+)
+ROW_BY_NAME = {r.name: r for r in ROWS + EXTRA_ROWS}
 
 
 def config_path(row: Row) -> Path:
@@ -150,6 +154,8 @@ def step_overrides(cfg: RunConfig, steps: int) -> list[str]:
         out.append(f"acceptance.scale={cfg.acceptance.scale * f:g}")
     if cfg.eval.every:
         out.append(f"eval.every={max(1, round(cfg.eval.every * f))}")
+    if cfg.rollout.turn_budget_steps > 0:
+        out.append(f"rollout.turn_budget_steps={max(1, round(cfg.rollout.turn_budget_steps * f))}")
     return out
 
 
@@ -450,8 +456,12 @@ class Runner:
         return self.out / "runs" / f"{row.name}-s{seed}"
 
     def cfg(self, row: Row, seed: int) -> RunConfig:
+        from eapo_ray.models import resolve_models
+
         base = load_config(config_path(row), [f"seed={seed}", *self.sets])
-        return load_config(config_path(row), [f"seed={seed}", *self.sets, *step_overrides(base, self.steps)])
+        cfg = load_config(config_path(row), [f"seed={seed}", *self.sets, *step_overrides(base, self.steps)])
+        resolve_models(cfg)  # repo-relative model paths (configs/mul) work from any directory
+        return cfg
 
     def train(self, row: Row, seed: int) -> dict:
         """A training row: a launcher subprocess (its own local Ray cluster), watched for
@@ -567,8 +577,11 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget in minutes for the whole table")
-    ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
+    ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS + EXTRA_ROWS],
+                    choices=[r.name for r in ROWS + EXTRA_ROWS])
     ap.add_argument("--out", default="runs/paper_table")
+    ap.add_argument("--config-dir", default=str(PACKAGE_DIR.parent / "configs" / "paper"),
+                    help="the rows' configs (<dir>/<row>.yaml): configs/paper (tiny:arith) or configs/mul (tiny:arith-mul)")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps (default: the configs' 40, scaled down only if the core rows do not fit)")
     ap.add_argument("--min-steps", type=int, default=20)
@@ -585,7 +598,9 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in ROWS if r.name in args.rows]
+    global CONFIG_DIR
+    CONFIG_DIR = Path(args.config_dir).resolve()
+    rows = [r for r in ROWS + EXTRA_ROWS if r.name in args.rows and config_path(r).exists()]  # a directory may hold fewer rows
     seeds = list(dict.fromkeys(args.seeds))
     try:
         cfg0 = load_config(config_path(ROW_BY_NAME["eapo"]), args.sets)

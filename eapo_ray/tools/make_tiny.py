@@ -102,9 +102,10 @@ def batchify(tok, examples):
     return ids, labels, attn
 
 
-def train(model, make_batch, steps, lr, log_every=100, name="model", constant=False, state=None):
-    """AdamW with warmup + cosine over `steps`; `constant`: warmup (50 steps) then a constant lr,
-    resumable in chunks through `state` (a dict holding the optimizer and step count)."""
+def train(model, make_batch, steps, lr, log_every=100, name="model", constant=False, state=None, total=0):
+    """AdamW with warmup + cosine over `steps`; `constant`: warmup (50 steps) then a constant lr
+    (cosine down to 5% over `total` steps if given), resumable in chunks through `state` (a dict
+    holding the optimizer and step count)."""
     state = {} if state is None else state
     if "opt" not in state:
         state["opt"], state["step"] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), 0
@@ -112,7 +113,8 @@ def train(model, make_batch, steps, lr, log_every=100, name="model", constant=Fa
     warm = max(1, steps // 20)
     if constant:
         first = state["step"]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (first + s + 1) / 50))
+        decay = (lambda g: max(0.05, 0.5 * (1 + math.cos(math.pi * min(g, total) / total)))) if total else (lambda g: 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (first + s + 1) / 50) * decay(first + s))
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -167,7 +169,7 @@ def main(argv=None):
     mul.add_argument("--hard-max", type=float, default=0.30, help="keep a policy checkpoint with products <= this")
     mul.add_argument("--easy-min", type=float, default=0.95, help="... and +/-, single-digit products >= this")
     mul.add_argument("--weak-target", type=float, default=0.60, help="weak expert: stop at this product accuracy")
-    mul.add_argument("--weak-max-steps", type=int, default=3000)
+    mul.add_argument("--expert-hidden", type=int, default=128)
     mul.add_argument("--stage", choices=["all", "experts", "policy", "report"], default="all",
                      help="build in parts (e.g. experts and policy in two processes, then report)")
     args = ap.parse_args(argv)

@@ -98,10 +98,11 @@ def complete(model, tok, prompts: list[str], max_new_tokens: int, stop_ids: list
 
 
 def expert_accuracy(model, tok, queries: list[tuple[int, str, int, int]], template: str) -> dict:
-    """Greedy exact-match accuracy on `queries` (steps), overall and by step type."""
+    """Greedy exact-match accuracy on `queries` (steps), overall and by step type; the model
+    writes answers reversed (expert.reverse_answer), flipped back here as the Serve expert does."""
     replies = complete(model, tok, [template.format(problem=f"{a}{op}{b}") for a, op, b, _ in queries], 6,
                        [tok.eos_token_id])
-    ok = [r.strip() == str(c) for r, (_, _, _, c) in zip(replies, queries)]
+    ok = [r.strip()[::-1] == str(c) for r, (_, _, _, c) in zip(replies, queries)]
     out = {"n": len(queries), "accuracy": sum(ok) / len(ok)}
     for t in STEP_TYPES:
         idx = [i for i, (a, op, b, _) in enumerate(queries) if step_type(a, op, b) == t]
@@ -140,7 +141,7 @@ def pass_at_k_report(policy_dir: str, expert_dir: str, n_problems: int, samples:
     from eapo_ray.rollout.engine import HFEngine
 
     cfg = load_config(None, [f"model.policy={policy_dir}", f"model.expert={expert_dir}", "data.heldout=tiny:arith-mul",
-                             'expert.reply_template={query}={answer}', "protocol.query_sep=|", f"seed={seed}",
+                             'expert.reply_template={query}={answer}', "protocol.query_sep=|", "expert.reverse_answer=true", f"seed={seed}",
                              "rollout.train_turns=6", "rollout.max_response_tokens=200"])
     ex = sample_problems(n_problems, list(MUL_LEVELS), "heldout", seed, "mul")
     from eapo_ray.data import Example
@@ -174,7 +175,7 @@ def build(args, tok, proto, train, llama, batchify, TEMPLATE) -> dict:
             hard_queries.append(s)
 
     def batches(rng, n):
-        return lambda: batchify(tok, [[(TEMPLATE.format(problem=q), False), (f"{a}</s>", True)]
+        return lambda: batchify(tok, [[(TEMPLATE.format(problem=q), False), (f"{a[::-1]}</s>", True)]
                                       for q, a in (expert_query(rng) for _ in range(n))])
 
     stage = getattr(args, "stage", "all")
@@ -191,21 +192,23 @@ def build(args, tok, proto, train, llama, batchify, TEMPLATE) -> dict:
             report["weak_expert_stopped_at"] = json.loads(prev.read_text()).get("weak_expert_stopped_at")
     else:
         torch.manual_seed(args.seed)
-        expert = llama(tok, hidden=192, layers=4, heads=6)
-        train(expert, batches(random.Random(args.seed), 128), args.expert_steps, 2e-3, name="expert")
-        # the weak expert: the policy's size, same data, stopped once its products reach --weak-target
-        torch.manual_seed(args.seed + 7)
-        weak = llama(tok, hidden=128, layers=4, heads=4)
-        rng_w, stopped, acc, wstate = random.Random(args.seed + 7), None, 0.0, {}
-        for chunk in range(args.weak_max_steps // args.eval_every):
-            train(weak, batches(rng_w, 128), args.eval_every, 1e-3, name="weak_expert", log_every=10**9, constant=True,
-                  state=wstate)
-            acc = expert_accuracy(weak, tok, hard_queries, TEMPLATE)["accuracy"]
-            print(f"[weak_expert] step {(chunk + 1) * args.eval_every}: multi-digit products {acc:.3f}", flush=True)
-            if acc >= args.weak_target:
-                stopped = (chunk + 1) * args.eval_every
+        expert = llama(tok, hidden=args.expert_hidden, layers=4, heads=4)
+        rng_e, estate, weak, curve = random.Random(args.seed), {}, None, []
+        for chunk in range(args.expert_steps // args.eval_every):
+            train(expert, batches(rng_e, 128), args.eval_every, 2e-3, name="expert", log_every=10**9, constant=True,
+                  state=estate, total=args.expert_steps)
+            acc = expert_accuracy(expert, tok, hard_queries, TEMPLATE)["accuracy"]
+            step = (chunk + 1) * args.eval_every
+            curve.append({"step": step, "mul_hard": acc})
+            print(f"[expert] step {step}: multi-digit products {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            if weak is None and acc >= args.weak_target:  # the weak expert: this earlier, weaker checkpoint
+                weak = copy.deepcopy(expert)
+                report["weak_expert_stopped_at"] = {"step": step, "hard_product_accuracy_at_stop": acc}
+            if acc >= 0.999 and chunk >= 3:
                 break
-        report["weak_expert_stopped_at"] = {"step": stopped, "hard_product_accuracy_at_stop": acc}
+        report["expert_training_curve"] = curve
+        expert.eval()
+        weak = (weak or copy.deepcopy(expert)).eval()
         for name, m in (("expert", expert), ("weak_expert", weak)):
             m.save_pretrained(out / name)
             tok.save_pretrained(out / name)
