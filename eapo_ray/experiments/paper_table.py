@@ -389,11 +389,18 @@ def evaluate_model(model_dir: str, cfg: RunConfig, *, workflow: bool = False, sa
     expert = local_expert(cfg.model.expert, cfg) if workflow else None
     kw = dict(expert=expert, max_turns=cfg.rollout.train_turns if workflow else None, batch=batch)
     out = {"model": model_dir, "mode": "workflow" if workflow else "alone", "problems": len(examples)}
-    out["greedy"] = summarize(run_eval(engine, tok, examples, cfg, temperature=0.0, samples=1, **kw), examples, 1)
+    def counts(trajs):  # correct samples per problem, in held-out order (for paired comparisons)
+        c = [0] * len(examples)
+        for t in trajs:
+            c[t.group] += int(t.correct)
+        return c
+
+    trajs = run_eval(engine, tok, examples, cfg, temperature=0.0, samples=1, **kw)
+    out["greedy"] = summarize(trajs, examples, 1) | {"correct_per_problem": counts(trajs)}
     if samples:
         torch.manual_seed(cfg.seed)
-        out["sampled"] = summarize(run_eval(engine, tok, examples, cfg, temperature=1.0, samples=samples, **kw),
-                                   examples, samples)
+        trajs = run_eval(engine, tok, examples, cfg, temperature=1.0, samples=samples, **kw)
+        out["sampled"] = summarize(trajs, examples, samples) | {"correct_per_problem": counts(trajs)}
     out["eval_seconds"] = time.time() - t0
     return out
 

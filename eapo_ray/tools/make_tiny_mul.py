@@ -194,6 +194,16 @@ def build(args, tok, proto, train, llama, batchify, TEMPLATE) -> dict:
         torch.manual_seed(args.seed)
         expert = llama(tok, hidden=args.expert_hidden, layers=4, heads=4)
         rng_e, estate, weak, curve = random.Random(args.seed), {}, None, []
+        if args.expert_init:  # continue training a saved expert (a new lr schedule); keep its weak expert
+            from transformers import LlamaForCausalLM
+
+            init = Path(args.expert_init)
+            expert = LlamaForCausalLM.from_pretrained(init / "expert")
+            weak = LlamaForCausalLM.from_pretrained(init / "weak_expert")
+            prev = json.loads((init / "experts.json").read_text())
+            report["weak_expert_stopped_at"] = prev.get("weak_expert_stopped_at")
+            report["expert_training_before"] = prev.get("expert_training_curve")
+            rng_e = random.Random(args.seed + 100)
         for chunk in range(args.expert_steps // args.eval_every):
             train(expert, batches(rng_e, 128), args.eval_every, 2e-3, name="expert", log_every=10**9, constant=True,
                   state=estate, total=args.expert_steps)
@@ -207,6 +217,9 @@ def build(args, tok, proto, train, llama, batchify, TEMPLATE) -> dict:
             if acc >= 0.999 and chunk >= 3:
                 break
         report["expert_training_curve"] = curve
+        if args.expert_init:
+            report["expert_training_curve_continued"] = curve
+            report["expert_training_curve"] = report.pop("expert_training_before")
         expert.eval()
         weak = (weak or copy.deepcopy(expert)).eval()
         for name, m in (("expert", expert), ("weak_expert", weak)):
