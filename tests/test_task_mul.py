@@ -80,3 +80,34 @@ def test_unknown_tiny_task_names_the_available_ones():
 
     with pytest.raises(DataError, match="tiny:arith-mul"):
         load_split("tiny:nope", "train", [2], 10, seed=0)
+
+
+def test_mul_warm_start_samples_speak_the_protocol():
+    """The mul policy's warm-start text: consults (sometimes two parallel queries) parse as the
+    episode parses them; replies are observations (never trained); own steps are right."""
+    from eapo_ray.rollout.protocol import ProtocolConfig, parse_action
+    from eapo_ray.tools.make_tiny_mul import policy_example
+
+    proto = ProtocolConfig(query_sep="|")
+    rng = random.Random(3)
+    parallel = consults = 0
+    for _ in range(300):
+        p = task.make_problem(rng, rng.choice(task.MUL_LEVELS), "mul")
+        segs = policy_example(p, rng, proto, hard_consult=0.6, easy_consult=0.03, accept=0.8, parallel=0.3,
+                              template="Q:{problem}\nA:")
+        assert segs[0] == (f"Q:{p.problem}\nA:", False) and segs[-1] == (task.final_answer(p), True)
+        for text, trained in segs[1:]:
+            if text.startswith(proto.expert_open):
+                assert not trained
+            elif text.startswith(proto.consult_open):
+                action = parse_action(text, proto)
+                assert action.kind == "consult" and trained
+                consults += 1
+                parallel += len(action.queries) == 2
+                assert all(q == action.queries[0] for q in action.queries)
+                a, b = action.queries[0].split("*") if "*" in action.queries[0] else (None, None)
+                assert a is None or int(a) >= 0
+        full = "".join(t for t, _ in segs[1:])
+        for a, op, b, c in p.steps:  # every step is stated: by the policy (`...=c;`) or in an accepted reply
+            assert f"{a}{op}{b}={c};" in full or f"{proto.expert_open}{a}{op}{b}={c}{proto.expert_close}" in full
+    assert consults > 100 and 0.15 < parallel / consults < 0.45

@@ -2,12 +2,13 @@
 
 Writes ``eapo_ray/assets/tiny_mul/{policy,expert,weak_expert}`` and ``make_tiny.json``:
 
-- expert (d=192, 4 layers): trained on single steps as the task asks them (steps of sampled
-  `tiny:arith-mul` problems, every type and value range, plus uniform products and single
-  operations), greedy answer digits written in order.
-- weak_expert (d=128, 4 layers: the policy's size): the same data, stopped at the first
-  evaluation where its accuracy on the task's multi-digit products reaches --weak-target
-  (a genuinely weaker model, not a temperature).
+- expert (d=--expert-hidden, 4 layers): trained on single steps as the task asks them (steps
+  of sampled `tiny:arith-mul` problems, every type and value range, plus uniform products and
+  single operations), writing the answer's digits last-first (TINY.md: reversed digits are
+  what a tiny model learns arithmetic from); configs set `expert.reverse_answer: true` so
+  the reply shows them in order. Evaluated every --eval-every steps on 300 task products.
+- weak_expert: the expert's own first checkpoint whose accuracy on the task's multi-digit
+  products reaches --weak-target (a genuinely weaker model, not a temperature).
 - policy (d=128, 4 layers): warm-started on reference solutions in the EAPO action language.
   A multi-digit-by-digit product (left operand >= 10) is consulted with probability
   --hard-consult (sometimes as two parallel queries, ``a*b|a*b``, a cross-check); the reply
@@ -132,26 +133,23 @@ def policy_step_accuracy(model, tok, problems: list[Problem], template: str) -> 
     return out
 
 
-def pass_at_k_report(policy_dir: str, expert_dir: str, n_problems: int, samples: int, seed: int) -> dict:
+def pass_at_k_report(policy_dir: str, experts: dict, n_problems: int, samples: int, seed: int) -> dict:
     """pass@1 (greedy and sampled) and pass@k (T=1) on held-out problems, alone (consult banned)
-    and with the expert (every query answered, up to rollout.train_turns turns): the launcher's
-    own episode code on the HF engine."""
-    from eapo_ray.config import load_config
+    and with each expert in `experts` (name -> dir; every query answered, up to 4 turns): the
+    launcher's own episode code on the HF engine, with configs/mul's settings."""
+    from eapo_ray.config import PACKAGE_DIR, load_config
+    from eapo_ray.data import Example
     from eapo_ray.evaluate import local_expert, run_eval, summarize
     from eapo_ray.rollout.engine import HFEngine
 
-    cfg = load_config(None, [f"model.policy={policy_dir}", f"model.expert={expert_dir}", "data.heldout=tiny:arith-mul",
-                             'expert.reply_template={query}={answer}', "protocol.query_sep=|", "expert.reverse_answer=true", f"seed={seed}",
-                             "rollout.train_turns=6", "rollout.max_response_tokens=200"])
-    ex = sample_problems(n_problems, list(MUL_LEVELS), "heldout", seed, "mul")
-    from eapo_ray.data import Example
-
-    examples = [Example(p.problem, p.answer, p.level) for p in ex]
+    cfg = load_config(PACKAGE_DIR.parent / "configs" / "mul" / "eapo.yaml", [f"seed={seed}"])
+    examples = [Example(p.problem, p.answer, p.level)
+                for p in sample_problems(n_problems, list(MUL_LEVELS), "heldout", seed, "mul")]
     engine = HFEngine(policy_dir)
     tok = engine.tokenizer
-    expert = local_expert(expert_dir, cfg)
-    out = {"problems": n_problems, "samples": samples, "seed": seed}
-    for mode, e in (("alone", None), ("with_expert", expert)):
+    out = {"problems": n_problems, "samples": samples, "seed": seed, "max_turns_with_expert": cfg.rollout.train_turns}
+    for mode, path in [("alone", None)] + [(f"with_{k}", v) for k, v in experts.items()]:
+        e = local_expert(path, cfg) if path else None
         torch.manual_seed(seed)
         kw = dict(expert=e, max_turns=cfg.rollout.train_turns if e else None, batch=256)
         g = summarize(run_eval(engine, tok, examples, cfg, temperature=0.0, samples=1, **kw), examples, 1)
@@ -159,6 +157,7 @@ def pass_at_k_report(policy_dir: str, expert_dir: str, n_problems: int, samples:
         out[mode] = {"greedy_pass@1": g["pass@1"], "sampled_pass@1": s["pass@1"], f"pass@{samples}": s[f"pass@{samples}"],
                      "sampled_consults_per_sample": s["consults_per_sample"],
                      "greedy_consults_per_sample": g["consults_per_sample"]}
+        print(f"pass@k {mode}: {out[mode]}", flush=True)
     return out
 
 
@@ -264,7 +263,8 @@ def train_policy(args, tok, proto, train, llama, batchify, TEMPLATE, out, report
         # keep the checkpoint with products <= hard_max that is best on the other steps (the latest
         # on ties); stop once the easy steps are learned and products passed hard_max, or products
         # passed it twice in a row
-        easy = min(acc[t]["accuracy"] for t in ("add", "sub", "mul_small") if t in acc)
+        # (single-digit products are ~1% of the task's steps: counted only when the check set has 30)
+        easy = min(acc[t]["accuracy"] for t in ("add", "sub", "mul_small") if t in acc and acc[t]["n"] >= 30)
         hard = acc["mul_hard"]["accuracy"]
         if hard <= args.hard_max and (kept is None or easy >= kept[2]):
             kept = (step, copy.deepcopy(policy.state_dict()), easy)
@@ -297,9 +297,8 @@ def policy_report(args, tok, policy, out, report, TEMPLATE):
     held = sample_problems(400, list(MUL_LEVELS), "heldout", args.seed + 4000, "mul")
     report["policy_step_accuracy_heldout"] = policy_step_accuracy(policy, tok, held, TEMPLATE)
     print(f"policy per-step accuracy: {json.dumps(report['policy_step_accuracy_heldout'])}", flush=True)
-    for name in ("expert", "weak_expert"):
-        report[f"pass_at_k_{name}"] = pass_at_k_report(str(out / "policy"), str(out / name), 200, 8, args.seed + 5000)
-        print(f"pass@k ({name}): {json.dumps(report[f'pass_at_k_{name}'])}", flush=True)
+    report["pass_at_k"] = pass_at_k_report(str(out / "policy"), {n: str(out / n) for n in ("expert", "weak_expert")},
+                                           200, 8, args.seed + 5000)
     (out / "make_tiny.json").write_text(json.dumps(report, indent=2))
     print(f"saved to {out}", flush=True)
     return report
