@@ -171,6 +171,7 @@ def main(argv=None):
     mul.add_argument("--weak-target", type=float, default=0.60, help="weak expert: stop at this product accuracy")
     mul.add_argument("--expert-hidden", type=int, default=128)
     mul.add_argument("--expert-init", default="", help="continue training the experts saved in this directory")
+    mul.add_argument("--passk-problems", type=int, default=200, help="held-out problems for pass@1 / pass@8")
     mul.add_argument("--expert-from", default="", help="fine-tune this expert (digits in order) on the task's steps")
     mul.add_argument("--stage", choices=["all", "experts", "policy", "report"], default="all",
                      help="build in parts (e.g. experts and policy in two processes, then report)")

@@ -342,7 +342,7 @@ def policy_report(args, tok, policy, out, report, TEMPLATE):
     report["policy_step_accuracy_heldout"] = policy_step_accuracy(policy, tok, held, TEMPLATE)
     print(f"policy per-step accuracy: {json.dumps(report['policy_step_accuracy_heldout'])}", flush=True)
     report["pass_at_k"] = pass_at_k_report(str(out / "policy"), {n: str(out / n) for n in ("expert", "weak_expert")},
-                                           200, 8, args.seed + 5000)
+                                           args.passk_problems, 8, args.seed + 5000)
     (out / "make_tiny.json").write_text(json.dumps(report, indent=2))
     print(f"saved to {out}", flush=True)
     return report
