@@ -495,7 +495,7 @@ def run_part(part: str, args) -> None:
         {"a": part_a, "b": part_b, "c": part_c, "d": part_d}[part](args)
     except BaseException as e:  # noqa: BLE001 -- report what failed, then exit non-zero
         row(f"{PARTS[part][0]} FAILED", type(e).__name__, str(e).replace("\n", " ")[:300])
-        raise SystemExit(1)
+        raise SystemExit(1) from e
 
 
 def spawn_part(part: str, args, timeout: float) -> tuple[str, float]:

@@ -16,9 +16,9 @@ import ray
 import torch
 from torch.distributed import ReduceOp
 
+from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_tokens
+from eapo_ray.algo.logprobs import hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, normaliser, policy_loss, sft_loss
-from eapo_ray.algo.sampling import (collate, hidden_token_logprobs, merge_batches, padded_tokens, split_batch,
-                                    split_by_tokens)
 from eapo_ray.config import RunConfig
 
 LOGP_CHUNK_TOKENS = 1024  # positions per lm_head chunk: the logits held at once are this x vocabulary

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from eapo_ray.algo.sampling import assign_advantages, collate, to_batch
-from eapo_ray.reward import RewardConfig
+from eapo_ray.algo.batching import assign_advantages, collate, to_batch
+from eapo_ray.algo.protocol import ProtocolConfig
+from eapo_ray.algo.reward import RewardConfig
 from eapo_ray.rollout.engine import Engine, Generation
-from eapo_ray.rollout.episode import run_episodes
-from eapo_ray.rollout.protocol import ProtocolConfig
+from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
 
 
 def smollm2_tokenizer():
@@ -63,10 +63,10 @@ def test_trained_ids_are_sampled_ids_across_splices():
 
     prompt = tok.encode("What is 12*7?", add_special_tokens=False)
     engine = ScriptedEngine([turn1, turn2])
-    trajs = run_episodes(engine, tok, [prompt, prompt], ["84", "84"], proto=proto, reward_cfg=RewardConfig(),
-                         expert=lambda qs: ["84" for _ in qs], accept_prob=1.0, max_turns=3,
-                         max_new_tokens_per_turn=64, max_response_tokens=200, temperature=1.0, rng=random.Random(0),
-                         groups=[0, 0])
+    settings = EpisodeSettings(proto, RewardConfig(), accept_prob=1.0, max_turns=3, max_new_tokens_per_turn=64,
+                               max_response_tokens=200, temperature=1.0)
+    trajs = run_episodes(engine, tok, [prompt, prompt], ["84", "84"], settings, expert=lambda qs: ["84" for _ in qs],
+                         rng=random.Random(0), groups=[0, 0])
     t = trajs[0]
     obs = pieces(tok, "<expert>", "84</expert>")
     assert t.response_ids == turn1 + obs + turn2

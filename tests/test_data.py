@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from eapo_ray import task
+from eapo_ray.algo.reward import score
 from eapo_ray.data import DataError, load_rows, load_split, render_prompt
-from eapo_ray.reward import score
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from eapo_ray.algo.sampling import token_logprobs
-from eapo_ray.config import TINY_DIR, VLLMConfig
-from eapo_ray.rollout.engine import Engine, Generation, HFEngine, StringBan, hits_stop
-
 from vllm_guard import HAVE_VLLM, needs_vllm  # noqa: F401,E402
+
+from eapo_ray.algo.logprobs import token_logprobs
+from eapo_ray.config import TINY_DIR, VLLMConfig
+from eapo_ray.rollout.engine import Engine, Generation, StringBan, hits_stop
+from eapo_ray.rollout.hf_engine import HFEngine
+
 STOP = ["</consult>", "</answer>"]
 BAN = ["<consult>"]
 STOP_SCRIPT = "The sum is 3</answer>. Then more words follow"  # ... '</', 'answer', '>.', ' Then' ...

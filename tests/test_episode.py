@@ -6,12 +6,13 @@ import random
 import pytest
 import torch
 
-from eapo_ray.algo.sampling import assign_advantages, collate, to_batch, token_logprobs
+from eapo_ray.algo.batching import assign_advantages, collate, to_batch
+from eapo_ray.algo.logprobs import token_logprobs
+from eapo_ray.algo.protocol import ProtocolConfig
+from eapo_ray.algo.reward import RewardConfig
 from eapo_ray.config import TINY_DIR
-from eapo_ray.reward import RewardConfig
-from eapo_ray.rollout.engine import HFEngine
-from eapo_ray.rollout.episode import run_episodes
-from eapo_ray.rollout.protocol import ProtocolConfig
+from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
+from eapo_ray.rollout.hf_engine import HFEngine
 
 PROTO = ProtocolConfig(query_sep="|")
 
@@ -35,10 +36,11 @@ def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
     tok = engine.tokenizer
     probs = [PROBLEMS[i % len(PROBLEMS)] for i in range(n)]
     prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in probs]
-    args = dict(proto=PROTO, reward_cfg=RewardConfig(), expert=expert, accept_prob=accept_prob, max_turns=4,
-                max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0, rng=random.Random(seed))
+    args = dict(proto=PROTO, reward=RewardConfig(), accept_prob=accept_prob, max_turns=4,
+                max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0)
     args.update(kw)
-    return run_episodes(engine, tok, prompts, [a for _, a in probs], **args)
+    return run_episodes(engine, tok, prompts, [a for _, a in probs], EpisodeSettings(**args), expert=expert,
+                        rng=random.Random(seed))
 
 
 def test_masks_logprobs_and_replies(engine):
@@ -94,7 +96,7 @@ def test_learner_logprobs_match_behaviour(engine):
 def test_expert_reply_with_an_answer_tag_earns_nothing(engine):
     """Only the policy's own final turn is scored: an expert reply carrying the right
     answer in answer tags is not the policy's answer (a reward-hacking channel)."""
-    from eapo_ray.reward import score
+    from eapo_ray.algo.reward import score
 
     tok = engine.tokenizer
     golds = {a for _, a in PROBLEMS}
@@ -133,3 +135,25 @@ def test_turn_cut_by_the_per_turn_budget_is_overlong_and_last_turn_gets_the_rest
     # a turn budget of 1: the only turn may use the whole response budget, not the per-turn cap
     single = episodes(engine, 0.0, n=16, expert=None, max_new_tokens_per_turn=6, max_turns=1)
     assert max(len(t.response_ids) for t in single) > 6
+
+
+def test_episode_settings_for_training_and_evaluation_follow_the_config():
+    """One settings object: training at a step follows the schedules; evaluation alone bans the
+    consult tag and gives its one turn the whole budget; the workflow answers every query."""
+    from eapo_ray.algo.schedules import acceptance_prob, turn_budget
+    from eapo_ray.config import load_config
+
+    cfg = load_config(None)
+    r = cfg.rollout
+    for step in (0, 10, 29, 35):
+        s = EpisodeSettings.for_training(cfg, step)
+        assert s.accept_prob == acceptance_prob(step, cfg.acceptance) and not s.ban_consult
+        assert s.max_turns == turn_budget(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps)
+        assert s.temperature == r.temperature and s.max_new_tokens_per_turn == r.max_new_tokens_per_turn
+    assert EpisodeSettings.for_training(cfg, 0, with_expert=False).accept_prob == 0.0
+    alone = EpisodeSettings.for_eval(cfg, temperature=0.0)
+    assert alone.ban_consult and alone.accept_prob == 0.0 and alone.max_turns == cfg.eval.max_turns
+    assert alone.max_new_tokens_per_turn == r.max_response_tokens
+    flow = EpisodeSettings.for_eval(cfg, temperature=1.0, with_expert=True, max_turns=r.train_turns)
+    assert not flow.ban_consult and flow.accept_prob == 1.0 and flow.max_turns == r.train_turns
+    assert flow.max_new_tokens_per_turn == r.max_new_tokens_per_turn

@@ -11,8 +11,6 @@ from eapo_ray.config import load_config
 from eapo_ray.rollout.actor import batch_rng, remote_worker_cls
 from eapo_ray.rollout.fleet import FleetError, RolloutFleet
 
-
-
 SMALL = ["rollout.prompts_per_batch=2", "acceptance.kind=constant", "acceptance.start=0.0", "data.num_train=50"]
 
 

@@ -3,10 +3,11 @@ and publishes weights that a rollout engine can load."""
 import pytest
 import torch
 
-from eapo_ray.algo.sampling import collate, token_logprobs
+from eapo_ray.algo.batching import collate
+from eapo_ray.algo.logprobs import token_logprobs
 from eapo_ray.config import TINY_DIR, load_config
 from eapo_ray.learner import LearnerGroup
-from eapo_ray.rollout.engine import HFEngine
+from eapo_ray.rollout.hf_engine import HFEngine
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ import torch
 from ray import cloudpickle
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from eapo_ray.algo.losses import LossConfig, policy_loss, sft_loss
-from eapo_ray.algo.sampling import collate, hidden_token_logprobs, split_by_tokens, token_logprobs
+from eapo_ray.algo.batching import collate, split_by_tokens
+from eapo_ray.algo.logprobs import hidden_token_logprobs, token_logprobs
+from eapo_ray.algo.losses import policy_loss, sft_loss
 from eapo_ray.config import TINY_DIR, load_config
 from eapo_ray.learner import PolicyLogProbs, prune_checkpoints
 

@@ -11,7 +11,6 @@ from eapo_ray.config import TINY_DIR, load_config
 from eapo_ray.experiments import distill as D
 from eapo_ray.experiments import paper_table as P
 
-
 # ---------------------------------------------------------------- aggregation and rendering
 
 def test_mean_std_is_sample_std():

@@ -1,6 +1,6 @@
 import pytest
 
-from eapo_ray.rollout.protocol import ProtocolConfig, parse_action, render_replies
+from eapo_ray.algo.protocol import ProtocolConfig, parse_action, render_replies
 
 P = ProtocolConfig()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from eapo_ray.algo.reward import score
 from eapo_ray.config import PACKAGE_DIR, load_config
 from eapo_ray.data import load_rows
-from eapo_ray.reward import score
 
 SHARED = PACKAGE_DIR.parent.parent / "shared" / "data"
 FILES = ["aime2024.jsonl", "aime2025.jsonl", "aimo2_reference.jsonl", "math500.jsonl", "gsm8k_test.jsonl"]

@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from eapo_ray.reward import RewardConfig, extract_answer, score
+from eapo_ray.algo.reward import RewardConfig, extract_answer, score
 
 
 @pytest.mark.parametrize("response,gold,expected", [
@@ -50,7 +50,7 @@ def test_grading_timeout_scores_zero():
 
 
 def test_last_number_fallback_is_opt_in_and_only_without_a_box():
-    from eapo_ray.reward import last_number
+    from eapo_ray.algo.reward import last_number
 
     assert last_number("she pays 1,234 dollars, i.e. 5.5 per day.") == "5.5"
     assert last_number("no digits") is None

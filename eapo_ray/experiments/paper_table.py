@@ -360,12 +360,6 @@ def plot_consult(curves: dict[str, dict[str, dict]], labels: dict[str, str], pat
 
 # ---------------------------------------------------------------- running rows
 
-def heldout_examples(cfg: RunConfig):
-    from eapo_ray.data import load_split
-
-    d = cfg.data  # exactly the launcher's evaluator set
-    return load_split(d.heldout, "heldout", d.heldout_levels, d.num_heldout, cfg.seed + 1, d.problem_key, d.answer_key)
-
 
 def evaluate_model(model_dir: str, cfg: RunConfig, *, workflow: bool = False, samples: int = 4,
                    batch: int = 256) -> dict:
@@ -374,12 +368,14 @@ def evaluate_model(model_dir: str, cfg: RunConfig, *, workflow: bool = False, sa
     import torch
 
     from eapo_ray.evaluate import local_expert, run_eval, summarize
-    from eapo_ray.rollout.engine import HFEngine
+    from eapo_ray.rollout.hf_engine import HFEngine
 
     t0 = time.time()
     engine = HFEngine(model_dir)
     tok = engine.tokenizer
-    examples = heldout_examples(cfg)
+    from eapo_ray.data import heldout_examples
+
+    examples = heldout_examples(cfg)  # exactly the launcher's evaluator set
     expert = local_expert(cfg.model.expert, cfg) if workflow else None
     kw = dict(expert=expert, max_turns=cfg.rollout.train_turns if workflow else None, batch=batch)
     out = {"model": model_dir, "mode": "workflow" if workflow else "alone", "problems": len(examples)}

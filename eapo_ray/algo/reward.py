@@ -15,9 +15,11 @@ import re
 import threading
 from dataclasses import dataclass
 
-from eapo_ray.rollout.protocol import ProtocolConfig
+from eapo_ray.algo.protocol import ProtocolConfig
 
 _INT = re.compile(r"^[+-]?\d+$")
+
+__all__ = ["RewardConfig", "RewardResult", "last_boxed", "last_number", "extract_answer", "score"]
 
 
 @dataclass
