@@ -29,6 +29,7 @@ from eapo_ray.data import DataError, Example, encode_prompt, heldout_examples, r
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, ExpertFn, run_episodes
 from eapo_ray.rollout.factory import make_engine
+from eapo_ray.weight_sync import load_published
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -90,8 +91,7 @@ class Evaluator:
         self.examples = heldout_examples(cfg)
 
     def evaluate(self, weights=None) -> dict:
-        if weights is not None and weights[0] != self.engine.version:
-            self.engine.load_weights(ray.get(weights[1][0]), weights[0])
+        load_published(self.engine, weights, newer_only=False)
         return evaluate_alone(self.engine, self.engine.tokenizer, self.examples, self.cfg, self.cfg.eval.temperature)
 
 

@@ -14,8 +14,8 @@ def test_fifo_holds_refs_not_copies(ray_local):
     for i, r in enumerate(refs):
         ray.get(buf.put.remote([r], 0, 1000))
     got = ray.get(buf.get.remote(3, 0, 1.0))
-    assert [g[1][0] for g in got] == refs  # the very same ObjectRefs, in order
-    assert [int(ray.get(g[1][0])[0]) for g in got] == [0, 1, 2]
+    assert [g.box[0] for g in got] == refs  # the very same ObjectRefs, in order
+    assert [int(ray.get(g.box[0])[0]) for g in got] == [0, 1, 2]
 
 
 def test_backpressure_blocks_producers_until_consumed(ray_local):
@@ -27,9 +27,9 @@ def test_backpressure_blocks_producers_until_consumed(ray_local):
     assert not ready, "a put into a full buffer must wait"
     assert ray.get(buf.stats.remote())["waits"] == 1
     first = ray.get(buf.get.remote(1, 0, 1.0))
-    assert ray.get(first[0][1][0]) == 1
+    assert ray.get(first[0].box[0]) == 1
     ray.get(blocked, timeout=10)  # unblocked by the get
-    assert ray.get(ray.get(buf.get.remote(1, 0, 1.0))[0][1][0]) == 2
+    assert ray.get(ray.get(buf.get.remote(1, 0, 1.0))[0].box[0]) == 2
 
 
 def test_staleness_bound_drops_and_counts(ray_local):

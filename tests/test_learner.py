@@ -5,6 +5,7 @@ import torch
 
 from eapo_ray.algo.batching import collate
 from eapo_ray.algo.logprobs import token_logprobs
+from eapo_ray.buffer import BufferItem
 from eapo_ray.config import TINY_DIR, load_config
 from eapo_ray.learner import LearnerGroup
 from eapo_ray.rollout.hf_engine import HFEngine
@@ -40,7 +41,7 @@ def test_update_follows_advantages_and_weights_sync(ray_local):
     try:
         assert group.setup() == 0
         ref = ray.put(batch)
-        stats = group.train_step([(0, [ref], 2)])
+        stats = group.train_step([BufferItem(0, [ref], 2)])
         assert stats["learner_samples"] == 2 and abs(stats["is_weight_mean"] - 1.0) < 1e-3
         version, box = group.publish()
         assert version == 1

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from eapo_ray.algo.batching import collate, split_by_tokens
 from eapo_ray.algo.logprobs import hidden_token_logprobs, token_logprobs
 from eapo_ray.algo.losses import policy_loss, sft_loss
+from eapo_ray.buffer import BufferItem
 from eapo_ray.config import TINY_DIR, load_config
 from eapo_ray.learner import PolicyLogProbs, prune_checkpoints
 
@@ -191,7 +192,7 @@ def test_checkpointing_is_active_in_the_learner(zero0):
     assert call_all(group, watch) == [(True, True)] * 2
     import ray
     call_all(group, capture_steps)
-    group.train_step([(0, [ray.put(make_batch(0))], 3)])
+    group.train_step([BufferItem(0, [ray.put(make_batch(0))], 3)])
     # epochs=1, minibatches=1: one forward with autograd, and its recomputation in backward
     assert call_all(group, lambda self: sum(self.layer_calls)) == [2, 2]
 
@@ -270,7 +271,7 @@ def test_epochs_keep_pi_old_and_a_minus_inf_behaviour_logp_is_harmless(zero0):
     cfg, group = zero0
     call_all(group, real_steps)
     call_all(group, set_cfg, "learner", epochs=2)
-    stats = group.train_step([(0, [ray.put(make_batch(5, inf_token=True))], 3)])
+    stats = group.train_step([BufferItem(0, [ray.put(make_batch(5, inf_token=True))], 3)])
     call_all(group, set_cfg, "learner", epochs=1)
     assert stats["clip_frac"] > 0
     assert stats["dropped_frac"] > 0 and math.isfinite(stats["kl_behav"])
@@ -331,14 +332,14 @@ def test_zero3_empty_shards_micro_batches_and_checkpoint_pruning(ray_local, tmp_
         ckpt = tmp_path / "run" / "checkpoint"
         assert sorted(p.name for p in ckpt.glob("step*")) == ["step4", "step5"]
         assert (ckpt / "latest").read_text() == "step5"
-        weights = ray.get(group.publish()[1][0])
+        weights = ray.get(group.publish().box[0])
     finally:
         group.shutdown()
     # a new group resumes from the newest tag: same version, same weights
     group = LearnerGroup(cfg, "correct3-resumed")
     try:
         assert group.setup(str(ckpt)) == 5
-        resumed = ray.get(group.publish()[1][0])
+        resumed = ray.get(group.publish().box[0])
         assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights)
         assert not torch.equal(weights["lm_head.weight"], LlamaForCausalLM.from_pretrained(model).lm_head.weight)
     finally:

@@ -8,21 +8,23 @@ import pytest
 
 from eapo_ray import task
 from eapo_ray.config import TINY_DIR, load_config
-from eapo_ray.experiments import distill as D
-from eapo_ray.experiments import paper_table as P
+from experiments import budget, report
+from experiments import distill as D
+from experiments import paper_table as P
+from experiments import rows as R
 
 # ---------------------------------------------------------------- aggregation and rendering
 
 def test_mean_std_is_sample_std():
-    m, s = P.mean_std([0.5, 0.7, 0.6])
+    m, s = report.mean_std([0.5, 0.7, 0.6])
     assert m == pytest.approx(0.6) and s == pytest.approx(0.1)
-    assert P.mean_std([0.4]) == (0.4, 0.0)
-    assert all(math.isnan(x) for x in P.mean_std([]))
+    assert report.mean_std([0.4]) == (0.4, 0.0)
+    assert all(math.isnan(x) for x in report.mean_std([]))
 
 
 def test_aggregate_skips_missing_values():
     per = {0: {"greedy": 0.5, "sampled": 0.3}, 1: {"greedy": 0.7, "sampled": None}, 2: {"greedy": 0.6}}
-    a = P.aggregate(per, ["greedy", "sampled"])
+    a = report.aggregate(per, ["greedy", "sampled"])
     assert a["greedy"]["n"] == 3 and a["greedy"]["mean"] == pytest.approx(0.6)
     assert a["greedy"]["values"] == {0: 0.5, 1: 0.7, 2: 0.6}
     assert a["sampled"] == {"mean": 0.3, "std": 0.0, "n": 1, "values": {0: 0.3}}
@@ -33,24 +35,24 @@ def fake(greedy, sampled, samples=0, steps=0):
 
 
 def test_render_table_from_fake_results():
-    rows = [P.ROW_BY_NAME[n] for n in ("base", "workflow", "rl", "eapo", "eapo_step")]
+    rows = [R.ROW_BY_NAME[n] for n in ("base", "workflow", "rl", "eapo", "eapo_step")]
     results = {
         "base": {0: fake(0.2, 0.25), 1: fake(0.2, 0.23), 2: fake(0.18, 0.21)},
         "workflow": {0: fake(0.2, 0.3), 1: fake(0.2, 0.28), 2: fake(0.18, 0.26)},
         "rl": {0: fake(0.5, 0.4, 5000, 40), 1: fake(0.6, 0.42, 5100, 40), 2: fake(0.55, 0.41, 5050, 40)},
         "eapo": {0: fake(0.52, 0.45, 5000, 40), 2: fake(0.58, 0.47, 5100, 40)},  # seed 1 missing
     }
-    md = P.render_table(rows, results, [0, 1, 2], num_heldout=400, sample_k=4)
+    md = report.render_table(rows, results, [0, 1, 2], num_heldout=400, sample_k=4)
     lines = md.splitlines()
     assert lines[0].startswith("| row | evaluated | greedy acc. | greedy per seed (0 / 1 / 2) | sampled acc. (T=1, avg@4)")
     table = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
-    assert "policy + expert" in table[P.ROW_BY_NAME["workflow"].label]
-    assert "policy alone" in table[P.ROW_BY_NAME["base"].label]
-    rl = table[P.ROW_BY_NAME["rl"].label]
+    assert "policy + expert" in table[R.ROW_BY_NAME["workflow"].label]
+    assert "policy alone" in table[R.ROW_BY_NAME["base"].label]
+    rl = table[R.ROW_BY_NAME["rl"].label]
     assert "0.550 ± 0.050" in rl and "0.500 / 0.600 / 0.550" in rl and "| 5050 | 40 |" in rl
-    eapo = table[P.ROW_BY_NAME["eapo"].label]
+    eapo = table[R.ROW_BY_NAME["eapo"].label]
     assert "0.520 / - / 0.580" in eapo and "0.550 ± 0.042" in eapo
-    assert "| - | - / - / - | - | - / - / - | - | - |" in table[P.ROW_BY_NAME["eapo_step"].label]  # no runs yet
+    assert "| - | - / - / - | - | - / - / - | - | - |" in table[R.ROW_BY_NAME["eapo_step"].label]  # no runs yet
     assert "400 held-out problems" in md and "policy alone" in md
 
 
@@ -58,68 +60,68 @@ def test_curve_aligns_seeds_on_common_steps():
     m = {0: [{"step": 0, "heldout_accuracy": 0.2}, {"step": 10, "samples": 1000, "heldout_accuracy": 0.4},
              {"step": 20, "samples": 2000, "heldout_accuracy": 0.5}],
          1: [{"step": 0, "heldout_accuracy": 0.1}, {"step": 10, "samples": 1200, "heldout_accuracy": 0.6}]}
-    c = P.curve(m, "heldout_accuracy")
+    c = report.curve(m, "heldout_accuracy")
     assert c["steps"] == [0, 10] and c["samples"] == [0, 1100]
     assert c["mean"] == pytest.approx([0.15, 0.5]) and c["min"] == [0.1, 0.4] and c["max"] == [0.2, 0.6]
-    assert P.curve({0: [{"step": 1}]}, "heldout_accuracy")["steps"] == []
+    assert report.curve({0: [{"step": 1}]}, "heldout_accuracy")["steps"] == []
 
 
 def test_train_stats_first_and_last_quarter():
     rows = [{"step": 0, "heldout_accuracy": 0.1}] + [
         {"step": s, "reward": s / 10, "consult_rate": 1.0 if s <= 2 else 0.0} for s in range(1, 9)]
-    t = P.train_stats(rows)
+    t = report.train_stats(rows)
     assert t["reward_first"] == pytest.approx(0.15) and t["reward_last"] == pytest.approx(0.75)
     assert t["consult_rate_first"] == 1.0 and t["consult_rate_last"] == 0.0 and t["rollout_accuracy_first"] is None
 
 
 # ---------------------------------------------------------------- plan and budget
 
-ALL = list(P.ROWS)
+ALL = list(R.ROWS)
 
 
 def test_plan_keeps_everything_when_it_fits():
-    t = P.Timing(step_s=1, run_overhead_s=10, eval_s=5, workflow_eval_s=5, distill_s=5)
-    plan = P.make_plan(ALL, [0, 1, 2], 40, 10_000, t)
+    t = budget.Timing(step_s=1, run_overhead_s=10, eval_s=5, workflow_eval_s=5, distill_s=5)
+    plan = budget.make_plan(ALL, [0, 1, 2], 40, 10_000, t)
     # 7 training rows x (10 + 40 + 5) + distill (5 + 5) + base 5 + workflow 5, per seed
     assert plan.estimate_s == pytest.approx(3 * (7 * 55 + 10 + 5 + 5))
     assert plan.rows == [r.name for r in ALL] and plan.steps == 40 and plan.dropped == [] and plan.fits
 
 
 def test_plan_drops_ablations_last_first_then_scales_steps():
-    t = P.Timing(step_s=1, run_overhead_s=10, eval_s=5, workflow_eval_s=5, distill_s=5)
+    t = budget.Timing(step_s=1, run_overhead_s=10, eval_s=5, workflow_eval_s=5, distill_s=5)
     per_seed_core = 2 * 55 + 20  # rl, eapo + distill, base, workflow
-    plan = P.make_plan(ALL, [0, 1, 2], 40, 3 * (per_seed_core + 2 * 55), t)  # room for two ablations
+    plan = budget.make_plan(ALL, [0, 1, 2], 40, 3 * (per_seed_core + 2 * 55), t)  # room for two ablations
     assert plan.rows[-2:] == ["eapo_weak_expert", "eapo_constant"]
     assert plan.dropped == ["eapo_step", "eapo_inverse", "eapo_sequential"] and plan.steps == 40 and plan.fits
 
-    plan = P.make_plan(ALL, [0, 1, 2], 40, 3 * (20 + 2 * 45), t, min_steps=20)  # core rows at 30 steps
-    assert all(P.ROW_BY_NAME[n].core for n in plan.rows) and plan.steps == 30 and plan.fits
-    plan = P.make_plan(ALL, [0, 1, 2], 40, 60, t, min_steps=20)
+    plan = budget.make_plan(ALL, [0, 1, 2], 40, 3 * (20 + 2 * 45), t, min_steps=20)  # core rows at 30 steps
+    assert all(R.ROW_BY_NAME[n].core for n in plan.rows) and plan.steps == 30 and plan.fits
+    plan = budget.make_plan(ALL, [0, 1, 2], 40, 60, t, min_steps=20)
     assert plan.steps == 20 and not plan.fits
-    assert P.make_plan(ALL, [0, 1, 2], 40, 60, t, scale_steps=False).steps == 40
+    assert budget.make_plan(ALL, [0, 1, 2], 40, 60, t, scale_steps=False).steps == 40
 
 
 def test_plan_counts_only_unfinished_runs_and_keeps_started_rows():
-    t = P.Timing(step_s=1, run_overhead_s=10, eval_s=5, workflow_eval_s=5, distill_s=5)
-    rows = [P.ROW_BY_NAME[n] for n in ("rl", "eapo", "eapo_weak_expert", "eapo_step")]
+    t = budget.Timing(step_s=1, run_overhead_s=10, eval_s=5, workflow_eval_s=5, distill_s=5)
+    rows = [R.ROW_BY_NAME[n] for n in ("rl", "eapo", "eapo_weak_expert", "eapo_step")]
     done = {("rl", 0), ("rl", 1), ("eapo_step", 0)}
-    plan = P.make_plan(rows, [0, 1], 40, 3 * 55, t, done=done)
+    plan = budget.make_plan(rows, [0, 1], 40, 3 * 55, t, done=done)
     assert plan.dropped == ["eapo_weak_expert"]  # eapo_step has a finished run: kept
     assert plan.estimate_s == pytest.approx(3 * 55)  # eapo x 2 + eapo_step seed 1
 
 
 def test_step_overrides_scale_the_schedules():
-    cfg = load_config(P.config_path(P.ROW_BY_NAME["eapo"]))
-    assert P.step_overrides(cfg, cfg.steps) == []
-    assert P.step_overrides(cfg, 20) == ["steps=20", "acceptance.total_steps=15", "eval.every=5"]
-    inv = load_config(P.config_path(P.ROW_BY_NAME["eapo_inverse"]))
-    assert "acceptance.scale=5" in P.step_overrides(inv, 20)
-    assert P.distill_steps(cfg, 40, 32) == 160  # 40 x 16 prompts x 8 samples / 32
+    cfg = load_config(R.config_path(R.ROW_BY_NAME["eapo"]))
+    assert R.step_overrides(cfg, cfg.steps) == []
+    assert R.step_overrides(cfg, 20) == ["steps=20", "acceptance.total_steps=15", "eval.every=5"]
+    inv = load_config(R.config_path(R.ROW_BY_NAME["eapo_inverse"]))
+    assert "acceptance.scale=5" in R.step_overrides(inv, 20)
+    assert R.distill_steps(cfg, 40, 32) == 160  # 40 x 16 prompts x 8 samples / 32
 
 
 def test_job_order_core_by_seed_then_ablations_by_row():
-    rows = [P.ROW_BY_NAME[n] for n in ("base", "rl", "eapo_step", "eapo_weak_expert")]
-    order = [(r.name, s) for r, s in P.job_order(rows, [0, 1])]
+    rows = [R.ROW_BY_NAME[n] for n in ("base", "rl", "eapo_step", "eapo_weak_expert")]
+    order = [(r.name, s) for r, s in budget.job_order(rows, [0, 1])]
     assert order == [("base", 0), ("rl", 0), ("base", 1), ("rl", 1),
                      ("eapo_step", 0), ("eapo_step", 1), ("eapo_weak_expert", 0), ("eapo_weak_expert", 1)]
 
@@ -142,7 +144,7 @@ def test_run_watched_stops_a_stalled_process(tmp_path):
 # ---------------------------------------------------------------- configs
 
 def test_every_row_has_a_loadable_config_and_they_differ_only_as_intended():
-    cfgs = {r.name: load_config(P.config_path(r)) for r in P.ROWS}
+    cfgs = {r.name: load_config(R.config_path(r)) for r in R.ROWS}
     eapo = cfgs["eapo"]
     for name, c in cfgs.items():  # same task, held-out set, learner and budget everywhere
         assert (c.data, c.steps, c.learner, c.rollout, c.eval) == (eapo.data, eapo.steps, eapo.learner, eapo.rollout,

@@ -27,6 +27,7 @@ from eapo_ray.data import encode_prompt, train_examples
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
 from eapo_ray.rollout.factory import make_engine
+from eapo_ray.weight_sync import load_published
 
 WEIGHTS_GROUP = "weights"
 CONCURRENCY_GROUPS = {WEIGHTS_GROUP: 1}  # pass to .options(concurrency_groups=...) with ray.remote(RolloutWorker)
@@ -138,9 +139,8 @@ class RolloutWorker:
         return "pong"
 
     def maybe_load(self, weights) -> None:
-        """weights: a learner.PublishedWeights (version, [ObjectRef to a state dict]) or None."""
-        if weights is not None and weights[0] > self.engine.version:
-            self.engine.load_weights(ray.get(weights[1][0]), weights[0])
+        """weights: a weight_sync.PublishedWeights or None; loaded when newer than the engine's."""
+        load_published(self.engine, weights)
 
     # The inference side of vLLM's NCCL weight transfer (rollout.weight_sync: nccl), driven by
     # learner rank 0 (eapo_ray/weight_sync.py). Their own concurrency group: they run while

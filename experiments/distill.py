@@ -1,6 +1,6 @@
 """Distillation from the expert (the paper's "distillation" row), cleanrl-style, one file.
 
-    python -m eapo_ray.experiments.distill --config configs/paper/distill.yaml --out DIR
+    python -m experiments.distill --config configs/paper/distill.yaml --out DIR
         [--steps 160] [--batch-size 32] [--lr 5e-4] [--max-seconds 0] [key=value ...]
 
 1. Expert data: for N training problems of the bundled task, every step's result comes
@@ -214,7 +214,7 @@ def distill(cfg: RunConfig, dc: DistillConfig, out_dir: str | Path, log=print) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eapo_ray.experiments.distill", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.distill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/paper/distill.yaml")
     ap.add_argument("--out", required=True, help="output directory (final/, summary.json, expert_data.jsonl)")
