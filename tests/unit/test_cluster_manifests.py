@@ -14,7 +14,7 @@ import yaml
 
 from eapo_ray.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 GPU_CONFIGS = ["configs/gpu_paper_7b_32b.yaml", "configs/gpu_node8_1p5b.yaml"]
 LAUNCH = re.compile(r"python -m eapo_ray\.launch --config ([\w./-]+)")

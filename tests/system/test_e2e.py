@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2"]
 
 

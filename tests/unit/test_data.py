@@ -10,7 +10,7 @@ from eapo_ray import task
 from eapo_ray.algo.reward import score
 from eapo_ray.data import DataError, load_rows, load_split, render_prompt
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_task_answers_and_solutions_are_right():

@@ -78,7 +78,7 @@ def test_every_shipped_config_is_a_delta_on_its_base():
 
     from eapo_ray.config import to_dict
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     files = sorted(root.rglob("*.yaml"))
     assert len(files) >= 10
 
