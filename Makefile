@@ -40,7 +40,7 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -rs tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 models: $(STAMP)
 	$(BIN)/python -m eapo_ray.tools.make_tiny

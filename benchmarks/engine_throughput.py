@@ -17,7 +17,7 @@ import torch
 
 from eapo_ray.config import TINY_DIR, VLLMConfig
 from eapo_ray.data import render_prompt
-from eapo_ray.rollout.engine import HFEngine
+from eapo_ray.rollout.hf_engine import HFEngine
 from eapo_ray.task import sample_problems
 
 

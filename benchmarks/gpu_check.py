@@ -328,8 +328,10 @@ def _check_actor_classes():
             return [g.tokens for g in self.engine.generate(self.prompts, [n] * len(self.prompts), 0.0, [])]
 
         def load(self, weights) -> float:  # the object-store path, as RolloutWorker.maybe_load
+            from eapo_ray.weight_sync import load_published
+
             t0 = time.perf_counter()
-            self.engine.load_weights(ray.get(weights[1][0]), weights[0])
+            load_published(self.engine, weights, newer_only=False)
             return time.perf_counter() - t0
 
         def init_weight_transfer_engine(self, request):
@@ -495,7 +497,7 @@ def run_part(part: str, args) -> None:
         {"a": part_a, "b": part_b, "c": part_c, "d": part_d}[part](args)
     except BaseException as e:  # noqa: BLE001 -- report what failed, then exit non-zero
         row(f"{PARTS[part][0]} FAILED", type(e).__name__, str(e).replace("\n", " ")[:300])
-        raise SystemExit(1)
+        raise SystemExit(1) from e
 
 
 def spawn_part(part: str, args, timeout: float) -> tuple[str, float]:

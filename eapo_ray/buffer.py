@@ -18,7 +18,7 @@ import ray
 class BufferItem(NamedTuple):
     """One finished rollout batch as the buffer holds it."""
     version: int  # the policy version that generated it (the oldest, if weights changed mid-batch)
-    box: list  # [ObjectRef] to a columnar batch (algo.sampling.to_batch); boxed so Ray passes the ref
+    box: list  # [ObjectRef] to a columnar batch (algo.batching.to_batch); boxed so Ray passes the ref
     num_samples: int  # trajectories in the batch
 
 

@@ -16,15 +16,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Literal
 
 import yaml
 
 from eapo_ray.algo.losses import LossConfig
+from eapo_ray.algo.protocol import ProtocolConfig
+from eapo_ray.algo.reward import RewardConfig
 from eapo_ray.algo.schedules import AcceptanceConfig
-from eapo_ray.reward import RewardConfig
-from eapo_ray.rollout.protocol import ProtocolConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TINY_DIR = PACKAGE_DIR / "assets" / "tiny"
@@ -89,7 +88,8 @@ class RolloutConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
-    weight_sync: Literal["object_store", "nccl"] = "object_store"  # learner -> engines: "object_store" (any device) or "nccl" (GPU, vllm)
+    # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
+    weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
     max_actor_failures: int = 3  # an actor whose batches fail this many times in a row is retired
     max_empty_batches: int = 20  # this many finished batches in a row with no kept sample stop the run
@@ -101,7 +101,8 @@ class RolloutConfig:
 class ExpertConfig:
     engine: Engine = "hf"
     template: str = "Q:{problem}\nA:"
-    reply_template: str = "{query}={answer}"  # how a reply is shown to the policy (<expert>40*3=120</expert>); {answer} alone for free text
+    # how a reply is shown to the policy: <expert>40*3=120</expert>; "{answer}" alone for free text
+    reply_template: str = "{query}={answer}"
     max_new_tokens: int = 8
     reverse_answer: bool = False  # the expert model writes its answer reversed (digits last-first); flipped back
     temperature: float = 0.0

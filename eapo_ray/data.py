@@ -147,3 +147,17 @@ def load_split(source: str, split: str, levels: list[int], n: int, seed: int,
     if source.startswith("tiny:"):
         raise DataError(f"unknown bundled task {source!r} (available: {', '.join(task.FAMILIES)})")
     return load_rows(source, problem_key, answer_key, limit=n or None)
+
+
+def train_examples(cfg) -> list[Example]:
+    """The training problems of a run config (config.RunConfig), drawn with `seed`."""
+    d = cfg.data
+    return load_split(d.train, "train", d.train_levels, d.num_train, cfg.seed, d.problem_key, d.answer_key)
+
+
+def heldout_examples(cfg, n: int | None = None, source: str | None = None) -> list[Example]:
+    """The held-out problems every evaluation of a run uses (drawn with `seed + 1`): `n`
+    (default data.num_heldout; 0 = every row) from `source` (default data.heldout)."""
+    d = cfg.data
+    return load_split(source or d.heldout, "heldout", d.heldout_levels, d.num_heldout if n is None else n,
+                      cfg.seed + 1, d.problem_key, d.answer_key)

@@ -25,9 +25,11 @@ import ray
 import torch
 
 from eapo_ray.config import ConfigError, RunConfig, load_config
-from eapo_ray.data import DataError, Example, encode_prompt, load_split, render_prompt
-from eapo_ray.rollout.engine import Engine, make_engine
-from eapo_ray.rollout.episode import ExpertFn, run_episodes
+from eapo_ray.data import DataError, Example, encode_prompt, heldout_examples, render_prompt
+from eapo_ray.rollout.engine import Engine
+from eapo_ray.rollout.episode import EpisodeSettings, ExpertFn, run_episodes
+from eapo_ray.rollout.factory import make_engine
+from eapo_ray.weight_sync import load_published
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -41,16 +43,14 @@ def run_eval(engine: Engine, tok, examples: list[Example], cfg: RunConfig, *, te
              expert: ExpertFn | None = None, max_turns: int | None = None, batch: int = 64, progress: bool = False):
     """Episodes for every (problem, sample); `expert` None means the policy alone (consult banned)."""
     jobs = [(i, ex) for i, ex in enumerate(examples) for _ in range(samples)]
+    settings = EpisodeSettings.for_eval(cfg, temperature=temperature, with_expert=expert is not None,
+                                        max_turns=max_turns)
     trajs, t0 = [], time.time()
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         prompts = [encode_prompt(tok, cfg.data, ex.problem) for _, ex in chunk]
-        trajs += run_episodes(
-            engine, tok, prompts, [ex.answer for _, ex in chunk], proto=cfg.protocol, reward_cfg=cfg.reward,
-            expert=expert, accept_prob=1.0 if expert else 0.0, max_turns=max_turns or cfg.eval.max_turns,
-            max_new_tokens_per_turn=cfg.rollout.max_new_tokens_per_turn if expert else cfg.rollout.max_response_tokens,
-            max_response_tokens=cfg.rollout.max_response_tokens, temperature=temperature,
-            rng=random.Random(cfg.seed + start), ban_consult=expert is None, groups=[i for i, _ in chunk])
+        trajs += run_episodes(engine, tok, prompts, [ex.answer for _, ex in chunk], settings, expert=expert,
+                              rng=random.Random(cfg.seed + start), groups=[i for i, _ in chunk])
         if progress:
             done = min(start + batch, len(jobs))
             print(f"[evaluate] {done}/{len(jobs)} samples ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -88,13 +88,10 @@ class Evaluator:
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
         self.engine = make_engine(cfg.eval.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed)
-        d = cfg.data
-        self.examples = load_split(d.heldout, "heldout", d.heldout_levels, d.num_heldout, cfg.seed + 1,
-                                   d.problem_key, d.answer_key)
+        self.examples = heldout_examples(cfg)
 
     def evaluate(self, weights=None) -> dict:
-        if weights is not None and weights[0] != self.engine.version:
-            self.engine.load_weights(ray.get(weights[1][0]), weights[0])
+        load_published(self.engine, weights, newer_only=False)
         return evaluate_alone(self.engine, self.engine.tokenizer, self.examples, self.cfg, self.cfg.eval.temperature)
 
 
@@ -113,7 +110,7 @@ def eval_shard(checkpoint: str, engine_kind: str, examples: list[Example], cfg: 
 def eval_on_ray(n: int, checkpoint, engine_kind, examples, cfg, temperature, samples, expert_path) -> list:
     """Split the problems over n Ray actors (one engine each); trajectories come back as the
     actors finish, their `group` mapped back to the index in `examples`."""
-    from eapo_ray.launch import init_ray
+    from eapo_ray.ray_runtime import init_ray
 
     init_ray(cfg, n * cfg.rollout.num_cpus)
     shards = [s for s in (list(range(len(examples)))[i::n] for i in range(n)) if s]
@@ -161,12 +158,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        d = cfg.data
         data = args.data
         if not data.startswith(("tiny:", "hf:")) and not Path(data).exists() and "/" in data and \
                 not data.endswith((".jsonl", ".parquet")):
             data = "hf:" + data  # a Hugging Face dataset name, e.g. HuggingFaceH4/MATH-500:test
-        examples = load_split(data, "heldout", d.heldout_levels, args.limit, cfg.seed + 1, d.problem_key, d.answer_key)
+        examples = heldout_examples(cfg, n=args.limit, source=data)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from ray import serve
 
 from eapo_ray.config import ExpertConfig
 from eapo_ray.data import render_prompt
-from eapo_ray.rollout.engine import make_engine
+from eapo_ray.rollout.factory import make_engine
 
 
 class Expert:

@@ -16,10 +16,10 @@ import ray
 import torch
 from torch.distributed import ReduceOp
 
+from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_tokens
+from eapo_ray.algo.logprobs import hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
-from eapo_ray.algo.sampling import (collate, hidden_token_logprobs, merge_batches, padded_tokens, split_batch,
-                                    split_by_tokens)
 from eapo_ray.config import RunConfig
 
 LOGP_CHUNK_TOKENS = 1024  # positions per lm_head chunk: the logits held at once are this x vocabulary
@@ -295,9 +295,11 @@ class Learner:
             return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
     def publish(self):
-        """Collective. Rank 0 returns (version, [ref to the full state dict]); others None."""
+        """Collective. Rank 0 returns a weight_sync.PublishedWeights; others None."""
+        from eapo_ray.weight_sync import publish
+
         sd = self.full_state_dict()
-        return (self.version, [ray.put(sd)]) if self.rank == 0 else None
+        return publish(self.version, sd) if self.rank == 0 else None
 
     def init_weight_sync(self, rollout_actors: list) -> None:
         """Collective. NCCL path (GPU): open vLLM's weight-transfer group with the rollout engines."""
@@ -370,29 +372,34 @@ class LearnerGroup:
             for r in range(n)
         ]
 
+    def call_all(self, method: str, *args) -> list:
+        """The one fan-out: `method(*args)` on every rank, waiting for all (the learner methods
+        are collectives: every rank must enter). Results in rank order."""
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
     def setup(self, resume_dir: str = "") -> int:
         addr, port = ray.get(self.actors[0].endpoint.remote())  # rank 0's node: learners may span nodes
-        return ray.get([a.setup.remote(addr, port, resume_dir) for a in self.actors])[0]
+        return self.call_all("setup", addr, port, resume_dir)[0]
 
     def init_weight_sync(self, rollout_actors: list) -> None:
-        ray.get([a.init_weight_sync.remote(rollout_actors) for a in self.actors])
+        self.call_all("init_weight_sync", rollout_actors)
 
     def sync_weights(self) -> float:
-        return ray.get([a.sync_weights.remote() for a in self.actors])[0]
+        return self.call_all("sync_weights")[0]
 
     def train_step(self, items: list) -> dict:
-        """items: [(version, [ref], n), ...] from the buffer; every rank gets the refs."""
-        boxes = [box for _, box, _ in items]
-        results = ray.get([a.train_step.remote(boxes) for a in self.actors])
+        """items: buffer.BufferItem records; every rank gets every batch ref and trains its shard."""
+        results = self.call_all("train_step", [it.box for it in items])
         out = dict(results[0])
         out["learner_samples"] = sum(r["learner_samples"] for r in results)
         return out
 
     def publish(self):
-        return ray.get([a.publish.remote() for a in self.actors])[0]
+        """A weight_sync.PublishedWeights of the current version (rank 0's)."""
+        return self.call_all("publish")[0]
 
     def save(self, run_dir: str) -> str:
-        return ray.get([a.save.remote(run_dir) for a in self.actors])[0]
+        return self.call_all("save", run_dir)[0]
 
     def shutdown(self):
         for a in self.actors:

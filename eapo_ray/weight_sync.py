@@ -1,4 +1,11 @@
-"""Learner -> vLLM rollout engines over NCCL (rollout.weight_sync: nccl, GPUs only).
+"""Weights from the learners to the engines: the one home of both paths.
+
+Object store (rollout.weight_sync: object_store, any device; the CPU path CI tests): learner
+rank 0 `publish`es the full state dict once per version as a `PublishedWeights` record;
+rollout actors and the evaluator `load_published` it into their engine (vLLM's worker side of
+that load is `vllm_engine.WeightSyncExtension`).
+
+NCCL (rollout.weight_sync: nccl, GPUs only), `NCCLWeightSync` below:
 
 Built on vLLM's weight-transfer API (vLLM 0.32, `vllm.distributed.weight_transfer`,
 backend "nccl"): learner rank 0 and every rollout engine's workers form one NCCL group
@@ -7,16 +14,42 @@ the full weights in packed buckets of `rollout.sync_bucket_mb` (not one call per
 Every learner rank iterates the weights in lockstep because, under ZeRO-3, gathering a
 parameter is a collective; only rank 0 sends.
 
-The CPU path (rollout.weight_sync: object_store) needs none of this: see
-`Learner.publish` and `VLLMEngine.load_weights`. This module is NOT exercised by the CPU
-test suite (no GPU); `benchmarks/gpu_check.py` is the check to run on a GPU machine.
+The NCCL path is NOT exercised by the CPU test suite (no GPU); `benchmarks/gpu_check.py`
+is the check to run on a GPU machine. The engine side of it is the rollout actor's `weights`
+concurrency group (`init_weight_transfer_engine`, `start/update/finish_weight_update`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import ray
 import torch
 
 from eapo_ray.rollout.vllm_engine import check_vllm_version
+
+
+class PublishedWeights(NamedTuple):
+    """The learner's weights in the object store, as rollout actors and the evaluator get them."""
+    version: int  # the policy version (learner updates done)
+    box: list  # [ObjectRef] to the full state dict {name: CPU tensor}; boxed so Ray passes the ref, not the dict
+
+
+def publish(version: int, state_dict: dict) -> PublishedWeights:
+    """Learner rank 0: one `ray.put` of the full weights per version (the driver passes the record on)."""
+    return PublishedWeights(version, [ray.put(state_dict)])
+
+
+def load_published(engine, weights: PublishedWeights | None, *, newer_only: bool = True) -> bool:
+    """Engine side: load `weights` into `engine` (an Engine) if they are newer than its own
+    (`newer_only=False`: if they differ, e.g. the evaluator asked for an older version).
+    Returns whether it loaded."""
+    if weights is None:
+        return False
+    version = int(weights.version)
+    if not (version > engine.version if newer_only else version != engine.version):
+        return False
+    engine.load_weights(ray.get(weights.box[0]), version)
+    return True
 
 
 def _weight_source_cls():

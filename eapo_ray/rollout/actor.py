@@ -21,12 +21,13 @@ import time
 import ray
 import torch
 
-from eapo_ray.algo.sampling import assign_advantages, to_batch
-from eapo_ray.algo.schedules import acceptance_prob, training_turns
+from eapo_ray.algo.batching import assign_advantages, to_batch
 from eapo_ray.config import RunConfig
-from eapo_ray.data import encode_prompt, load_split
-from eapo_ray.rollout.engine import Engine, make_engine
-from eapo_ray.rollout.episode import run_episodes
+from eapo_ray.data import encode_prompt, train_examples
+from eapo_ray.rollout.engine import Engine
+from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
+from eapo_ray.rollout.factory import make_engine
+from eapo_ray.weight_sync import load_published
 
 WEIGHTS_GROUP = "weights"
 CONCURRENCY_GROUPS = {WEIGHTS_GROUP: 1}  # pass to .options(concurrency_groups=...) with ray.remote(RolloutWorker)
@@ -130,7 +131,7 @@ class RolloutWorker:
         self.gen = PausableEngine(self.engine)
         self.tok = self.engine.tokenizer
         d = cfg.data
-        self.data = load_split(d.train, "train", d.train_levels, d.num_train, cfg.seed, d.problem_key, d.answer_key)
+        self.data = train_examples(cfg)
         self.prompts = [encode_prompt(self.tok, d, ex.problem) for ex in self.data]
         self.expert = ServeExpert(expert_app, cfg.expert.timeout_s) if expert_app else None
 
@@ -138,9 +139,8 @@ class RolloutWorker:
         return "pong"
 
     def maybe_load(self, weights) -> None:
-        """weights: a learner.PublishedWeights (version, [ObjectRef to a state dict]) or None."""
-        if weights is not None and weights[0] > self.engine.version:
-            self.engine.load_weights(ray.get(weights[1][0]), weights[0])
+        """weights: a weight_sync.PublishedWeights or None; loaded when newer than the engine's."""
+        load_published(self.engine, weights)
 
     # The inference side of vLLM's NCCL weight transfer (rollout.weight_sync: nccl), driven by
     # learner rank 0 (eapo_ray/weight_sync.py). Their own concurrency group: they run while
@@ -177,25 +177,21 @@ class RolloutWorker:
     @ray.method(num_returns=2)
     def produce(self, step: int, weights=None, serial: int = 0, max_draws: int = 4):
         """Generate one training batch at learner step `step`. Returns (stats, batch): the
-        batch (algo.sampling.to_batch columns, or None when every group was dropped) becomes
+        batch (algo.batching.to_batch columns, or None when every group was dropped) becomes
         an object owned by the caller, who enqueues it; stats is a small dict."""
         self.maybe_load(weights)
         c, r = self.cfg, self.cfg.rollout
         rng = batch_rng(c.seed, serial)
         torch.manual_seed(rng.randrange(2**31))  # the transformers engine samples with torch's RNG
-        rho = acceptance_prob(step, c.acceptance) if self.expert else 0.0
-        horizon = c.acceptance.total_steps if r.turn_budget_steps < 0 else r.turn_budget_steps
-        turns = training_turns(step, r.train_turns, r.eval_turns, horizon, rho)
+        settings = EpisodeSettings.for_training(c, step, with_expert=self.expert is not None)
         t0, kept, all_trajs, dropped = time.time(), [], [], 0
         for draw in range(max_draws):
             idx = [rng.randrange(len(self.data)) for _ in range(r.prompts_per_batch - len(kept) // r.group_size)]
             prompts = [self.prompts[i] for i in idx for _ in range(r.group_size)]
             golds = [self.data[i].answer for i in idx for _ in range(r.group_size)]
             groups = [draw * 10_000 + k for k in range(len(idx)) for _ in range(r.group_size)]
-            trajs = run_episodes(
-                self.gen, self.tok, prompts, golds, proto=c.protocol, reward_cfg=c.reward, expert=self.expert,
-                accept_prob=rho, max_turns=turns, max_new_tokens_per_turn=r.max_new_tokens_per_turn,
-                max_response_tokens=r.max_response_tokens, temperature=r.temperature, rng=rng, groups=groups)
+            trajs = run_episodes(self.gen, self.tok, prompts, golds, settings, expert=self.expert, rng=rng,
+                                 groups=groups)
             all_trajs += trajs
             k, d = assign_advantages(trajs, adv_scale=c.algo.adv_scale, consult_cost=c.algo.consult_cost,
                                      dynamic_sampling=c.algo.dynamic_sampling)
@@ -206,7 +202,7 @@ class RolloutWorker:
         n = len(all_trajs)
         stats = {
             "worker": self.index, "serial": serial, "version": min((t.version for t in kept or all_trajs), default=0),
-            "acceptance_prob": rho, "turn_budget": turns,
+            "acceptance_prob": settings.accept_prob, "turn_budget": settings.max_turns,
             "samples": n, "kept_samples": len(kept), "dropped_groups": dropped,
             "reward": sum(t.reward for t in all_trajs) / n, "accuracy": sum(t.correct for t in all_trajs) / n,
             "consult_rate": sum(t.consults > 0 for t in all_trajs) / n,

@@ -11,13 +11,53 @@ import random
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from eapo_ray.reward import RewardConfig, score
+from eapo_ray.algo.protocol import ProtocolConfig, parse_action, render_replies
+from eapo_ray.algo.reward import RewardConfig, score
+from eapo_ray.algo.schedules import acceptance_prob, training_turns
 from eapo_ray.rollout.engine import Engine
-from eapo_ray.rollout.protocol import ProtocolConfig, parse_action, render_replies
 
 # expert(queries) -> one reply per query, None where the expert failed or timed out
 # (a plain function, or an async one returning the same list)
 ExpertFn = Callable[[list[str]], "list[str | None] | Awaitable[list[str | None]]"]
+
+
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """How a set of episodes runs: one object (AReaL-style), built from the run config for
+    training at a step (`for_training`) or for evaluation (`for_eval`)."""
+    proto: ProtocolConfig
+    reward: RewardConfig
+    max_turns: int  # policy turns; the last one gets all the room that is left
+    max_new_tokens_per_turn: int
+    max_response_tokens: int  # policy + observation tokens after the prompt
+    temperature: float  # 0 = greedy
+    accept_prob: float = 0.0  # probability that a query is answered (0: every consult reads "unavailable")
+    ban_consult: bool = False  # the consult tag can never be written (evaluating the policy alone)
+
+    @classmethod
+    def for_training(cls, cfg, step: int, *, with_expert: bool = True) -> "EpisodeSettings":
+        """Training at learner step `step` (a config.RunConfig): the acceptance schedule's rho_s
+        (0 without an expert) and the shrinking turn budget."""
+        r = cfg.rollout
+        rho = acceptance_prob(step, cfg.acceptance) if with_expert else 0.0
+        # the turn budget's own horizon (rollout.turn_budget_steps; -1: acceptance.total_steps), never
+        # below 2 turns while rho > 0 (algo.schedules.training_turns)
+        horizon = cfg.acceptance.total_steps if r.turn_budget_steps < 0 else r.turn_budget_steps
+        return cls(cfg.protocol, cfg.reward,
+                   max_turns=training_turns(step, r.train_turns, r.eval_turns, horizon, rho),
+                   max_new_tokens_per_turn=r.max_new_tokens_per_turn, max_response_tokens=r.max_response_tokens,
+                   temperature=r.temperature, accept_prob=rho)
+
+    @classmethod
+    def for_eval(cls, cfg, *, temperature: float, with_expert: bool = False,
+                 max_turns: int | None = None) -> "EpisodeSettings":
+        """Evaluation: alone (consult banned, one turn with the whole budget by default) or
+        as a workflow with the expert (every query answered)."""
+        r = cfg.rollout
+        return cls(cfg.protocol, cfg.reward, max_turns=max_turns or cfg.eval.max_turns,
+                   max_new_tokens_per_turn=r.max_new_tokens_per_turn if with_expert else r.max_response_tokens,
+                   max_response_tokens=r.max_response_tokens, temperature=temperature,
+                   accept_prob=1.0 if with_expert else 0.0, ban_consult=not with_expert)
 
 
 @dataclass
@@ -38,7 +78,7 @@ class Trajectory:
     expert_failures: int = 0  # accepted queries the expert failed to answer in time
     turns: int = 0
     overlong: bool = False  # cut off by the token budget
-    advantage: float = 0.0  # set by algo.sampling.assign_advantages for kept samples
+    advantage: float = 0.0  # set by algo.batching.assign_advantages for kept samples
 
     def extend(self, ids, logps=None, expert_mask=None):
         """Append policy tokens (with their log-probs) or observation tokens (without)."""
@@ -52,27 +92,27 @@ def observation_ids(tokenizer, replies: list[str | None], accepted: list[bool], 
     """Token ids of the rendered replies, with a mask marking accepted reply content."""
     ids, mask = [], []
     for reply, ok in zip(replies, accepted):
-        for piece, is_reply in ((proto.expert_open, False), (render_replies([reply], proto)[len(proto.expert_open):], ok and reply is not None)):
+        body = render_replies([reply], proto)[len(proto.expert_open):]
+        for piece, is_reply in ((proto.expert_open, False), (body, ok and reply is not None)):
             t = tokenizer.encode(piece, add_special_tokens=False)
             ids += t
             mask += [int(is_reply)] * len(t)
     return ids, mask
 
 
-async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: ProtocolConfig, reward_cfg: RewardConfig,
-                      expert: ExpertFn | None, accept_prob: float, max_turns: int, max_new_tokens_per_turn: int,
-                      max_response_tokens: int, temperature: float, rng: random.Random,
-                      ban_consult: bool = False) -> Trajectory:
+async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettings, *, expert: ExpertFn | None,
+                      rng: random.Random) -> Trajectory:
     """Run one episode to the end and score it. Each generation and each expert call is
     awaited, so a batch of episodes interleaves: while some wait for the expert, others
     generate."""
-    stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if ban_consult else []
+    proto, max_turns, max_response_tokens = s.proto, s.max_turns, s.max_response_tokens
+    stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if s.ban_consult else []
     final_text = ""  # the policy's own last turn: the only text the reward reads
     for turn in range(max_turns):
         room = max_response_tokens - len(t.response_ids)
         # the last turn gets all the room that is left, so a turn budget of 1 does not halve the cap
-        budget = room if turn == max_turns - 1 else min(max_new_tokens_per_turn, room)
-        g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, temperature, stop, ban)
+        budget = room if turn == max_turns - 1 else min(s.max_new_tokens_per_turn, room)
+        g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, s.temperature, stop, ban)
         t.extend(g.tokens, g.logprobs)
         t.turns += 1
         final_text = tokenizer.decode(g.tokens, skip_special_tokens=True)
@@ -84,7 +124,7 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: Protoc
             break
         if action.kind != "consult" or turn == max_turns - 1:
             break
-        flags = [expert is not None and rng.random() < accept_prob for _ in action.queries]
+        flags = [expert is not None and rng.random() < s.accept_prob for _ in action.queries]
         asked = [q for q, f in zip(action.queries, flags) if f]
         answers = iter(await _ask(expert, asked) if asked else [])
         replies = [next(answers) if f else None for f in flags]
@@ -99,7 +139,7 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, *, proto: Protoc
         t.extend(ids, expert_mask=mask)
     # Only the policy's final turn is scored: an answer tag inside an expert reply (or in an
     # earlier turn) must never earn the reward.
-    r = score(final_text, t.gold, reward_cfg, proto)
+    r = score(final_text, t.gold, s.reward, proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
 
@@ -109,23 +149,18 @@ async def _ask(expert: ExpertFn, queries: list[str]) -> list[str | None]:
     return await out if inspect.isawaitable(out) else out
 
 
-def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: list[str], *, proto: ProtocolConfig,
-                 reward_cfg: RewardConfig, expert: ExpertFn | None, accept_prob: float, max_turns: int,
-                 max_new_tokens_per_turn: int, max_response_tokens: int, temperature: float,
-                 rng: random.Random, groups: list[int] | None = None, ban_consult: bool = False) -> list[Trajectory]:
+def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: list[str], settings: EpisodeSettings, *,
+                 expert: ExpertFn | None, rng: random.Random, groups: list[int] | None = None) -> list[Trajectory]:
     """Run one episode per prompt, all in flight at once, and score them. `expert=None` or
-    `accept_prob=0` means no help; consult turns then get "unavailable".
-    `ban_consult` (evaluation) forbids the consult tag outright."""
+    `settings.accept_prob=0` means no help; consult turns then get "unavailable"."""
     trajs = [Trajectory(list(p), gold=g, group=(groups[i] if groups else i), version=engine.version)
              for i, (p, g) in enumerate(zip(prompts, golds))]
-    kw = dict(proto=proto, reward_cfg=reward_cfg, expert=expert, accept_prob=accept_prob, max_turns=max_turns,
-              max_new_tokens_per_turn=max_new_tokens_per_turn, max_response_tokens=max_response_tokens,
-              temperature=temperature, ban_consult=ban_consult)
     # one RNG per episode, drawn in order: acceptance coins do not depend on which episode's
     # expert call comes back first
     rngs = [random.Random(rng.getrandbits(64)) for _ in trajs]
 
     async def all_episodes():
-        return await asyncio.gather(*[run_episode(engine, tokenizer, t, rng=r, **kw) for t, r in zip(trajs, rngs)])
+        return await asyncio.gather(*[run_episode(engine, tokenizer, t, settings, expert=expert, rng=r)
+                                      for t, r in zip(trajs, rngs)])
 
     return asyncio.run(all_episodes())

@@ -97,7 +97,8 @@ class RolloutFleet:
             return RolloutResult(worker, None, error=f"rollout actor {worker} is restarting")
         self.failures[worker] += 1
         self.not_before[worker] = time.time() + self.backoff_s * 2 ** (self.failures[worker] - 1)
-        self.last_error = f"rollout actor {worker}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        last_line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        self.last_error = f"rollout actor {worker}: {type(e).__name__}: {last_line}"
         print(f"[eapo] {self.last_error} (failure {self.failures[worker]}/{self.max_failures} in a row)", flush=True)
         if self.failures[worker] >= self.max_failures:
             self.retired.add(worker)

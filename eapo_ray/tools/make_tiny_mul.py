@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from eapo_ray.task import MAX_VALUE, MUL_LEVELS, Problem, final_answer, is_hard_product, make_problem, \
-    sample_problems
+from eapo_ray.task import MAX_VALUE, MUL_LEVELS, Problem, final_answer, is_hard_product, make_problem, sample_problems
 
 STEP_TYPES = ("add", "sub", "mul_small", "mul_hard")
 

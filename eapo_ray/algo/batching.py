@@ -1,0 +1,117 @@
+"""Turning scored episodes into training batches: reward shaping (per-consult cost), group
+advantages, dynamic sampling (drop all-equal groups), overlong filtering, the columnar batch
+the object store carries, collation to padded tensors, and splits into minibatches.
+Trajectories are any objects with the attributes used below (see rollout.episode)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from eapo_ray.algo.advantages import group_advantages
+
+
+def shaped_reward(reward: float, consults: int, consult_cost: float) -> float:
+    """The optional per-consult cost (lambda * number of queries); 0 by default."""
+    return reward - consult_cost * consults
+
+
+def groups_of(trajs) -> list[list]:
+    by_group = defaultdict(list)
+    for t in trajs:
+        by_group[t.group].append(t)
+    return list(by_group.values())
+
+
+def assign_advantages(trajs, *, adv_scale: str = "std", consult_cost: float = 0.0,
+                      dynamic_sampling: bool = True) -> tuple[list, int]:
+    """Set `t.advantage` on every trajectory of every complete group. Returns the kept
+    trajectories and the number of groups dropped by dynamic sampling."""
+    groups = groups_of(trajs)
+    sizes = {len(g) for g in groups}
+    if len(sizes) > 1:
+        raise ValueError(f"groups must all have the same size, got sizes {sorted(sizes)}")
+    rewards = torch.tensor([[shaped_reward(t.reward, t.consults, consult_cost) for t in g] for g in groups])
+    adv = group_advantages(rewards, scale=adv_scale)
+    kept, dropped = [], 0
+    for g, r, a in zip(groups, rewards, adv):
+        if dynamic_sampling and bool((r == r[0]).all()):
+            dropped += 1
+            continue
+        for t, v in zip(g, a.tolist()):
+            t.advantage = v
+            kept.append(t)
+    return kept, dropped
+
+
+def loss_mask(t, overlong_filter: bool) -> list[int]:
+    """Policy-token mask; all zeros for a sample cut off by the length budget when
+    overlong filtering is on (it still counted in its group's statistics)."""
+    return [0] * len(t.policy_mask) if overlong_filter and t.overlong else list(t.policy_mask)
+
+
+def to_batch(trajs, overlong_filter: bool = True) -> dict:
+    """A columnar, picklable batch (lists of per-sample lists) for the object store."""
+    return {
+        "input_ids": [t.prompt_ids + t.response_ids for t in trajs],
+        "prompt_len": [len(t.prompt_ids) for t in trajs],
+        "policy_mask": [loss_mask(t, overlong_filter) for t in trajs],
+        "expert_mask": [t.expert_mask for t in trajs],
+        "behav_logp": [t.behav_logp for t in trajs],
+        "advantage": [t.advantage for t in trajs],
+        "version": [t.version for t in trajs],
+    }
+
+
+def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a columnar batch into tensors aligned for next-token log-probs:
+    position j of the [B, L-1] per-token tensors scores token j+1 of input_ids."""
+    B, L = len(batch["input_ids"]), max(len(x) for x in batch["input_ids"])
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    pmask, emask, blogp = (torch.zeros((B, L - 1)) for _ in range(3))
+    for i, seq in enumerate(batch["input_ids"]):
+        n, p = len(seq), batch["prompt_len"][i]
+        ids[i, :n], attn[i, :n] = torch.tensor(seq), 1
+        r = n - p  # response tokens occupy positions p..n-1 -> per-token index p-1..n-2
+        if r:
+            pmask[i, p - 1: n - 1] = torch.tensor(batch["policy_mask"][i], dtype=torch.float)
+            emask[i, p - 1: n - 1] = torch.tensor(batch["expert_mask"][i], dtype=torch.float)
+            blogp[i, p - 1: n - 1] = torch.tensor(batch["behav_logp"][i], dtype=torch.float)
+    return {"input_ids": ids, "attention_mask": attn, "policy_mask": pmask, "expert_mask": emask,
+            "behav_logp": blogp, "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
+            "version": torch.tensor(batch.get("version", [0] * B), dtype=torch.long)}
+
+
+def merge_batches(batches: list[dict]) -> dict:
+    return {k: [v for b in batches for v in b[k]] for k in batches[0]}
+
+
+def split_batch(batch: dict, n: int) -> list[dict]:
+    """Split into n near-equal contiguous shards (for data-parallel learners / minibatches)."""
+    size = len(batch["input_ids"])
+    bounds = [round(i * size / n) for i in range(n + 1)]
+    return [{k: v[bounds[i]: bounds[i + 1]] for k, v in batch.items()} for i in range(n)]
+
+
+def padded_tokens(batch: dict) -> int:
+    """Tokens of a columnar batch once collated: rows x the longest row."""
+    return len(batch["input_ids"]) * max((len(x) for x in batch["input_ids"]), default=0)
+
+
+def split_by_tokens(batch: dict, max_tokens: int) -> list[dict]:
+    """Contiguous micro-batches whose padded size (`padded_tokens`) is at most `max_tokens`; a
+    sequence longer than that goes alone. [batch] when max_tokens <= 0; [] for an empty batch."""
+    n = len(batch["input_ids"])
+    if n == 0:
+        return []
+    if max_tokens <= 0:
+        return [batch]
+    bounds, start, longest = [0], 0, 0
+    for i, seq in enumerate(batch["input_ids"]):
+        longest = max(longest, len(seq))
+        if i > start and longest * (i + 1 - start) > max_tokens:
+            bounds.append(i)
+            start, longest = i, len(seq)
+    bounds.append(n)
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]

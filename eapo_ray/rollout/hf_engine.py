@@ -1,0 +1,108 @@
+"""The transformers engine: exact sampling on CPU (or one GPU) with our own KV-cache loop."""
+from __future__ import annotations
+
+import torch
+
+from eapo_ray.rollout.engine import Engine, Generation, StringBan, hits_stop, token_texts
+
+
+class HFEngine(Engine):
+    """transformers on CPU (or one GPU): our own batched sampling loop with a KV cache, so the
+    sampled distribution is exactly softmax(logits / T) over the whole vocabulary, whatever the
+    checkpoint's generation_config.json says (no top-k/top-p/penalty processors), and the
+    recorded log-prob is that distribution's. A sequence ends at EOS (the tokenizer's and the
+    checkpoint's eos ids, as vLLM does) or at the token that completes a stop string (kept,
+    even if it carries text past the stop string); nothing is returned after it."""
+
+    def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.device = device
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_ids = {i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None}
+        self.version = 0
+        self._texts: list[str] | None = None  # token_texts, computed on the first ban
+        self._bans: dict[tuple, StringBan] = {}
+
+    def _string_ban(self, ban) -> StringBan:
+        key = tuple(ban)
+        if key not in self._bans:
+            if self._texts is None:
+                self._texts = token_texts(self.tokenizer)
+            self._bans[key] = StringBan(self.tokenizer, key, self._texts)
+        return self._bans[key]
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
+        if not prompts:
+            return []
+        B, n = len(prompts), max(len(p) for p in prompts)
+        dev = self.device
+        ids = torch.full((B, n), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, n - len(p):], attn[i, n - len(p):] = torch.tensor(p), 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        greedy = temperature <= 0
+        sban = self._string_ban(ban) if ban else None
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
+        finish, active = ["length"] * B, [m > 0 for m in max_new_tokens]
+        for _ in range(max(max_new_tokens)):
+            if not any(active):
+                break
+            scaled = logits.float() / (1.0 if greedy else temperature)
+            if sban is not None:  # mask every token that would complete a banned string
+                for i in range(B):
+                    if active[i]:
+                        scaled[i, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
+            logp = torch.log_softmax(scaled, dim=-1)
+            nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            for i in range(B):
+                if not active[i]:
+                    continue
+                t = int(nxt[i])
+                if sban is not None:
+                    t = self._recheck_ban(sban, logp, i, t, toks[i], greedy)
+                    if t is None:  # every token would spell a banned string: end the turn here
+                        finish[i], active[i] = "stop", False
+                        continue
+                    nxt[i] = t
+                toks[i].append(t)
+                lps[i].append(0.0 if greedy else float(logp[i, t]))
+                if t in self.eos_ids or hits_stop(self.tokenizer, toks[i], stop):
+                    finish[i], active[i] = "stop", False
+                elif len(toks[i]) >= max_new_tokens[i]:
+                    active[i] = False
+            if not any(active):
+                break
+            step_ids = nxt.view(B, 1).to(dev)
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                             use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return [Generation(t, lp, f) for t, lp, f in zip(toks, lps, finish)]
+
+    @staticmethod
+    def _recheck_ban(sban: StringBan, logp: torch.Tensor, i: int, t: int, toks: list[int], greedy: bool):
+        """The exact (decoding) test of the chosen token; the mask already caught it unless the
+        tokenizer's token texts do not add up. A token that fails is masked in `logp` row i (in
+        place, renormalised) and the row drawn again; None if nothing is left."""
+        while sban.completes(toks, t):
+            logp[i, t] = -float("inf")
+            if torch.isinf(logp[i]).all():
+                return None
+            logp[i] = torch.log_softmax(logp[i], dim=-1)
+            t = int(logp[i].argmax()) if greedy else int(torch.multinomial(logp[i].exp(), 1))
+        return t
+
+    def load_weights(self, state_dict, version):
+        self.model.load_state_dict(state_dict)
+        self.version = version

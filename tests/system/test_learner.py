@@ -1,0 +1,53 @@
+"""One DeepSpeed learner (a real Ray actor, gloo) moves the policy the way the advantages say,
+and publishes weights that a rollout engine can load."""
+import pytest
+import torch
+
+from eapo_ray.algo.batching import collate
+from eapo_ray.algo.logprobs import token_logprobs
+from eapo_ray.buffer import BufferItem
+from eapo_ray.config import TINY_DIR, load_config
+from eapo_ray.learner import LearnerGroup
+from eapo_ray.rollout.hf_engine import HFEngine
+
+pytestmark = pytest.mark.slow
+
+
+def test_update_follows_advantages_and_weights_sync(ray_local):
+    ray = ray_local
+    cfg = load_config(None, ["learner.lr=5e-5", "rollout.prompts_per_batch=1", "rollout.group_size=2"])
+    engine = HFEngine(str(TINY_DIR / "policy"))
+    tok = engine.tokenizer
+    prompt = tok("Q:(3+4)*5\nA:")["input_ids"]
+    good = tok.encode("3+4=7;7*5=35;<answer>\\boxed{35}</answer>", add_special_tokens=False)
+    bad = tok.encode("<answer>\\boxed{30}</answer>", add_special_tokens=False)
+    with torch.no_grad():
+        behav = []
+        for resp in (good, bad):
+            ids = torch.tensor([prompt + resp])
+            behav.append(token_logprobs(engine.model(input_ids=ids).logits, ids)[0, len(prompt) - 1:].tolist())
+    batch = {"input_ids": [prompt + good, prompt + bad], "prompt_len": [len(prompt)] * 2,
+             "policy_mask": [[1] * len(good), [1] * len(bad)], "expert_mask": [[0] * len(good), [0] * len(bad)],
+             "behav_logp": behav, "advantage": [1.0, -1.0], "version": [0, 0]}
+
+    def seq_logp(model):
+        b = collate(batch, tok.pad_token_id)
+        with torch.no_grad():
+            lp = token_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"])
+        return (lp * b["policy_mask"]).sum(1)
+
+    before = seq_logp(engine.model)
+    group = LearnerGroup(cfg, "test")
+    try:
+        assert group.setup() == 0
+        ref = ray.put(batch)
+        stats = group.train_step([BufferItem(0, [ref], 2)])
+        assert stats["learner_samples"] == 2 and abs(stats["is_weight_mean"] - 1.0) < 1e-3
+        version, box = group.publish()
+        assert version == 1
+        engine.load_weights(ray.get(box[0]), version)
+    finally:
+        group.shutdown()
+    after = seq_logp(engine.model)
+    assert after[0] > before[0] and after[1] < before[1]
+    assert engine.version == 1

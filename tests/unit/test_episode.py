@@ -1,0 +1,159 @@
+"""The EAPO episode on the bundled tiny policy (real transformers engine, no Ray).
+The expert here is a plain function (the ExpertFn interface the Serve client also
+implements), so the masks can be checked against known replies."""
+import random
+
+import pytest
+import torch
+
+from eapo_ray.algo.batching import assign_advantages, collate, to_batch
+from eapo_ray.algo.logprobs import token_logprobs
+from eapo_ray.algo.protocol import ProtocolConfig
+from eapo_ray.algo.reward import RewardConfig
+from eapo_ray.config import TINY_DIR
+from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
+from eapo_ray.rollout.hf_engine import HFEngine
+
+PROTO = ProtocolConfig(query_sep="|")
+
+
+def true_expert(queries):
+    """Replies as the tiny config renders them ("{query}={answer}")."""
+    ok = lambda q: q and q[-1].isdigit() and q.replace("+", "").replace("-", "").replace("*", "").isdigit()  # noqa: E731
+    return [f"{q}={eval(q)}" if ok(q) else "?" for q in queries]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    return HFEngine(str(TINY_DIR / "policy"))
+
+
+PROBLEMS = [("(23*4+5)*3-9", "282"), ("(8*7-4)*7", "364"), ("9*6*3-5", "157"), ("(4+5)*8*3", "216")]
+
+
+def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
+    tok = engine.tokenizer
+    probs = [PROBLEMS[i % len(PROBLEMS)] for i in range(n)]
+    prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in probs]
+    args = dict(proto=PROTO, reward=RewardConfig(), accept_prob=accept_prob, max_turns=4,
+                max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0)
+    args.update(kw)
+    return run_episodes(engine, tok, prompts, [a for _, a in probs], EpisodeSettings(**args), expert=expert,
+                        rng=random.Random(seed))
+
+
+def test_masks_logprobs_and_replies(engine):
+    tok = engine.tokenizer
+    trajs = episodes(engine, accept_prob=1.0)
+    consulted = [t for t in trajs if t.consults]
+    assert consulted, "the warm-started policy consults on some multiplication steps"
+    for t in trajs:
+        n = len(t.response_ids)
+        assert len(t.policy_mask) == len(t.expert_mask) == len(t.behav_logp) == n
+        assert all(lp <= 0 for lp in t.behav_logp)
+        assert all((lp == 0.0) for lp, m in zip(t.behav_logp, t.policy_mask) if not m)
+        assert not any(p and e for p, e in zip(t.policy_mask, t.expert_mask))
+    for t in consulted:
+        obs = tok.decode([i for i, p in zip(t.response_ids, t.policy_mask) if not p])
+        assert obs.startswith("<expert>") and "unavailable" not in obs  # every query accepted
+        expert_text = tok.decode([i for i, e in zip(t.response_ids, t.expert_mask) if e])
+        assert all("=" in r for r in expert_text.split("</expert>") if r)
+        assert 0 < t.accepted <= t.consults  # a consult in the last turn goes unanswered
+
+
+def test_rejected_and_failed_queries_render_unavailable(engine):
+    tok = engine.tokenizer
+    for kw in ({"accept_prob": 0.0}, {"accept_prob": 1.0, "expert": lambda qs: [None] * len(qs)}):
+        trajs = episodes(engine, **kw)
+        consulted = [t for t in trajs if t.consults]
+        assert consulted
+        for t in consulted:
+            assert t.accepted == 0 and sum(t.expert_mask) == 0
+            assert "<expert>unavailable</expert>" in tok.decode(t.response_ids)
+        if "expert" in kw:
+            assert sum(t.expert_failures for t in trajs) == sum(t.consults for t in consulted if t.turns > 1) > 0
+
+
+def test_ban_consult_at_evaluation(engine):
+    trajs = episodes(engine, accept_prob=0.0, expert=None, ban_consult=True, temperature=0.0, max_turns=1, n=4)
+    assert all(t.consults == 0 and "<consult>" not in engine.tokenizer.decode(t.response_ids) for t in trajs)
+
+
+def test_learner_logprobs_match_behaviour(engine):
+    """The learner's recomputed log-probs equal the engine's on the exact sampled ids."""
+    trajs = episodes(engine, accept_prob=1.0, n=16)
+    kept, _ = assign_advantages(trajs, dynamic_sampling=False)
+    b = collate(to_batch(kept, overlong_filter=False), engine.pad_id)
+    with torch.no_grad():
+        logits = engine.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    lp = token_logprobs(logits, b["input_ids"], 1.0)
+    m = b["policy_mask"] > 0
+    assert m.sum() > 100
+    assert (lp[m] - b["behav_logp"][m]).abs().max() < 1e-4
+
+
+def test_expert_reply_with_an_answer_tag_earns_nothing(engine):
+    """Only the policy's own final turn is scored: an expert reply carrying the right
+    answer in answer tags is not the policy's answer (a reward-hacking channel)."""
+    from eapo_ray.algo.reward import score
+
+    tok = engine.tokenizer
+    golds = {a for _, a in PROBLEMS}
+    trajs = []
+    for gold in sorted(golds):  # an expert that always "answers" with this problem set's gold
+        expert = lambda qs, g=gold: [f"<answer>\\boxed{{{g}}}</answer>" for _ in qs]  # noqa: E731
+        trajs += [t for t in episodes(engine, 1.0, n=32, expert=expert, max_turns=2) if t.gold == gold]
+    leaked = 0
+    for t in trajs:
+        turns = _policy_turns(t)
+        final = tok.decode(turns[-1])
+        assert t.correct == score(final, t.gold, RewardConfig(), PROTO).correct
+        whole = tok.decode(t.response_ids)
+        if t.accepted and score(whole, t.gold, RewardConfig(), PROTO).correct and not t.correct:
+            leaked += 1
+    assert leaked > 0, "some episodes must end without the policy's own answer after a leaking reply"
+
+
+def _policy_turns(t) -> list[list[int]]:
+    """The policy's generated runs of tokens, one per turn."""
+    runs, cur = [], []
+    for tok_id, p in zip(t.response_ids, t.policy_mask):
+        if p:
+            cur.append(tok_id)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def test_turn_cut_by_the_per_turn_budget_is_overlong_and_last_turn_gets_the_rest(engine):
+    trajs = episodes(engine, 1.0, n=32, max_new_tokens_per_turn=6, max_turns=3)
+    cut = [t for t in trajs if len(_policy_turns(t)[-1]) == 6 and t.turns < 3]
+    assert cut, "a 6-token turn budget cuts most turns"
+    assert all(t.overlong and t.reward == 0.0 for t in cut)
+    # a turn budget of 1: the only turn may use the whole response budget, not the per-turn cap
+    single = episodes(engine, 0.0, n=16, expert=None, max_new_tokens_per_turn=6, max_turns=1)
+    assert max(len(t.response_ids) for t in single) > 6
+
+
+def test_episode_settings_for_training_and_evaluation_follow_the_config():
+    """One settings object: training at a step follows the schedules; evaluation alone bans the
+    consult tag and gives its one turn the whole budget; the workflow answers every query."""
+    from eapo_ray.algo.schedules import acceptance_prob, turn_budget
+    from eapo_ray.config import load_config
+
+    cfg = load_config(None)
+    r = cfg.rollout
+    for step in (0, 10, 29, 35):
+        s = EpisodeSettings.for_training(cfg, step)
+        assert s.accept_prob == acceptance_prob(step, cfg.acceptance) and not s.ban_consult
+        assert s.max_turns == turn_budget(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps)
+        assert s.temperature == r.temperature and s.max_new_tokens_per_turn == r.max_new_tokens_per_turn
+    assert EpisodeSettings.for_training(cfg, 0, with_expert=False).accept_prob == 0.0
+    alone = EpisodeSettings.for_eval(cfg, temperature=0.0)
+    assert alone.ban_consult and alone.accept_prob == 0.0 and alone.max_turns == cfg.eval.max_turns
+    assert alone.max_new_tokens_per_turn == r.max_response_tokens
+    flow = EpisodeSettings.for_eval(cfg, temperature=1.0, with_expert=True, max_turns=r.train_turns)
+    assert not flow.ban_consult and flow.accept_prob == 1.0 and flow.max_turns == r.train_turns
+    assert flow.max_new_tokens_per_turn == r.max_new_tokens_per_turn

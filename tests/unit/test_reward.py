@@ -1,0 +1,63 @@
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from eapo_ray.algo.reward import RewardConfig, extract_answer, score
+
+
+@pytest.mark.parametrize("response,gold,expected", [
+    ("3+4=7;<answer>\\boxed{7}</answer>", "7", (1.0, True, True)),
+    ("<answer>\\boxed{8}</answer>", "7", (0.1, False, True)),
+    ("<answer>7</answer>", "7", (1.0, True, True)),  # a bare value inside the tags
+    ("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", (1.0, True, True)),
+    ("<answer>\\boxed{0.5}</answer>", "\\frac{1}{2}", (1.0, True, True)),
+    ("<answer>\\boxed{\\frac{\\sqrt{3}}{2}}</answer>", "\\frac{\\sqrt 3}{2}", (1.0, True, True)),
+    ("<answer>\\boxed{}</answer>", "7", (0.0, False, False)),
+    ("\\boxed{7}", "7", (0.0, False, False)),  # no answer tags
+    ("<answer>\\boxed{7</answer>", "7", (0.0, False, False)),  # unbalanced box is not an answer
+    ("", "7", (0.0, False, False)),
+])
+def test_score(response, gold, expected):
+    r = score(response, gold)
+    assert (r.reward, r.correct, r.formatted) == expected
+
+
+def test_untagged_boxed_option_and_format_reward():
+    assert score("so \\boxed{7}", "7", RewardConfig(require_answer_tags=False)).correct
+    assert score("<answer>\\boxed{8}</answer>", "7", RewardConfig(format_reward=0.0)).reward == 0.0
+    assert extract_answer("<answer>a</answer> x <answer>\\boxed{b}</answer>") == "b"
+
+
+def test_safe_in_threads_and_event_loops():
+    cases = [("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", True), ("<answer>\\boxed{x^2}</answer>", "x^3", False)] * 4
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: score(c[0], c[1]).correct, cases))
+    assert got == [c[2] for c in cases]
+
+    async def main():
+        return await asyncio.gather(*(asyncio.to_thread(score, c[0], c[1]) for c in cases))
+    assert [r.correct for r in asyncio.run(main())] == [c[2] for c in cases]
+
+
+def test_grading_timeout_scores_zero():
+    # math-verify needs seconds on this 300-term sum: a 0.2 s budget times out for real.
+    big = "+".join(f"x_{{{i}}}^{{{i}}}" for i in range(300))
+    r = score(f"<answer>\\boxed{{{big}}}</answer>", "0.5", RewardConfig(timeout_s=0.2))
+    assert (r.reward, r.correct, r.formatted) == (0.0, False, False)
+    # and the grader recovers afterwards
+    assert score("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5").correct
+
+
+def test_last_number_fallback_is_opt_in_and_only_without_a_box():
+    from eapo_ray.algo.reward import last_number
+
+    assert last_number("she pays 1,234 dollars, i.e. 5.5 per day.") == "5.5"
+    assert last_number("no digits") is None
+    flexible = RewardConfig(require_answer_tags=False, last_number_fallback=True, timeout_s=None)
+    assert score("So she makes 18 dollars.", "18", flexible).correct
+    assert not score("So she makes 18 dollars.", "18", RewardConfig(require_answer_tags=False)).formatted
+    assert not score("18 ... \\boxed{17}", "18", flexible).correct  # a box, when present, is the answer
+    assert not score("18 ... \\boxed{17", "18", flexible).formatted  # a broken box is not rescued
+    tagged = RewardConfig(require_answer_tags=True, last_number_fallback=True, timeout_s=None)
+    assert not score("So she makes 18 dollars.", "18", tagged).formatted  # training rewards keep the tags
