@@ -140,16 +140,24 @@ def test_turn_cut_by_the_per_turn_budget_is_overlong_and_last_turn_gets_the_rest
 def test_episode_settings_for_training_and_evaluation_follow_the_config():
     """One settings object: training at a step follows the schedules; evaluation alone bans the
     consult tag and gives its one turn the whole budget; the workflow answers every query."""
-    from eapo_ray.algo.schedules import acceptance_prob, turn_budget
+    from eapo_ray.algo.schedules import acceptance_prob, training_turns
     from eapo_ray.config import load_config
 
     cfg = load_config(None)
     r = cfg.rollout
     for step in (0, 10, 29, 35):
         s = EpisodeSettings.for_training(cfg, step)
-        assert s.accept_prob == acceptance_prob(step, cfg.acceptance) and not s.ban_consult
-        assert s.max_turns == turn_budget(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps)
+        rho = acceptance_prob(step, cfg.acceptance)
+        assert s.accept_prob == rho and not s.ban_consult
+        assert s.max_turns == training_turns(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps, rho)
         assert s.temperature == r.temperature and s.max_new_tokens_per_turn == r.max_new_tokens_per_turn
+    # step 29: the default turn budget (over acceptance.total_steps) is 1, but rho > 0: 2 turns
+    assert EpisodeSettings.for_training(cfg, 29).max_turns == 2
+    assert EpisodeSettings.for_training(cfg, 29, with_expert=False).max_turns == 1
+    # rollout.turn_budget_steps: the budget's own horizon
+    own = load_config(None, ["rollout.turn_budget_steps=100"])
+    assert EpisodeSettings.for_training(own, 35, with_expert=False).max_turns == 2  # 4 - 3 * 0.35 = 2.95
+    assert EpisodeSettings.for_training(load_config(None, ["rollout.turn_budget_steps=0"]), 35).max_turns == 4
     assert EpisodeSettings.for_training(cfg, 0, with_expert=False).accept_prob == 0.0
     alone = EpisodeSettings.for_eval(cfg, temperature=0.0)
     assert alone.ban_consult and alone.accept_prob == 0.0 and alone.max_turns == cfg.eval.max_turns
