@@ -21,32 +21,58 @@ from pathlib import Path
 from eapo_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config, to_dict
 
 
-def init_ray(cfg: RunConfig, required_cpus: float):
+# no weight-loading bars; EAPO_QUIET: actors keep Serve's client INFO lines off the console
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "EAPO_QUIET": "1"}
+
+
+def quiet_console(verbose: bool) -> None:
+    """The driver's own loggers: Ray's and Serve's INFO lines (cluster start, Serve start and
+    app deploys) only with --verbose. Warnings and errors always show."""
+    import logging
+
+    if verbose:
+        return
+    import ray.serve  # noqa: F401 -- its import sets its logger to INFO: quieten it after
+
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def init_ray(cfg: RunConfig, required_cpus: float) -> str:
+    """Start (or join) Ray; returns the dashboard URL ("" when there is none)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():  # e.g. several runs or evaluations from one process
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
+        return ""
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                        **({} if cfg.verbose else QUIET_ENV)}}
+    # Every worker's Python logging at WARNING unless --verbose (the log files keep what is printed)
+    quiet = {} if cfg.verbose else {"logging_level": logging.WARNING,
+                                    "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if cfg.ray_address == "auto-local" and not os.environ.get("RAY_ADDRESS"):
         # A private local cluster; never attach to a stray one on this machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
-                 runtime_env=env, include_dashboard=True, log_to_driver=True)
+        ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
+                       runtime_env=env, include_dashboard=True, dashboard_host=cfg.dashboard_host, log_to_driver=True,
+                       **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}), **quiet)
     else:
-        ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env)
+        ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
+    url = getattr(ctx, "dashboard_url", "") or ""
+    return f"http://{url}" if url and not url.startswith("http") else url
 
 
 class MetricsLog:
-    """JSONL + TensorBoard in the run directory, and Ray metrics for the dashboard."""
+    """JSONL + TensorBoard in the run directory (the Ray dashboard's metrics: eapo_ray.metrics)."""
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
-        from ray.util.metrics import Gauge
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         # purge_step: on resume, TensorBoard hides events at or after it that an earlier attempt wrote
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
-        self.gauges = {k: Gauge(f"eapo_{k}", description=f"EAPO {k}") for k in
-                       ("reward", "consult_rate", "acceptance_prob", "heldout_accuracy", "samples_per_s", "staleness")}
 
     def log(self, step: int, row: dict):
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
@@ -54,8 +80,6 @@ class MetricsLog:
         for k, v in row.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
-                if k in self.gauges:
-                    self.gauges[k].set(float(v))
 
     def close(self):
         self.jsonl.close()
@@ -73,6 +97,8 @@ class System:
     fleet: object = None  # rollout.fleet.RolloutFleet
     evaluator: object = None
     metrics: MetricsLog | None = None
+    accounting: object = None  # accounting.Accounting of this launch
+    pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
 
     def teardown(self) -> None:
         """Stop everything that was started, each part on its own (one failing does not keep
@@ -152,11 +178,14 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     r, lc, ec = cfg.rollout, cfg.learner, cfg.expert
     s.run_name = run_name
     required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + r.num_cpus
-    init_ray(cfg, required)
+    url = init_ray(cfg, required)
+    print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
     if cfg.acceptance.kind != "constant" or cfg.acceptance.start > 0:
         s.app_name = f"{run_name}-expert"
-        serve.start(proxy_location="Disabled")
-        serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None)
+        # no access line per expert request (the replica logs keep warnings and errors) unless --verbose
+        logs = {} if cfg.verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
+        serve.start(proxy_location="Disabled", **logs)
+        serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None, **logs)
         print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
     s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
     # Rollout engines and the evaluator load their models while the learners set up.
@@ -201,10 +230,14 @@ def run(cfg: RunConfig) -> Path:
     """Start the system, train `cfg.steps` policy versions, write the summary; always tear down."""
     import ray
 
+    from eapo_ray import accounting, metrics
+
     t_start = time.time()
+    quiet_console(cfg.verbose)
     run_name, run_dir = prepare_run_dir(cfg)
+    cfg.run_name = run_name  # actors tag their metrics with it
     print(f"[eapo] run directory: {run_dir}", flush=True)
-    s = System()
+    s = System(accounting=accounting.Accounting())
     try:
         version = start_system(cfg, run_name, run_dir, s)
         state_path = run_dir / "checkpoint" / "driver_state.json"
@@ -223,17 +256,31 @@ def run(cfg: RunConfig) -> Path:
             ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights))
             print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
             s.metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
+            metrics.heldout(run_name, ev0["accuracy"])
         t_loop = time.time()
         ev = train_loop(cfg, s, state, weights, ev, run_dir)
         loop_seconds = time.time() - t_loop
         s.learners.save(str(run_dir))
         state.save(state_path)
         summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
+        a = summary["accounting"]
+        b, n = a["batches"], a["samples"]
+        print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = trained "
+              f"{b['trained']} ({n['trained']}) + dropped stale {b['dropped_stale']} ({n['dropped_stale']}) + "
+              f"buffered at end {b['buffered_at_end']} ({n['buffered_at_end']}) + lost {b['lost']} ({n['lost']})"
+              f"{'' if a['closes'] else '  DOES NOT CLOSE'}", flush=True)
+        accounting.check(a)
         s.metrics.close()
         s.metrics = None
         from eapo_ray.tools.plot import plot_run
 
         plot_run(run_dir)
+    except KeyboardInterrupt:
+        ckpt = run_dir / "checkpoint"
+        hint = (f"; continue with: python -m eapo_ray.launch resume={run_dir}"
+                if ckpt.is_dir() and any(ckpt.iterdir()) else " (no checkpoint yet: set checkpoint_every to resume)")
+        print(f"[eapo] interrupted: shutting the run down{hint}", file=sys.stderr, flush=True)
+        raise
     finally:
         s.teardown()
     print(f"[eapo] done in {summary['wall_seconds']:.0f}s: held-out accuracy {ev0['accuracy']:.3f} -> "
@@ -250,6 +297,8 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
 
     from eapo_ray.buffer import BufferItem
 
+    from eapo_ray import metrics
+
     rollouts = []
     while True:
         feed(cfg, s, state, rollout_weights, pending)
@@ -260,7 +309,11 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
             return items, rollouts
         for res in s.fleet.wait(timeout_s=5.0):
             if res.stats is None:
+                metrics.rollout_failure(s.run_name, res.worker)
                 continue
+            if s.accounting is not None:
+                s.accounting.rollout(res.stats)
+            metrics.rollout_batch(s.run_name, res.stats)
             rollouts.append(res.stats)
             if res.stats["kept_samples"]:
                 pending.append(BufferItem(res.stats["version"], [res.batch], res.stats["kept_samples"]))
@@ -288,9 +341,11 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
 def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, run_dir: Path) -> dict:
     """Policy versions state.version .. cfg.steps: take a batch from the buffer, train, send
     the new weights, evaluate and checkpoint on schedule. Returns the last evaluation."""
+    from eapo_ray import metrics
+
     nccl = cfg.rollout.weight_sync == "nccl"
     rollout_weights = None if nccl else weights
-    pending: deque = deque()  # finished batches the buffer had no room for yet
+    pending = s.pending  # finished batches the buffer had no room for yet
     t_loop, first, generated0 = time.time(), state.version, state.generated
     while state.version < cfg.steps:
         items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
@@ -302,6 +357,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
             state.first_rollout = state.first_rollout or st
             state.last_rollout = st
         stats = s.learners.train_step(items)
+        if s.accounting is not None:
+            s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"])
         state.version += 1
         done = state.version >= cfg.steps
         eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
@@ -316,6 +373,9 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
                **stats, "samples": state.samples, "generated": state.generated,
                "samples_per_s": (state.generated - generated0) / max(elapsed, 1e-9),  # this attempt
                **_buffer_stats(s.buffer)}
+        metrics.train_step(s.run_name, state.version, stats,
+                           {"size": row["buffer_size"], "dropped_stale": row["buffer_dropped_stale"]},
+                           s.accounting.lost_batches if s.accounting is not None else stats.get("lost_batches", 0))
         if state.last_rollout:  # the newest finished rollout batch
             row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
                        acceptance_prob=state.last_rollout["acceptance_prob"])
@@ -324,6 +384,7 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
 
             ev = ray.get(s.evaluator.evaluate.remote(weights))
             row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
+            metrics.heldout(s.run_name, ev["accuracy"])
         s.metrics.log(state.version, row)
         nan = float("nan")
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)
@@ -349,6 +410,11 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
         "seed": cfg.seed, "buffer": _buffer_stats(s.buffer), "rollout_batches_by_worker": state.by_worker,
         "rollout_actors_retired": sorted(s.fleet.retired), "checkpoint": str(run_dir / "final"),
     }
+    if s.accounting is not None:
+        import ray
+
+        summary["accounting"] = s.accounting.close(ray.get(s.buffer.stats.remote()),
+                                                   [p.num_samples for p in s.pending], s.fleet.num_inflight)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -370,20 +436,42 @@ def main(argv=None) -> int:
         epilog="Examples:\n  python -m eapo_ray.launch steps=10 rollout.num_actors=2\n"
                "  python -m eapo_ray.launch --config configs/tiny_cpu.yaml learner.num_learners=2")
     ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name}, bundled)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print Serve access logs and Ray/transformers INFO lines (config key: verbose)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
+    from eapo_ray.accounting import AccountingError
     from eapo_ray.rollout.fleet import FleetError
 
+    _sigterm_raises_interrupt()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["verbose=true"] if args.verbose else []))
         run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FleetError as e:
+    except (FleetError, AccountingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+def _sigterm_raises_interrupt() -> None:
+    """SIGTERM (a scheduler, `kill`) shuts down like Ctrl-C: the run's actors, learners and Serve
+    app are torn down in `run`'s finally, and Ray's exit hook stops a local cluster."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # teardown runs once
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":
