@@ -36,10 +36,12 @@ class Accounting:
     trained_samples: int = 0
     lost_batches: int = 0
     lost_samples: int = 0
+    expert_unavailable: int = 0  # accepted expert queries that got "unavailable" (timeout, dead replica)
 
     def rollout(self, stats: dict) -> None:
         """A finished rollout batch came back to the driver (RolloutWorker.produce's stats)."""
         self.filtered_samples += stats["samples"] - stats["kept_samples"]
+        self.expert_unavailable += stats.get("expert_failures", 0)
         if stats["kept_samples"]:
             self.produced_batches += 1
             self.produced_samples += stats["kept_samples"]
@@ -64,7 +66,8 @@ class Accounting:
              "samples": {"produced": self.produced_samples, "trained": self.trained_samples,
                          "dropped_stale": buffer_stats["dropped_samples"],
                          "buffered_at_end": buffer_stats["size_samples"] + sum(pending), "lost": self.lost_samples}}
-        out = {**b, "filtered_samples": self.filtered_samples, "in_flight_at_end": in_flight, "closes": True}
+        out = {**b, "filtered_samples": self.filtered_samples, "in_flight_at_end": in_flight,
+               "expert_unavailable": self.expert_unavailable, "closes": True}
         errors = []
         for unit, c in b.items():
             rest = c["trained"] + c["dropped_stale"] + c["buffered_at_end"] + c["lost"]

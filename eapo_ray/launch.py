@@ -60,6 +60,7 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
                        **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}), **quiet)
     else:
         ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
+    _sigterm_raises_interrupt()  # after ray.init, which installs its own (aborting) SIGTERM handler
     url = getattr(ctx, "dashboard_url", "") or ""
     return f"http://{url}" if url and not url.startswith("http") else url
 
@@ -408,7 +409,8 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
         "consult_rate_end": (state.last_rollout or {}).get("consult_rate", 0.0),
         "logp_gap_max": state.logp_gap_max,
         "seed": cfg.seed, "buffer": _buffer_stats(s.buffer), "rollout_batches_by_worker": state.by_worker,
-        "rollout_actors_retired": sorted(s.fleet.retired), "checkpoint": str(run_dir / "final"),
+        "rollout_actors_retired": sorted(s.fleet.retired), "rollout_failed_calls": s.fleet.failed_calls,
+        "checkpoint": str(run_dir / "final"),
     }
     if s.accounting is not None:
         import ray
@@ -443,7 +445,6 @@ def main(argv=None) -> int:
     from eapo_ray.accounting import AccountingError
     from eapo_ray.rollout.fleet import FleetError
 
-    _sigterm_raises_interrupt()
     try:
         cfg = load_config(args.config, args.overrides + (["verbose=true"] if args.verbose else []))
         run(cfg)

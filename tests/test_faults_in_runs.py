@@ -1,0 +1,144 @@
+"""Faults injected into real launches (`python -m eapo_ray.launch` in a subprocess, its own
+local Ray cluster): processes are found by PID among the launch's descendants and killed with
+SIGKILL, or the driver gets SIGINT/SIGTERM. Each test checks the run's outcome: the right step
+count and an accounting block with nothing lost, or a clean shutdown with no process left."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2"]
+
+
+class Launch:
+    """A launch in its own session (so a Ctrl-C to its process group does not reach pytest)."""
+
+    def __init__(self, tmp_path: Path, name: str, *overrides: str):
+        self.run_dir, self.out_path = tmp_path / name, tmp_path / f"{name}.out"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST, *overrides]
+        with self.out_path.open("w") as out:
+            self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    @property
+    def log(self) -> str:
+        return self.out_path.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> None:
+        t0 = time.time()
+        while not re.search(pattern, self.log, re.M):
+            assert self.p.poll() is None, f"launch exited ({self.p.returncode}) before {pattern!r}:\n{self.log[-4000:]}"
+            assert time.time() - t0 < timeout, f"no {pattern!r} within {timeout}s:\n{self.log[-4000:]}"
+            time.sleep(0.5)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def find(self, title: str) -> psutil.Process:
+        """The launch's process whose title (Ray sets ray::<Actor>...) contains `title`."""
+        for proc in self.descendants():
+            try:
+                if title in " ".join(proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                continue
+        raise AssertionError(f"no process {title!r} under the launch: "
+                             f"{[' '.join(p.cmdline())[:60] for p in self.descendants()]}")
+
+    def finish(self, timeout: float = 600) -> int:
+        try:
+            return self.p.wait(timeout=timeout)
+        finally:
+            self.kill_all()
+
+    def kill_all(self) -> None:
+        """Test teardown: nothing of this launch survives a failed test."""
+        procs = self.descendants()
+        if self.p.poll() is None:
+            self.p.kill()
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+
+def test_kill9_rollout_actor_then_expert_replica_mid_run(tmp_path):
+    """One rollout actor, SIGKILLed while it generates: Ray restarts it, its in-flight batch is
+    re-run (a failed call, counted), batches it had finished survive (the driver owns them).
+    Then the Serve expert's replica is SIGKILLed: Serve starts a new one; queries that were in
+    flight or came before it was up read "unavailable" and are counted. The run reaches its
+    step count and the accounting closes with nothing lost."""
+    run = Launch(tmp_path, "faults", "steps=6", "rollout.num_actors=1", "expert.timeout_s=3",
+                 "acceptance.kind=constant", "acceptance.start=1.0")
+    try:
+        run.wait_for(r"^\[eapo\] step 1/6")
+        actor = run.find("ray::RolloutWorker")
+        t_kill = time.time()
+        actor.send_signal(signal.SIGKILL)
+        run.wait_for(r"^\[eapo\] step 3/6")
+        replica = run.find("ServeReplica:faults-expert")
+        replica.send_signal(signal.SIGKILL)
+        rc = run.finish()
+        log = run.log
+        assert rc == 0, log[-5000:]
+        s = run.summary()
+        a = s["accounting"]
+        assert s["steps"] == 6 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
+        assert s["rollout_failed_calls"] >= 1 and not s["rollout_actors_retired"]  # the killed call, re-run
+        assert a["expert_unavailable"] >= 1, a  # the replica's death was seen and counted, not hidden
+        steps = [int(m) for m in re.findall(r"^\[eapo\] step (\d+)/6", log, re.M)]
+        assert steps == list(range(1, 7))
+        print(f"faults: rollout actor + expert replica killed; run took {time.time() - t_kill:.0f}s after the "
+              f"first kill; failed calls {s['rollout_failed_calls']}, expert unavailable {a['expert_unavailable']}, "
+              f"accounting {a['batches']} / {a['samples']}")
+    finally:
+        run.kill_all()
+
+
+@pytest.mark.parametrize("how", ["sigint-group", "sigterm"])
+def test_interrupted_driver_shuts_everything_down(tmp_path, how):
+    """Ctrl-C (SIGINT to the launch's process group, as a terminal sends it) or `kill` (SIGTERM to
+    the driver): the run tears down (Serve app, actors, learners), says how to resume, exits
+    130, and no process of the run is left."""
+    run = Launch(tmp_path, how, "steps=100", "checkpoint_every=1")
+    try:
+        run.wait_for(r"^\[eapo\] step 2/100")
+        procs = run.descendants()
+        assert any("RolloutWorker" in " ".join(p.cmdline()) for p in procs)
+        t0 = time.time()
+        if how == "sigint-group":
+            os.killpg(run.p.pid, signal.SIGINT)
+        else:
+            run.p.send_signal(signal.SIGTERM)
+        rc = run.p.wait(timeout=120)
+        took = time.time() - t0
+        log = run.log
+        assert rc == 130, log[-4000:]
+        assert f"resume={run.run_dir}" in log and "teardown of" not in log, log[-4000:]
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not left:
+                break
+            time.sleep(0.5)
+        assert not left, [(p.pid, " ".join(p.cmdline())[:80]) for p in left]
+        print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
+    finally:
+        run.kill_all()
