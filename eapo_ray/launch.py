@@ -241,8 +241,7 @@ def run(cfg: RunConfig) -> Path:
     s = System(accounting=accounting.Accounting())
     try:
         version = start_system(cfg, run_name, run_dir, s)
-        state_path = run_dir / "checkpoint" / "driver_state.json"
-        state = LoopState.load(state_path) if cfg.resume and state_path.exists() else LoopState()
+        state = load_driver_state(run_dir, version) if cfg.resume else LoopState()
         if state.version != version:
             if cfg.resume:
                 print(f"[eapo] driver state is at version {state.version}, the checkpoint at {version}: "
@@ -261,8 +260,7 @@ def run(cfg: RunConfig) -> Path:
         t_loop = time.time()
         ev = train_loop(cfg, s, state, weights, ev, run_dir)
         loop_seconds = time.time() - t_loop
-        s.learners.save(str(run_dir))
-        state.save(state_path)
+        save_checkpoint(s, state, run_dir)
         summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
         a = summary["accounting"]
         b, n = a["batches"], a["samples"]
@@ -394,9 +392,35 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
               f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
               f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
-            s.learners.save(str(run_dir))
-            state.save(run_dir / "checkpoint" / "driver_state.json")
+            save_checkpoint(s, state, run_dir)
     return ev
+
+
+def save_checkpoint(s: System, state: LoopState, run_dir: Path) -> None:
+    """The learners' checkpoint (tag step<version>) and the driver's counters for that same
+    version, written first: a driver killed at any point resumes with the counters (batch
+    serials, hence prompts and coins) of the checkpoint it resumes from."""
+    import re
+
+    ckpt = run_dir / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state.save(ckpt / f"driver_state_step{state.version}.json")
+    s.learners.save(str(run_dir))
+    state.save(ckpt / "driver_state.json")  # the newest, for people and tools
+    tags = {p.name for p in ckpt.iterdir() if p.is_dir()}
+    for p in ckpt.glob("driver_state_step*.json"):  # keep those of the tags the learners kept
+        m = re.fullmatch(r"driver_state_(step\d+)\.json", p.name)
+        if m and m.group(1) not in tags:
+            p.unlink(missing_ok=True)
+
+
+def load_driver_state(run_dir: Path, version: int) -> LoopState:
+    """The driver's counters saved with checkpoint `version` (else the newest, else fresh)."""
+    ckpt = run_dir / "checkpoint"
+    for path in (ckpt / f"driver_state_step{version}.json", ckpt / "driver_state.json"):
+        if path.exists():
+            return LoopState.load(path)
+    return LoopState()
 
 
 def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev0: dict, ev: dict,
