@@ -131,6 +131,7 @@ class LearnerConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
+    max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
     checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
     backend: str = "gloo"
     num_cpus: float = 0.5
@@ -293,6 +294,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
+        (cfg.learner.max_restarts >= 0, "learner.max_restarts", "must be >= 0"),
         (cfg.learner.backend in ("gloo", "nccl"), "learner.backend", "must be 'gloo' or 'nccl'"),
         (cfg.buffer.capacity >= 1, "buffer.capacity", "must be >= 1"),
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),

@@ -99,6 +99,7 @@ class System:
     evaluator: object = None
     metrics: MetricsLog | None = None
     accounting: object = None  # accounting.Accounting of this launch
+    learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
     pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
 
     def teardown(self) -> None:
@@ -340,30 +341,46 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
 def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, run_dir: Path) -> dict:
     """Policy versions state.version .. cfg.steps: take a batch from the buffer, train, send
     the new weights, evaluate and checkpoint on schedule. Returns the last evaluation."""
+    import ray
+
     from eapo_ray import metrics
 
+    LEARNER_DIED = ray.exceptions.RayActorError  # noqa: N806 -- a learner actor died mid-call
     nccl = cfg.rollout.weight_sync == "nccl"
     rollout_weights = None if nccl else weights
     pending = s.pending  # finished batches the buffer had no room for yet
     t_loop, first, generated0 = time.time(), state.version, state.generated
+    retry = None  # batches to train on again after the learners were rebuilt
     while state.version < cfg.steps:
-        items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
-        if cfg.rollout.overlap:  # keep the fleet generating (with these weights) while the learner trains
-            feed(cfg, s, state, rollout_weights, pending)
-        for st in rollouts:
-            state.by_worker[st["worker"]] = state.by_worker.get(st["worker"], 0) + 1
-            state.generated += st["samples"]
-            state.first_rollout = state.first_rollout or st
-            state.last_rollout = st
-        stats = s.learners.train_step(items)
+        if retry is None:
+            items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
+            if cfg.rollout.overlap:  # keep the fleet generating (with these weights) while the learner trains
+                feed(cfg, s, state, rollout_weights, pending)
+            for st in rollouts:
+                state.by_worker[st["worker"]] = state.by_worker.get(st["worker"], 0) + 1
+                state.generated += st["samples"]
+                state.first_rollout = state.first_rollout or st
+                state.last_rollout = st
+        else:
+            items, retry = retry, None
+        try:
+            stats = s.learners.train_step(items)
+        except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
+            retry = items
+            continue
         if s.accounting is not None:
             s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"])
         state.version += 1
         done = state.version >= cfg.steps
         eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
-        if nccl:
-            stats["weight_sync_seconds"] = s.learners.sync_weights()
-        weights = s.learners.publish() if eval_due or not nccl else None
+        try:
+            if nccl:
+                stats["weight_sync_seconds"] = s.learners.sync_weights()
+            weights = s.learners.publish() if eval_due or not nccl else None
+        except LEARNER_DIED as e:
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
+            continue
         rollout_weights = None if nccl else weights
         state.samples += stats["learner_samples"]
         state.logp_gap_max = max(state.logp_gap_max, stats.get("logp_gap_max", 0.0))
@@ -379,8 +396,6 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
             row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
                        acceptance_prob=state.last_rollout["acceptance_prob"])
         if eval_due:
-            import ray
-
             ev = ray.get(s.evaluator.evaluate.remote(weights))
             row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
             metrics.heldout(s.run_name, ev["accuracy"])
@@ -392,8 +407,50 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
               f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
               f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
-            save_checkpoint(s, state, run_dir)
+            try:
+                save_checkpoint(s, state, run_dir)
+            except LEARNER_DIED as e:
+                rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
     return ev
+
+
+class LearnerFailed(RuntimeError):
+    pass
+
+
+def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, error: Exception):
+    """A learner actor died: rebuild the learner group from the last checkpoint (at most
+    `learner.max_restarts` times in a launch) and roll the driver's counters back to it (batch
+    serials keep going: no prompt is replayed; the steps after the checkpoint are redone).
+    Returns the weights the rollout actors should load (None under NCCL). Raises LearnerFailed,
+    naming the resume command, when there is no checkpoint or no restart left."""
+    err = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    ckpt = run_dir / "checkpoint"
+    has_ckpt = (ckpt / "latest").exists()
+    nccl = cfg.rollout.weight_sync == "nccl"
+    if not has_ckpt or nccl or s.learner_restarts >= cfg.learner.max_restarts:
+        why = ("no checkpoint to rebuild from (set checkpoint_every)" if not has_ckpt else
+               "rollout engines cannot rejoin a new NCCL weight group" if nccl else
+               f"rebuilt {s.learner_restarts} times already (learner.max_restarts={cfg.learner.max_restarts})")
+        raise LearnerFailed(
+            f"a learner died at step {state.version + 1} ({err}); {why}. "
+            + (f"Continue from the last checkpoint with: python -m eapo_ray.launch resume={run_dir} "
+               "(with this run's config and overrides)" if has_ckpt else ""))
+    s.learner_restarts += 1
+    print(f"[eapo] a learner died near step {state.version + 1} ({err}); rebuilding the learner group from "
+          f"the last checkpoint (restart {s.learner_restarts}/{cfg.learner.max_restarts})", flush=True)
+    from eapo_ray.learner import LearnerGroup
+
+    try:
+        s.learners.shutdown()
+    except Exception:  # noqa: BLE001 -- the group is broken anyway
+        pass
+    s.learners = LearnerGroup(cfg, s.run_name)
+    version = s.learners.setup(str(ckpt))
+    state.version, state.samples = version, load_driver_state(run_dir, version).samples
+    resume_metrics(run_dir, version)  # the steps after the checkpoint are redone: their rows go
+    print(f"[eapo] learner group rebuilt at version {version}; redoing the steps after it", flush=True)
+    return s.learners.publish()
 
 
 def save_checkpoint(s: System, state: LoopState, run_dir: Path) -> None:
@@ -434,6 +491,7 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
         "logp_gap_max": state.logp_gap_max,
         "seed": cfg.seed, "buffer": _buffer_stats(s.buffer), "rollout_batches_by_worker": state.by_worker,
         "rollout_actors_retired": sorted(s.fleet.retired), "rollout_failed_calls": s.fleet.failed_calls,
+        "learner_restarts": s.learner_restarts,
         "checkpoint": str(run_dir / "final"),
     }
     if s.accounting is not None:
@@ -475,7 +533,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError) as e:
+    except (FleetError, AccountingError, LearnerFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -79,35 +79,59 @@ class Launch:
         return json.loads((self.run_dir / "summary.json").read_text())
 
 
-def test_kill9_rollout_actor_then_expert_replica_mid_run(tmp_path):
-    """One rollout actor, SIGKILLed while it generates: Ray restarts it, its in-flight batch is
-    re-run (a failed call, counted), batches it had finished survive (the driver owns them).
-    Then the Serve expert's replica is SIGKILLed: Serve starts a new one; queries that were in
-    flight or came before it was up read "unavailable" and are counted. The run reaches its
-    step count and the accounting closes with nothing lost."""
-    run = Launch(tmp_path, "faults", "steps=6", "rollout.num_actors=1", "expert.timeout_s=3",
-                 "acceptance.kind=constant", "acceptance.start=1.0")
+def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
+    """One launch, three faults, each SIGKILL by PID:
+    - the only rollout actor, while it generates: Ray restarts it, its batch in flight is
+      discarded (a failed call, counted) and the next goes to it once it is back; batches it
+      had finished survive (the driver owns them);
+    - the Serve expert's replica: Serve starts a new one; queries in flight or sent before it is
+      up read "unavailable" and are counted;
+    - the learner: the launcher rebuilds the learner group from the last checkpoint and redoes
+      the steps after it, training again on the batch it held.
+    The run reaches its step count and the accounting closes with nothing lost."""
+    run = Launch(tmp_path, "faults", "steps=7", "rollout.num_actors=1", "expert.timeout_s=3",
+                 "acceptance.kind=constant", "acceptance.start=1.0", "checkpoint_every=2")
     try:
-        run.wait_for(r"^\[eapo\] step 1/6")
-        actor = run.find("ray::RolloutWorker")
+        run.wait_for(r"^\[eapo\] step 1/7")
         t_kill = time.time()
-        actor.send_signal(signal.SIGKILL)
-        run.wait_for(r"^\[eapo\] step 3/6")
-        replica = run.find("ServeReplica:faults-expert")
-        replica.send_signal(signal.SIGKILL)
+        run.find("ray::RolloutWorker").send_signal(signal.SIGKILL)
+        run.wait_for(r"^\[eapo\] step 3/7")
+        run.find("ServeReplica:faults-expert").send_signal(signal.SIGKILL)
+        run.wait_for(r"^\[eapo\] step 5/7")
+        run.find("ray::Learner").send_signal(signal.SIGKILL)
         rc = run.finish()
         log = run.log
         assert rc == 0, log[-5000:]
         s = run.summary()
         a = s["accounting"]
-        assert s["steps"] == 6 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
-        assert s["rollout_failed_calls"] >= 1 and not s["rollout_actors_retired"]  # the killed call, re-run
+        assert s["steps"] == 7 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
+        assert s["rollout_failed_calls"] >= 1 and not s["rollout_actors_retired"]  # the killed call
         assert a["expert_unavailable"] >= 1, a  # the replica's death was seen and counted, not hidden
-        steps = [int(m) for m in re.findall(r"^\[eapo\] step (\d+)/6", log, re.M)]
-        assert steps == list(range(1, 7))
-        print(f"faults: rollout actor + expert replica killed; run took {time.time() - t_kill:.0f}s after the "
-              f"first kill; failed calls {s['rollout_failed_calls']}, expert unavailable {a['expert_unavailable']}, "
+        assert s["learner_restarts"] == 1 and "learner group rebuilt at version 4" in log, log[-5000:]
+        steps = [int(m) for m in re.findall(r"^\[eapo\] step (\d+)/7", log, re.M)]
+        assert steps[:5] == [1, 2, 3, 4, 5] and steps[-3:] == [5, 6, 7], steps  # 5 redone after the rebuild
+        rows = [json.loads(line)["step"] for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert rows == list(range(8)), rows  # one row per step: the redone step's first row was dropped
+        print(f"faults: rollout actor, expert replica, learner killed; the run took {time.time() - t_kill:.0f}s "
+              f"after the first kill; failed rollout calls {s['rollout_failed_calls']}, expert unavailable "
+              f"{a['expert_unavailable']}, learner restarts {s['learner_restarts']}, "
               f"accounting {a['batches']} / {a['samples']}")
+    finally:
+        run.kill_all()
+
+
+def test_learner_killed_without_restarts_left_stops_with_the_resume_command(tmp_path):
+    run = Launch(tmp_path, "nolearner", "steps=20", "learner.max_restarts=0", "checkpoint_every=1",
+                 "acceptance.kind=constant", "acceptance.start=0.0")
+    try:
+        run.wait_for(r"^\[eapo\] step 2/20")
+        run.find("ray::Learner").send_signal(signal.SIGKILL)
+        rc = run.finish(timeout=180)
+        log = run.log
+        assert rc == 1, log[-4000:]
+        assert re.search(r"error: a learner died at step \d+ .*rebuilt 0 times already \(learner.max_restarts=0\)"
+                         rf".*Continue from the last checkpoint with: python -m eapo_ray.launch resume={run.run_dir}",
+                         log), log[-4000:]
     finally:
         run.kill_all()
 

@@ -154,7 +154,8 @@ class RolloutWorker:
 
     def maybe_load(self, weights) -> None:
         """weights: a learner.PublishedWeights (version, [ObjectRef to a state dict]) or None."""
-        if weights is not None and weights[0] > self.engine.version:
+        # != rather than >: after the learners are rebuilt from a checkpoint, the version goes back
+        if weights is not None and weights[0] != self.engine.version:
             self.engine.load_weights(ray.get(weights[1][0]), weights[0])
 
     # The inference side of vLLM's NCCL weight transfer (rollout.weight_sync: nccl), driven by
