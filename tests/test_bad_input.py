@@ -59,3 +59,46 @@ def test_evaluate_takes_every_row_by_default_and_says_how_many(tmp_path, capsys)
                  "rollout.max_response_tokens=4"]) == 0
     assert json.loads((out / "metrics.json").read_text())["problems"] == 5
     assert "5 problems from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_grader_storm_of_slow_answers_with_a_tiny_timeout_does_not_hang():
+    """16 threads (as many episodes grading at once) each send slow non-integer answers with a
+    0.1 s budget: every call returns within its bound (0 reward), the storm ends, the grader
+    then grades correctly, and no grading process is left behind."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    from eapo_ray.reward import RewardConfig, score
+
+    big = "+".join(f"x_{{{i}}}^{{{i}}}" for i in range(300))  # seconds of math-verify work
+    slow = f"<answer>\\boxed{{{big}}}</answer>"
+    cfg = RewardConfig(timeout_s=0.1)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+
+    def one(_):
+        t0 = time.time()
+        r = score(slow, "0.5", cfg)
+        return r.reward, time.time() - t0
+
+    t0 = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(64)))
+    took = time.time() - t0
+    assert all(r == 0.0 for r, _ in got)
+    assert max(d for _, d in got) < 10 and took < 60, (max(d for _, d in got), took)
+    assert score("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", RewardConfig(timeout_s=30)).correct
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+                and "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's own helper
+        if len(left) <= 1:  # the live grading worker
+            break
+        time.sleep(0.5)
+    assert len(left) <= 1, [(p.pid, ' '.join(p.cmdline())[:100]) for p in left]
+    print(f"storm: 64 slow answers on 16 threads in {took:.1f}s, slowest call {max(d for _, d in got):.2f}s, "
+          f"threads alive {threading.active_count()}")
