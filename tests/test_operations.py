@@ -72,12 +72,12 @@ def test_launch_console_metrics_and_accounting(tmp_path):
     """One tiny launch with the Serve expert: Ray's Prometheus endpoint shows every EAPO metric,
     tagged with the run name, while it runs; the console has no Serve access or INFO lines, the
     dashboard URL and run directory once at the top and one progress line per step; summary.json
-    has an accounting block that closes with nothing lost."""
+    has an accounting block that closes with nothing lost, stale batches dropped included."""
     port, name = _free_port(), "ops"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_metrics_report_interval_ms"] = "1000"  # export every second (default 10 s) for a short run
     cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", "steps=6", *FAST,
-           f"metrics_export_port={port}"]
+           f"metrics_export_port={port}", "buffer.max_staleness=0"]  # batches made during a step go stale
     out_path = tmp_path / "out.txt"
     with out_path.open("w") as out:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -109,6 +109,7 @@ def test_launch_console_metrics_and_accounting(tmp_path):
     a = s["accounting"]
     assert a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0
     assert a["batches"]["trained"] == 6 and a["samples"]["trained"] == s["samples"]
+    assert a["batches"]["dropped_stale"] >= 1 and a["samples"]["dropped_stale"] >= 1  # every term in play
     for unit in ("batches", "samples"):
         c = a[unit]
         assert c["produced"] == c["trained"] + c["dropped_stale"] + c["buffered_at_end"] + c["lost"]
