@@ -348,6 +348,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def get_all(refs: list) -> list:
+    """ray.get of every rank's result, raising as soon as ANY rank fails: a plain ray.get of the
+    list would first wait on a surviving rank, which blocks in a collective with the dead one
+    (gloo's timeout is 30 min)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # a dead rank's error is raised here, at once
+    return ray.get(refs)
+
+
 class LearnerGroup:
     """Creates the N learner actors and fans calls out to all of them."""
 
@@ -377,21 +388,21 @@ class LearnerGroup:
         ray.get([a.init_weight_sync.remote(rollout_actors) for a in self.actors])
 
     def sync_weights(self) -> float:
-        return ray.get([a.sync_weights.remote() for a in self.actors])[0]
+        return get_all([a.sync_weights.remote() for a in self.actors])[0]
 
     def train_step(self, items: list) -> dict:
         """items: [(version, [ref], n), ...] from the buffer; every rank gets the refs."""
         boxes = [box for _, box, _ in items]
-        results = ray.get([a.train_step.remote(boxes) for a in self.actors])
+        results = get_all([a.train_step.remote(boxes) for a in self.actors])
         out = dict(results[0])
         out["learner_samples"] = sum(r["learner_samples"] for r in results)
         return out
 
     def publish(self):
-        return ray.get([a.publish.remote() for a in self.actors])[0]
+        return get_all([a.publish.remote() for a in self.actors])[0]
 
     def save(self, run_dir: str) -> str:
-        return ray.get([a.save.remote(run_dir) for a in self.actors])[0]
+        return get_all([a.save.remote(run_dir) for a in self.actors])[0]
 
     def shutdown(self):
         for a in self.actors:

@@ -86,11 +86,13 @@ def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
       had finished survive (the driver owns them);
     - the Serve expert's replica: Serve starts a new one; queries in flight or sent before it is
       up read "unavailable" and are counted;
-    - the learner: the launcher rebuilds the learner group from the last checkpoint and redoes
-      the steps after it, training again on the batch it held.
+    - one of two learners: the launcher sees it at once (not after the other rank's collective
+      times out), rebuilds the learner group from the last checkpoint and redoes the steps
+      after it, training again on the batch it held.
     The run reaches its step count and the accounting closes with nothing lost."""
     run = Launch(tmp_path, "faults", "steps=7", "rollout.num_actors=1", "expert.timeout_s=3",
-                 "acceptance.kind=constant", "acceptance.start=1.0", "checkpoint_every=2")
+                 "acceptance.kind=constant", "acceptance.start=1.0", "checkpoint_every=2",
+                 "learner.num_learners=2")  # the surviving rank blocks in a collective: must not hang
     try:
         run.wait_for(r"^\[eapo\] step 1/7")
         t_kill = time.time()
