@@ -419,26 +419,28 @@ class LearnerFailed(RuntimeError):
 
 
 def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, error: Exception):
-    """A learner actor died: rebuild the learner group from the last checkpoint (at most
-    `learner.max_restarts` times in a launch) and roll the driver's counters back to it (batch
-    serials keep going: no prompt is replayed; the steps after the checkpoint are redone).
-    Returns the weights the rollout actors should load (None under NCCL). Raises LearnerFailed,
-    naming the resume command, when there is no checkpoint or no restart left."""
+    """A learner actor died: rebuild the learner group from the last checkpoint, or from the
+    start when there is none yet (at most `learner.max_restarts` times in a launch), and roll
+    the driver's counters back to it (batch serials keep going: no prompt is replayed; the
+    steps after it are redone). Returns the weights the rollout actors should load. Raises
+    LearnerFailed, naming the resume command when there is a checkpoint, when no restart is
+    left (or under NCCL, where rollout engines cannot rejoin a new weight group)."""
     err = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     ckpt = run_dir / "checkpoint"
     has_ckpt = (ckpt / "latest").exists()
     nccl = cfg.rollout.weight_sync == "nccl"
-    if not has_ckpt or nccl or s.learner_restarts >= cfg.learner.max_restarts:
-        why = ("no checkpoint to rebuild from (set checkpoint_every)" if not has_ckpt else
-               "rollout engines cannot rejoin a new NCCL weight group" if nccl else
+    if nccl or s.learner_restarts >= cfg.learner.max_restarts:
+        why = ("rollout engines cannot rejoin a new NCCL weight group" if nccl else
                f"rebuilt {s.learner_restarts} times already (learner.max_restarts={cfg.learner.max_restarts})")
         raise LearnerFailed(
             f"a learner died at step {state.version + 1} ({err}); {why}. "
             + (f"Continue from the last checkpoint with: python -m eapo_ray.launch resume={run_dir} "
-               "(with this run's config and overrides)" if has_ckpt else ""))
+               "(with this run's config and overrides)" if has_ckpt else
+               "There is no checkpoint to resume from (set checkpoint_every)."))
     s.learner_restarts += 1
     print(f"[eapo] a learner died near step {state.version + 1} ({err}); rebuilding the learner group from "
-          f"the last checkpoint (restart {s.learner_restarts}/{cfg.learner.max_restarts})", flush=True)
+          + ("the last checkpoint" if has_ckpt else "the start (no checkpoint yet: set checkpoint_every)")
+          + f" (restart {s.learner_restarts}/{cfg.learner.max_restarts})", flush=True)
     from eapo_ray.learner import LearnerGroup
 
     try:
@@ -446,7 +448,7 @@ def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path,
     except Exception:  # noqa: BLE001 -- the group is broken anyway
         pass
     s.learners = LearnerGroup(cfg, s.run_name)
-    version = s.learners.setup(str(ckpt))
+    version = s.learners.setup(str(ckpt) if has_ckpt else "")
     state.version, state.samples = version, load_driver_state(run_dir, version).samples
     resume_metrics(run_dir, version)  # the steps after the checkpoint are redone: their rows go
     print(f"[eapo] learner group rebuilt at version {version}; redoing the steps after it", flush=True)

@@ -122,18 +122,26 @@ def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
         run.kill_all()
 
 
-def test_learner_killed_without_restarts_left_stops_with_the_resume_command(tmp_path):
-    run = Launch(tmp_path, "nolearner", "steps=20", "learner.max_restarts=0", "checkpoint_every=1",
+def test_learner_killed_before_a_checkpoint_then_with_no_restart_left(tmp_path):
+    """learner.max_restarts=1, checkpoint_every=3. Killed at step 2 (no checkpoint yet): rebuilt
+    from the start. Killed again after the step-3 checkpoint: no restart left, so the run stops
+    with a clear error naming the resume= command (exit 1)."""
+    run = Launch(tmp_path, "learner", "steps=30", "learner.max_restarts=1", "checkpoint_every=3",
                  "acceptance.kind=constant", "acceptance.start=0.0")
     try:
-        run.wait_for(r"^\[eapo\] step 2/20")
+        run.wait_for(r"^\[eapo\] step 1/30")
+        run.find("ray::Learner").send_signal(signal.SIGKILL)
+        run.wait_for(r"^\[eapo\] learner group rebuilt at version 0")
+        run.wait_for(r"^\[eapo\] step 4/30")  # past the step-3 checkpoint
         run.find("ray::Learner").send_signal(signal.SIGKILL)
         rc = run.finish(timeout=180)
         log = run.log
         assert rc == 1, log[-4000:]
-        assert re.search(r"error: a learner died at step \d+ .*rebuilt 0 times already \(learner.max_restarts=0\)"
+        assert "rebuilding the learner group from the start (no checkpoint yet" in log, log[-4000:]
+        assert re.search(r"error: a learner died at step \d+ .*rebuilt 1 times already \(learner.max_restarts=1\)"
                          rf".*Continue from the last checkpoint with: python -m eapo_ray.launch resume={run.run_dir}",
                          log), log[-4000:]
+        assert (run.run_dir / "checkpoint" / "latest").exists()
     finally:
         run.kill_all()
 
