@@ -182,6 +182,8 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + r.num_cpus
     url = init_ray(cfg, required)
     print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
+    # where tools find this run's cluster (python -m eapo_ray.expert scale --run-dir ...)
+    (run_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address + "\n")
     if cfg.acceptance.kind != "constant" or cfg.acceptance.start > 0:
         s.app_name = f"{run_name}-expert"
         # no access line per expert request (the replica logs keep warnings and errors) unless --verbose

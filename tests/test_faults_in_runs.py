@@ -244,3 +244,26 @@ def _weights_base() -> dict:
     from eapo_ray.config import TINY_DIR
 
     return load_file(str(TINY_DIR / "policy" / "model.safetensors"))
+
+
+def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path):
+    """`python -m eapo_ray.expert scale --run-dir DIR --min 2 --max 2` on a running launch whose
+    expert was capped at 1 replica: the app comes back RUNNING with 2 replicas and the run keeps
+    taking steps."""
+    run = Launch(tmp_path, "scale", "steps=100", "acceptance.kind=constant", "acceptance.start=1.0",
+                 "expert.max_replicas=1")  # so the second replica can only come from the CLI
+    try:
+        run.wait_for(r"^\[eapo\] step 1/100")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+        p = subprocess.run([sys.executable, "-m", "eapo_ray.expert", "scale", "--run-dir", str(run.run_dir),
+                            "--min", "2", "--max", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "'RUNNING': 2" in p.stdout, p.stdout
+        assert len([q for q in run.descendants() if "ServeReplica:scale-expert" in " ".join(q.cmdline())]) == 2
+        n = len(re.findall(r"^\[eapo\] step \d+/100", run.log, re.M))
+        run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on
+        run.p.send_signal(signal.SIGTERM)
+        assert run.p.wait(timeout=120) == 130
+    finally:
+        run.kill_all()
