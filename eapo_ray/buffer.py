@@ -88,4 +88,5 @@ class TrajectoryBuffer:
             self.cond.notify_all()
 
     def stats(self) -> dict:
-        return dict(self.counts, size=len(self.items), learner_version=self.learner_version)
+        return dict(self.counts, size=len(self.items), size_samples=sum(i.num_samples for i in self.items),
+                    learner_version=self.learner_version)

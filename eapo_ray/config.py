@@ -146,6 +146,7 @@ class LearnerConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
+    max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
     checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
     backend: Literal["gloo", "nccl"] = "gloo"
     num_cpus: float = 0.5
@@ -171,6 +172,9 @@ class RunConfig:
     run_name: str = ""
     resume: str = ""  # a run directory to resume from (its checkpoint/)
     checkpoint_every: int = 0
+    verbose: bool = False  # show Serve access logs and Ray/transformers INFO lines on the console (--verbose)
+    dashboard_host: str = "127.0.0.1"  # the Ray dashboard of a local cluster listens here only (0.0.0.0: everywhere)
+    metrics_export_port: int = 0  # a local cluster's Prometheus endpoint (http://127.0.0.1:<port>/metrics); 0: Ray picks
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -332,6 +336,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
+        (cfg.learner.max_restarts >= 0, "learner.max_restarts", "must be >= 0"),
         (cfg.buffer.capacity >= 1, "buffer.capacity", "must be >= 1"),
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
         (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),

@@ -74,10 +74,21 @@ def resolve_data_paths(data_cfg, config_path=None) -> None:
             setattr(data_cfg, key, str(path.resolve()))
 
 
+MAX_LINE_BYTES = 16 << 20  # a JSONL row longer than this is an error, not a memory blow-up
+
+
 def _rows_from_file(path: Path):
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            lineno = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
@@ -134,7 +145,7 @@ def load_rows(source: str, problem_key: str = "problem", answer_key: str = "answ
         if limit and len(out) >= limit:
             break
     if not out:
-        raise DataError(f"{source}: no rows")
+        raise DataError(f"{source}: no rows (an empty file, or only blank lines)")
     return out
 
 

@@ -136,6 +136,16 @@ def local_expert(path: str, cfg: RunConfig) -> ExpertFn:
     return Expert(path, cfg.expert).answer_now
 
 
+TINY_DEFAULT_LIMIT = 200  # problems drawn from the bundled generator when --limit is not given
+
+
+def load_eval_examples(data: str, cfg, limit: int | None) -> list:
+    """The problems to evaluate: every row of a file or dataset unless `limit` (the first N);
+    the bundled tiny:arith generator draws `limit` (default TINY_DEFAULT_LIMIT)."""
+    n = limit if limit is not None else (TINY_DEFAULT_LIMIT if data.startswith("tiny:") else 0)
+    return heldout_examples(cfg, n=n, source=data)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eapo_ray.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["independent", "workflow"], default="independent")
     ap.add_argument("--expert", default=None,
                     help="expert directory or model name for --mode workflow (default: the config's)")
-    ap.add_argument("--limit", type=int, default=200, help="problems to evaluate (tiny:arith draws this many)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="evaluate only the first N problems (default: every row of a file or dataset; "
+                         f"tiny:arith draws {TINY_DEFAULT_LIMIT})")
     ap.add_argument("--config", default=None, help="config for template, protocol and reward (default: the embedded default)")
     ap.add_argument("--out", default=None, help="output directory (default: eval-<time>)")
     ap.add_argument("--engine", choices=["hf", "vllm"], default=None, help="default: the config's rollout.engine")
@@ -162,13 +174,18 @@ def main(argv=None) -> int:
         if not data.startswith(("tiny:", "hf:")) and not Path(data).exists() and "/" in data and \
                 not data.endswith((".jsonl", ".parquet")):
             data = "hf:" + data  # a Hugging Face dataset name, e.g. HuggingFaceH4/MATH-500:test
-        examples = heldout_examples(cfg, n=args.limit, source=data)
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError("--limit must be >= 1")
+        examples = load_eval_examples(data, cfg, args.limit)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.samples < 1:
         print("error: --samples must be >= 1", file=sys.stderr)
         return 2
+    print(f"[evaluate] {len(examples)} problems from {args.data}"
+          + (" (every row)" if args.limit is None and not data.startswith("tiny:") else
+             f" (--limit {args.limit})" if args.limit is not None else ""), file=sys.stderr, flush=True)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     if args.actors < 1:
         print("error: --actors must be >= 1", file=sys.stderr)

@@ -1,6 +1,10 @@
 """The expert: a Ray Serve deployment, autoscaled on ongoing requests, answering the
 policy's sub-questions. Requests are batched per replica (`serve.batch`) and run on the
-same Engine interface as the rollout policy."""
+same Engine interface as the rollout policy.
+
+``python -m eapo_ray.expert scale --run-dir runs/<run> --min A --max B`` changes the replica
+bounds of a running run's expert (Serve redeploys it; training goes on, queries that miss
+the switch read "unavailable")."""
 from __future__ import annotations
 
 import asyncio
@@ -63,3 +67,77 @@ def expert_app(model_path: str, cfg: ExpertConfig, name: str = "expert"):
         },
     )
     return dep.bind(model_path, cfg)
+
+
+def scale(run_dir: str, min_replicas: int, max_replicas: int, address: str | None = None,
+          timeout_s: float = 300.0) -> dict:
+    """Redeploy run `run_dir`'s expert app with new autoscaling bounds, on the cluster the run
+    recorded (`<run_dir>/ray_address`), and wait until it is RUNNING. Returns the app's
+    replica counts by state."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from eapo_ray.config import ConfigError, RunConfig, from_dict, validate
+
+    rd = Path(run_dir).resolve()
+    if not (rd / "config.json").exists():
+        raise ConfigError(f"{rd} is not a run directory (no config.json)")
+    cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
+    cfg.expert.min_replicas, cfg.expert.max_replicas = min_replicas, max_replicas
+    validate(cfg)
+    run_name = cfg.run_name or rd.name
+    addr = address or os.environ.get("RAY_ADDRESS") or (
+        (rd / "ray_address").read_text().strip() if (rd / "ray_address").exists() else None)
+    if not addr:
+        raise ConfigError(f"no Ray address: pass --address (or set RAY_ADDRESS); {rd}/ray_address is missing")
+    # Ray 2.60 clusters use token auth: run with RAY_AUTH_MODE=token (token in ~/.ray/auth_token);
+    # Ray reads it when imported, so it cannot be set from here
+    ray.init(address=addr, logging_level="WARNING")
+    try:
+        app = f"{run_name}-expert"
+        if app not in serve.status().applications:
+            raise ConfigError(f"no Serve app {app!r} on the cluster at {addr}")
+        from eapo_ray.models import resolve_model
+
+        serve.run(expert_app(resolve_model(cfg.model.expert), cfg.expert), name=app, route_prefix=None,
+                  logging_config={"log_level": "WARNING", "enable_access_log": False})
+        t0 = time.time()
+        while True:
+            st = serve.status().applications[app]
+            dep = st.deployments["expert"]
+            if str(st.status).endswith("RUNNING") or time.time() - t0 > timeout_s:
+                return {str(k).split(".")[-1]: v for k, v in dep.replica_states.items()}
+            time.sleep(1)
+    finally:
+        ray.shutdown()
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from eapo_ray.config import ConfigError
+
+    ap = argparse.ArgumentParser(prog="python -m eapo_ray.expert")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("scale", help="change the replica bounds of a running run's expert")
+    sc.add_argument("--run-dir", required=True, help="the run directory (runs/<run>)")
+    sc.add_argument("--min", type=int, required=True, dest="min_replicas")
+    sc.add_argument("--max", type=int, required=True, dest="max_replicas")
+    sc.add_argument("--address", default=None, help="Ray address (default: the run's recorded one)")
+    args = ap.parse_args(argv)
+    try:
+        states = scale(args.run_dir, args.min_replicas, args.max_replicas, args.address)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"expert replicas {args.min_replicas}-{args.max_replicas}: {states}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

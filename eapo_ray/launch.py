@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eapo_ray.config import ConfigError, RunConfig, load_config, to_dict
-from eapo_ray.ray_runtime import MetricsLog, init_ray
+from eapo_ray.ray_runtime import MetricsLog, init_ray, quiet_console
 
 
 @dataclass
@@ -31,6 +31,9 @@ class System:
     fleet: object = None  # rollout.fleet.RolloutFleet
     evaluator: object = None
     metrics: MetricsLog | None = None
+    accounting: object = None  # accounting.Accounting of this launch
+    learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
+    pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
 
     def teardown(self) -> None:
         """Stop everything that was started, each part on its own (one failing does not keep
@@ -49,11 +52,34 @@ class System:
             from ray import serve
 
             steps.append(("expert", lambda: serve.delete(self.app_name)))
-        for what, fn in steps:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 -- keep tearing down the rest
-                print(f"[eapo] teardown of {what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # A second Ctrl-C or a SIGTERM while tearing down must not skip the rest (the Serve app
+        # and its GPUs would outlive the driver on a joined cluster): both are ignored until done.
+        held = _hold_signals()
+        try:
+            for what, fn in steps:
+                try:
+                    fn()
+                except BaseException as e:  # noqa: BLE001 -- keep tearing down the rest
+                    print(f"[eapo] teardown of {what} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            _restore_signals(held)
+
+
+def _hold_signals() -> dict:
+    """Ignore SIGINT and SIGTERM (main thread only); returns the handlers to restore."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(held: dict) -> None:
+    import signal
+
+    for sig, handler in held.items():
+        signal.signal(sig, handler)
 
 
 @dataclass
@@ -109,11 +135,16 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     r, lc, ec = cfg.rollout, cfg.learner, cfg.expert
     s.run_name = run_name
     required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + r.num_cpus
-    init_ray(cfg, required)
+    url = init_ray(cfg, required)
+    print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
+    # where tools find this run's cluster (python -m eapo_ray.expert scale --run-dir ...)
+    (run_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address + "\n")
     if cfg.acceptance.kind != "constant" or cfg.acceptance.start > 0:
         s.app_name = f"{run_name}-expert"
-        serve.start(proxy_location="Disabled")
-        serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None)
+        # no access line per expert request (the replica logs keep warnings and errors) unless --verbose
+        logs = {} if cfg.verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
+        serve.start(proxy_location="Disabled", **logs)
+        serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None, **logs)
         print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
     s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
     # Rollout engines and the evaluator load their models while the learners set up.
@@ -158,14 +189,17 @@ def run(cfg: RunConfig) -> Path:
     """Start the system, train `cfg.steps` policy versions, write the summary; always tear down."""
     import ray
 
+    from eapo_ray import accounting, metrics
+
     t_start = time.time()
+    quiet_console(cfg.verbose)
     run_name, run_dir = prepare_run_dir(cfg)
+    cfg.run_name = run_name  # actors tag their metrics with it
     print(f"[eapo] run directory: {run_dir}", flush=True)
-    s = System()
+    s = System(accounting=accounting.Accounting())
     try:
         version = start_system(cfg, run_name, run_dir, s)
-        state_path = run_dir / "checkpoint" / "driver_state.json"
-        state = LoopState.load(state_path) if cfg.resume and state_path.exists() else LoopState()
+        state = load_driver_state(run_dir, version) if cfg.resume else LoopState()
         if state.version != version:
             if cfg.resume:
                 print(f"[eapo] driver state is at version {state.version}, the checkpoint at {version}: "
@@ -180,17 +214,30 @@ def run(cfg: RunConfig) -> Path:
             ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights))
             print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
             s.metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
+            metrics.heldout(run_name, ev0["accuracy"])
         t_loop = time.time()
         ev = train_loop(cfg, s, state, weights, ev, run_dir)
         loop_seconds = time.time() - t_loop
-        s.learners.save(str(run_dir))
-        state.save(state_path)
+        save_checkpoint(s, state, run_dir)
         summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
+        a = summary["accounting"]
+        b, n = a["batches"], a["samples"]
+        print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = trained "
+              f"{b['trained']} ({n['trained']}) + dropped stale {b['dropped_stale']} ({n['dropped_stale']}) + "
+              f"buffered at end {b['buffered_at_end']} ({n['buffered_at_end']}) + lost {b['lost']} ({n['lost']})"
+              f"{'' if a['closes'] else '  DOES NOT CLOSE'}", flush=True)
+        accounting.check(a)
         s.metrics.close()
         s.metrics = None
         from eapo_ray.tools.plot import plot_run
 
         plot_run(run_dir)
+    except KeyboardInterrupt:
+        ckpt = run_dir / "checkpoint"
+        hint = (f"; continue with: python -m eapo_ray.launch resume={run_dir}"
+                if ckpt.is_dir() and any(ckpt.iterdir()) else " (no checkpoint yet: set checkpoint_every to resume)")
+        print(f"[eapo] interrupted: shutting the run down{hint}", file=sys.stderr, flush=True)
+        raise
     finally:
         s.teardown()
     print(f"[eapo] done in {summary['wall_seconds']:.0f}s: held-out accuracy {ev0['accuracy']:.3f} -> "
@@ -205,6 +252,7 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
     one, with the stats of the rollout batches that finished meanwhile."""
     import ray
 
+    from eapo_ray import metrics
     from eapo_ray.buffer import BufferItem
 
     rollouts = []
@@ -217,7 +265,11 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
             return items, rollouts
         for res in s.fleet.wait(timeout_s=5.0):
             if res.stats is None:
+                metrics.rollout_failure(s.run_name, res.worker)
                 continue
+            if s.accounting is not None:
+                s.accounting.rollout(res.stats)
+            metrics.rollout_batch(s.run_name, res.stats)
             rollouts.append(res.stats)
             if res.stats["kept_samples"]:
                 pending.append(BufferItem(res.stats["version"], [res.batch], res.stats["kept_samples"]))
@@ -245,26 +297,46 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
 def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, run_dir: Path) -> dict:
     """Policy versions state.version .. cfg.steps: take a batch from the buffer, train, send
     the new weights, evaluate and checkpoint on schedule. Returns the last evaluation."""
+    import ray
+
+    from eapo_ray import metrics
+
+    LEARNER_DIED = ray.exceptions.RayActorError  # noqa: N806 -- a learner actor died mid-call
     nccl = cfg.rollout.weight_sync == "nccl"
     rollout_weights = None if nccl else weights
-    pending: deque = deque()  # finished batches the buffer had no room for yet
+    pending = s.pending  # finished batches the buffer had no room for yet
     t_loop, first, generated0 = time.time(), state.version, state.generated
+    retry = None  # batches to train on again after the learners were rebuilt
     while state.version < cfg.steps:
-        items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
-        if cfg.rollout.overlap:  # keep the fleet generating (with these weights) while the learner trains
-            feed(cfg, s, state, rollout_weights, pending)
-        for st in rollouts:
-            state.by_worker[st["worker"]] = state.by_worker.get(st["worker"], 0) + 1
-            state.generated += st["samples"]
-            state.first_rollout = state.first_rollout or st
-            state.last_rollout = st
-        stats = s.learners.train_step(items)
+        if retry is None:
+            items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
+            if cfg.rollout.overlap:  # keep the fleet generating (with these weights) while the learner trains
+                feed(cfg, s, state, rollout_weights, pending)
+            for st in rollouts:
+                state.by_worker[st["worker"]] = state.by_worker.get(st["worker"], 0) + 1
+                state.generated += st["samples"]
+                state.first_rollout = state.first_rollout or st
+                state.last_rollout = st
+        else:
+            items, retry = retry, None
+        try:
+            stats = s.learners.train_step(items)
+        except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
+            retry = items
+            continue
+        if s.accounting is not None:
+            s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"])
         state.version += 1
         done = state.version >= cfg.steps
         eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
-        if nccl:
-            stats["weight_sync_seconds"] = s.learners.sync_weights()
-        weights = s.learners.publish() if eval_due or not nccl else None
+        try:
+            if nccl:
+                stats["weight_sync_seconds"] = s.learners.sync_weights()
+            weights = s.learners.publish() if eval_due or not nccl else None
+        except LEARNER_DIED as e:
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
+            continue
         rollout_weights = None if nccl else weights
         state.samples += stats["learner_samples"]
         state.logp_gap_max = max(state.logp_gap_max, stats.get("logp_gap_max", 0.0))
@@ -273,14 +345,16 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
                **stats, "samples": state.samples, "generated": state.generated,
                "samples_per_s": (state.generated - generated0) / max(elapsed, 1e-9),  # this attempt
                **_buffer_stats(s.buffer)}
+        metrics.train_step(s.run_name, state.version, stats,
+                           {"size": row["buffer_size"], "dropped_stale": row["buffer_dropped_stale"]},
+                           s.accounting.lost_batches if s.accounting is not None else stats.get("lost_batches", 0))
         if state.last_rollout:  # the newest finished rollout batch
             row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
                        acceptance_prob=state.last_rollout["acceptance_prob"])
         if eval_due:
-            import ray
-
             ev = ray.get(s.evaluator.evaluate.remote(weights))
             row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
+            metrics.heldout(s.run_name, ev["accuracy"])
         s.metrics.log(state.version, row)
         nan = float("nan")
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)
@@ -289,9 +363,79 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
               f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
               f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
-            s.learners.save(str(run_dir))
-            state.save(run_dir / "checkpoint" / "driver_state.json")
+            try:
+                save_checkpoint(s, state, run_dir)
+            except LEARNER_DIED as e:
+                rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
     return ev
+
+
+class LearnerFailed(RuntimeError):
+    pass
+
+
+def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, error: Exception):
+    """A learner actor died: rebuild the learner group from the last checkpoint, or from the
+    start when there is none yet (at most `learner.max_restarts` times in a launch), and roll
+    the driver's counters back to it (batch serials keep going: no prompt is replayed; the
+    steps after it are redone). Returns the weights the rollout actors should load. Raises
+    LearnerFailed, naming the resume command when there is a checkpoint, when no restart is
+    left (or under NCCL, where rollout engines cannot rejoin a new weight group)."""
+    err = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    ckpt = run_dir / "checkpoint"
+    has_ckpt = (ckpt / "latest").exists()
+    nccl = cfg.rollout.weight_sync == "nccl"
+    if nccl or s.learner_restarts >= cfg.learner.max_restarts:
+        why = ("rollout engines cannot rejoin a new NCCL weight group" if nccl else
+               f"rebuilt {s.learner_restarts} times already (learner.max_restarts={cfg.learner.max_restarts})")
+        raise LearnerFailed(
+            f"a learner died at step {state.version + 1} ({err}); {why}. "
+            + (f"Continue from the last checkpoint with: python -m eapo_ray.launch resume={run_dir} "
+               "(with this run's config and overrides)" if has_ckpt else
+               "There is no checkpoint to resume from (set checkpoint_every)."))
+    s.learner_restarts += 1
+    print(f"[eapo] a learner died near step {state.version + 1} ({err}); rebuilding the learner group from "
+          + ("the last checkpoint" if has_ckpt else "the start (no checkpoint yet: set checkpoint_every)")
+          + f" (restart {s.learner_restarts}/{cfg.learner.max_restarts})", flush=True)
+    from eapo_ray.learner import LearnerGroup
+
+    try:
+        s.learners.shutdown()
+    except Exception:  # noqa: BLE001 -- the group is broken anyway
+        pass
+    s.learners = LearnerGroup(cfg, s.run_name, generation=s.learner_restarts)
+    version = s.learners.setup(str(ckpt) if has_ckpt else "")
+    state.version, state.samples = version, load_driver_state(run_dir, version).samples
+    resume_metrics(run_dir, version)  # the steps after the checkpoint are redone: their rows go
+    print(f"[eapo] learner group rebuilt at version {version}; redoing the steps after it", flush=True)
+    return s.learners.publish()
+
+
+def save_checkpoint(s: System, state: LoopState, run_dir: Path) -> None:
+    """The learners' checkpoint (tag step<version>) and the driver's counters for that same
+    version, written first: a driver killed at any point resumes with the counters (batch
+    serials, hence prompts and coins) of the checkpoint it resumes from."""
+    import re
+
+    ckpt = run_dir / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state.save(ckpt / f"driver_state_step{state.version}.json")
+    s.learners.save(str(run_dir))
+    state.save(ckpt / "driver_state.json")  # the newest, for people and tools
+    tags = {p.name for p in ckpt.iterdir() if p.is_dir()}
+    for p in ckpt.glob("driver_state_step*.json"):  # keep those of the tags the learners kept
+        m = re.fullmatch(r"driver_state_(step\d+)\.json", p.name)
+        if m and m.group(1) not in tags:
+            p.unlink(missing_ok=True)
+
+
+def load_driver_state(run_dir: Path, version: int) -> LoopState:
+    """The driver's counters saved with checkpoint `version` (else the newest, else fresh)."""
+    ckpt = run_dir / "checkpoint"
+    for path in (ckpt / f"driver_state_step{version}.json", ckpt / "driver_state.json"):
+        if path.exists():
+            return LoopState.load(path)
+    return LoopState()
 
 
 def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev0: dict, ev: dict,
@@ -304,8 +448,15 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
         "consult_rate_end": (state.last_rollout or {}).get("consult_rate", 0.0),
         "logp_gap_max": state.logp_gap_max,
         "seed": cfg.seed, "buffer": _buffer_stats(s.buffer), "rollout_batches_by_worker": state.by_worker,
-        "rollout_actors_retired": sorted(s.fleet.retired), "checkpoint": str(run_dir / "final"),
+        "rollout_actors_retired": sorted(s.fleet.retired), "rollout_failed_calls": s.fleet.failed_calls,
+        "learner_restarts": s.learner_restarts,
+        "checkpoint": str(run_dir / "final"),
     }
+    if s.accounting is not None:
+        import ray
+
+        summary["accounting"] = s.accounting.close(ray.get(s.buffer.stats.remote()),
+                                                   [p.num_samples for p in s.pending], s.fleet.num_inflight)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -330,12 +481,15 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None,
                     help="YAML delta on the embedded default (keys it names; `base: other.yaml` chains files)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print Serve access logs and Ray/transformers INFO lines (config key: verbose)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
+    from eapo_ray.accounting import AccountingError
     from eapo_ray.rollout.fleet import FleetError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["verbose=true"] if args.verbose else []))
         if args.print_config:
             import yaml
 
@@ -345,9 +499,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FleetError as e:
+    except (FleetError, AccountingError, LearnerFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

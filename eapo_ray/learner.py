@@ -351,10 +351,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def get_all(refs: list) -> list:
+    """ray.get of every rank's result, raising as soon as ANY rank fails: a plain ray.get of the
+    list would first wait on a surviving rank, which blocks in a collective with the dead one
+    (gloo's timeout is 30 min)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # a dead rank's error is raised here, at once
+    return ray.get(refs)
+
+
 class LearnerGroup:
     """Creates the N learner actors and fans calls out to all of them."""
 
-    def __init__(self, cfg: RunConfig, run_name: str):
+    def __init__(self, cfg: RunConfig, run_name: str, generation: int = 0):
+        """`generation`: how many times the launcher rebuilt the group (weight_sync.PublishedWeights)."""
+        self.generation = generation
         lc = cfg.learner
         n = lc.num_learners
         cls = ray.remote(Learner)
@@ -374,8 +387,9 @@ class LearnerGroup:
 
     def call_all(self, method: str, *args) -> list:
         """The one fan-out: `method(*args)` on every rank, waiting for all (the learner methods
-        are collectives: every rank must enter). Results in rank order."""
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        are collectives: every rank must enter), raising as soon as any rank fails (get_all).
+        Results in rank order."""
+        return get_all([getattr(a, method).remote(*args) for a in self.actors])
 
     def setup(self, resume_dir: str = "") -> int:
         addr, port = ray.get(self.actors[0].endpoint.remote())  # rank 0's node: learners may span nodes
@@ -395,8 +409,9 @@ class LearnerGroup:
         return out
 
     def publish(self):
-        """A weight_sync.PublishedWeights of the current version (rank 0's)."""
-        return self.call_all("publish")[0]
+        """A weight_sync.PublishedWeights of the current version (rank 0's), stamped with the
+        group's generation: after a rebuild, versions are reused for other weights."""
+        return self.call_all("publish")[0]._replace(generation=self.generation)
 
     def save(self, run_dir: str) -> str:
         return self.call_all("save", run_dir)[0]

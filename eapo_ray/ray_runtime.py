@@ -1,4 +1,5 @@
-"""Ray start-up and the run's metric sinks, shared by the launcher and the evaluation CLI."""
+"""Ray start-up, the console's noise level and the run's metric sinks (JSONL + TensorBoard;
+the dashboard's metrics are eapo_ray.metrics), shared by the launcher and the evaluation CLI."""
 from __future__ import annotations
 
 import json
@@ -8,33 +9,59 @@ from pathlib import Path
 
 from eapo_ray.config import RunConfig
 
+# no weight-loading bars; EAPO_QUIET: actors keep Serve's client INFO lines off the console
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "EAPO_QUIET": "1"}
 
-def init_ray(cfg: RunConfig, required_cpus: float):
+
+def quiet_console(verbose: bool) -> None:
+    """The driver's own loggers: Ray's and Serve's INFO lines (cluster start, Serve start and
+    app deploys) only with --verbose. Warnings and errors always show."""
+    import logging
+
+    if verbose:
+        return
+    import ray.serve  # noqa: F401 -- its import sets its logger to INFO: quieten it after
+
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def init_ray(cfg: RunConfig, required_cpus: float) -> str:
+    """Start (or join) Ray; returns the dashboard URL ("" when there is none)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():  # e.g. several runs or evaluations from one process
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}}
+        return ""
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                        **({} if cfg.verbose else QUIET_ENV)}}
+    # Every worker's Python logging at WARNING unless --verbose (the log files keep what is printed)
+    quiet = {} if cfg.verbose else {"logging_level": logging.WARNING,
+                                    "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if cfg.ray_address == "auto-local" and not os.environ.get("RAY_ADDRESS"):
         # A private local cluster; never attach to a stray one on this machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
-                 runtime_env=env, include_dashboard=True, log_to_driver=True)
+        ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
+                       runtime_env=env, include_dashboard=True, dashboard_host=cfg.dashboard_host, log_to_driver=True,
+                       **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}), **quiet)
     else:
-        ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env)
+        ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
+    _sigterm_raises_interrupt()  # after ray.init, which installs its own (aborting) SIGTERM handler
+    url = getattr(ctx, "dashboard_url", "") or ""
+    return f"http://{url}" if url and not url.startswith("http") else url
 
 
 class MetricsLog:
-    """JSONL + TensorBoard in the run directory, and Ray metrics for the dashboard."""
+    """JSONL + TensorBoard in the run directory (the Ray dashboard's metrics: eapo_ray.metrics)."""
 
     def __init__(self, run_dir: Path, purge_step: int | None = None):
-        from ray.util.metrics import Gauge
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         # purge_step: on resume, TensorBoard hides events at or after it that an earlier attempt wrote
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
-        self.gauges = {k: Gauge(f"eapo_{k}", description=f"EAPO {k}") for k in
-                       ("reward", "consult_rate", "acceptance_prob", "heldout_accuracy", "samples_per_s", "staleness")}
 
     def log(self, step: int, row: dict):
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
@@ -42,9 +69,23 @@ class MetricsLog:
         for k, v in row.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
-                if k in self.gauges:
-                    self.gauges[k].set(float(v))
 
     def close(self):
         self.jsonl.close()
         self.tb.close()
+
+
+def _sigterm_raises_interrupt() -> None:
+    """SIGTERM (a scheduler, `kill`) shuts down like Ctrl-C: the run's actors, learners and Serve
+    app are torn down in `run`'s finally, and Ray's exit hook stops a local cluster."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # teardown runs once
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)

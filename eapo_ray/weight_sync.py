@@ -32,23 +32,29 @@ class PublishedWeights(NamedTuple):
     """The learner's weights in the object store, as rollout actors and the evaluator get them."""
     version: int  # the policy version (learner updates done)
     box: list  # [ObjectRef] to the full state dict {name: CPU tensor}; boxed so Ray passes the ref, not the dict
+    # How many times the learner group was rebuilt from a checkpoint: after a rebuild the version
+    # numbers go back and are reused for different weights, so (generation, version) names weights.
+    generation: int = 0
 
 
-def publish(version: int, state_dict: dict) -> PublishedWeights:
+def publish(version: int, state_dict: dict, generation: int = 0) -> PublishedWeights:
     """Learner rank 0: one `ray.put` of the full weights per version (the driver passes the record on)."""
-    return PublishedWeights(version, [ray.put(state_dict)])
+    return PublishedWeights(version, [ray.put(state_dict)], generation)
 
 
 def load_published(engine, weights: PublishedWeights | None, *, newer_only: bool = True) -> bool:
-    """Engine side: load `weights` into `engine` (an Engine) if they are newer than its own
-    (`newer_only=False`: if they differ, e.g. the evaluator asked for an older version).
-    Returns whether it loaded."""
+    """Engine side: load `weights` into `engine` (an Engine) if they are newer than what it holds,
+    i.e. a later (generation, version) (`newer_only=False`: if they differ at all, e.g. the
+    evaluator asked for an older version). The engine's `version` is set; the generation is
+    kept beside it. Returns whether it loaded."""
     if weights is None:
         return False
-    version = int(weights.version)
-    if not (version > engine.version if newer_only else version != engine.version):
+    have = (getattr(engine, "weights_generation", 0), engine.version)
+    want = (int(weights.generation), int(weights.version))
+    if not (want > have if newer_only else want != have):
         return False
-    engine.load_weights(ray.get(weights.box[0]), version)
+    engine.load_weights(ray.get(weights.box[0]), want[1])
+    engine.weights_generation = want[0]
     return True
 
 

@@ -38,21 +38,36 @@ class ServeExpert:
     so other episodes keep generating); a query that fails or misses the deadline gets
     None (rendered as "unavailable")."""
 
-    def __init__(self, app_name: str, timeout_s: float):
+    def __init__(self, app_name: str, timeout_s: float, run: str = "", actor: int = 0):
+        import logging
+        import os
+
         from ray import serve
 
+        if os.environ.get("EAPO_QUIET"):  # the launcher's console stays readable (no --verbose)
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
         self.handle = serve.get_app_handle(app_name)
         self.timeout_s = timeout_s
         self.failures = 0
+        self.run, self.actor, self.inflight = run, actor, 0  # metric tags; queries in flight
 
     async def __call__(self, queries: list[str]) -> list[str | None]:
+        from eapo_ray import metrics
+
         async def one(response):
+            t0 = time.time()
+            self.inflight += 1
+            metrics.expert_inflight(self.run, self.actor, self.inflight)
             try:
                 return await asyncio.wait_for(response, self.timeout_s)
             except Exception:  # timeout, dead replica, app gone: the expert is unavailable
                 response.cancel()
                 self.failures += 1
                 return None
+            finally:
+                self.inflight -= 1
+                metrics.expert_inflight(self.run, self.actor, self.inflight)
+                metrics.expert_query(self.run, self.actor, time.time() - t0, self.failures)
         return list(await asyncio.gather(*[one(self.handle.remote(q)) for q in queries]))
 
 
@@ -133,7 +148,7 @@ class RolloutWorker:
         d = cfg.data
         self.data = train_examples(cfg)
         self.prompts = [encode_prompt(self.tok, d, ex.problem) for ex in self.data]
-        self.expert = ServeExpert(expert_app, cfg.expert.timeout_s) if expert_app else None
+        self.expert = ServeExpert(expert_app, cfg.expert.timeout_s, cfg.run_name, index) if expert_app else None
 
     def ping(self) -> str:
         return "pong"
@@ -202,6 +217,7 @@ class RolloutWorker:
         n = len(all_trajs)
         stats = {
             "worker": self.index, "serial": serial, "version": min((t.version for t in kept or all_trajs), default=0),
+            "engine_version": self.engine.version,
             "acceptance_prob": settings.accept_prob, "turn_budget": settings.max_turns,
             "samples": n, "kept_samples": len(kept), "dropped_groups": dropped,
             "reward": sum(t.reward for t in all_trajs) / n, "accuracy": sum(t.correct for t in all_trajs) / n,

@@ -44,6 +44,7 @@ class RolloutFleet:
         self.retired: set[int] = set()
         self.empty_in_a_row = 0
         self.last_error = ""
+        self.failed_calls = 0  # every failed call so far, restarts included
 
     def idle(self) -> list[int]:
         busy, now = {i for i, _ in self.inflight.values()}, time.time()
@@ -92,8 +93,11 @@ class RolloutFleet:
         return out
 
     def _failed(self, worker: int, e: Exception) -> RolloutResult:
+        self.failed_calls += 1
         if isinstance(e, ray.exceptions.ActorUnavailableError):  # restarting (loading its model): wait
             self.not_before[worker] = time.time() + self.backoff_s
+            print(f"[eapo] rollout actor {worker} is restarting: its batch in flight is discarded, the next "
+                  f"goes to it once it is back", flush=True)
             return RolloutResult(worker, None, error=f"rollout actor {worker} is restarting")
         self.failures[worker] += 1
         self.not_before[worker] = time.time() + self.backoff_s * 2 ** (self.failures[worker] - 1)

@@ -57,3 +57,27 @@ def test_fleet_client_gives_each_engine_its_own_ranks(ray_local):
     assert [c[0][1]["rank_offset"] for c in calls] == [1, 3, 5]
     assert all(c[0][1]["world_size"] == 7 and c[0][1]["master_port"] == 1234 for c in calls)
     assert all(c[1] == ("finish", 5) for c in calls)
+
+
+def test_load_published_follows_generation_then_version(ray_local):
+    """After the learner group is rebuilt from a checkpoint, version numbers go back and are
+    reused for other weights: (generation, version) decides, so an actor that held v6 loads the
+    rebuilt group's v4, and the evaluator never keeps a pre-crash v6 for the redone v6."""
+    import torch
+
+    from eapo_ray.weight_sync import load_published, publish
+
+    class Eng:
+        version = 0
+
+        def load_weights(self, sd, version):
+            self.sd, self.version = sd, version
+
+    e = Eng()
+    assert load_published(e, publish(6, {"w": torch.ones(1)})) and e.version == 6
+    assert not load_published(e, publish(4, {"w": torch.zeros(1)}))  # an older version of the same group
+    assert load_published(e, publish(4, {"w": torch.zeros(1)}, generation=1)) and e.version == 4
+    assert not load_published(e, publish(4, {"w": torch.zeros(1)}, generation=1))
+    assert load_published(e, publish(6, {"w": torch.full((1,), 2.0)}, generation=1), newer_only=False)
+    assert float(e.sd["w"]) == 2.0 and e.weights_generation == 1
+    assert not load_published(e, None)
