@@ -43,7 +43,7 @@ def test_update_follows_advantages_and_weights_sync(ray_local):
         ref = ray.put(batch)
         stats = group.train_step([BufferItem(0, [ref], 2)])
         assert stats["learner_samples"] == 2 and abs(stats["is_weight_mean"] - 1.0) < 1e-3
-        version, box = group.publish()
+        version, box, _ = group.publish()
         assert version == 1
         engine.load_weights(ray.get(box[0]), version)
     finally:

@@ -276,7 +276,7 @@ def test_epochs_keep_pi_old_and_a_minus_inf_behaviour_logp_is_harmless(zero0):
     assert stats["clip_frac"] > 0
     assert stats["dropped_frac"] > 0 and math.isfinite(stats["kl_behav"])
     assert math.isfinite(stats["behav_gap_max"]) and stats["behav_gap_max"] >= stats["behav_gap_mean"] > 0
-    version, box = group.publish()
+    version, box, _ = group.publish()
     assert all(torch.isfinite(t).all() for t in ray.get(box[0]).values())
 
 
