@@ -222,7 +222,7 @@ def test_kill9_driver_then_resume_continues_exactly(tmp_path):
         run.p.wait(timeout=30)
         deadline = time.time() + 30
         while time.time() < deadline:  # Ray's processes share the driver's fate...
-            left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            left = [p for p in procs if _alive(p)]
             # ...except, measured on Ray 2.60, the node's dashboard and runtime-env agents, which
             # outlive a SIGKILLed driver (README: Failures and recovery); kill_all ends them here
             left = [p for p in left if not re.search(r"ray::(DashboardAgent|RuntimeEnvAgent)", _cmdline(p))]
