@@ -35,20 +35,27 @@ def make_problem(rng: random.Random, level: int, family: str = "arith") -> Probl
     if family == "mul":
         return make_mul_problem(rng, level)
     while True:
-        value = rng.randint(1, 9)
-        text, top = str(value), "*"  # `top`: "+" when the text is a sum/difference at top level
-        steps = []
-        for _ in range(level):
-            op, b = rng.choice(OPS), rng.randint(1, 9)
-            result = _apply(value, op, b)
-            if not 0 <= result <= MAX_VALUE:
-                break
-            left = f"({text})" if op == "*" and top == "+" else text
-            text, top = f"{left}{op}{b}", ("*" if op == "*" else "+")
-            steps.append((value, op, b, result))
-            value = result
-        else:
-            return Problem(text, str(value), tuple(steps), level)
+        p = _chain(rng, rng.randint(1, 9), level, lambda op: rng.randint(1, 9))
+        if p is not None:
+            return p
+
+
+def _chain(rng: random.Random, value: int, level: int, right) -> Problem | None:
+    """`level` operations from `value`, written with parentheses when `*` follows a top-level
+    `+`/`-`; `right(op)` draws the right operand. None when an intermediate leaves 0..MAX_VALUE."""
+    text, top = str(value), "*"  # `top`: "+" when the text is a sum/difference at top level
+    steps = []
+    for _ in range(level):
+        op = rng.choice(OPS)
+        b = right(op)
+        result = _apply(value, op, b)
+        if not 0 <= result <= MAX_VALUE:
+            return None
+        left = f"({text})" if op == "*" and top == "+" else text
+        text, top = f"{left}{op}{b}", ("*" if op == "*" else "+")
+        steps.append((value, op, b, result))
+        value = result
+    return Problem(text, str(value), tuple(steps), level)
 
 
 MUL_LEVELS = (2, 3, 4)
@@ -67,21 +74,9 @@ def make_mul_problem(rng: random.Random, level: int) -> Problem:
     if level not in MUL_LEVELS:
         raise ValueError(f"tiny:arith-mul has {MUL_LEVELS} operations, got {level}")
     while True:
-        value = rng.randint(1, 99)
-        text, top, steps = str(value), "*", []
-        for _ in range(level):
-            op = rng.choice(OPS)
-            b = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
-            result = _apply(value, op, b)
-            if not 0 <= result <= MAX_VALUE:
-                break
-            left = f"({text})" if op == "*" and top == "+" else text
-            text, top = f"{left}{op}{b}", ("*" if op == "*" else "+")
-            steps.append((value, op, b, result))
-            value = result
-        else:
-            if any(op == "*" and a >= MUL_MIN_HARD_LEFT for a, op, _, _ in steps):
-                return Problem(text, str(value), tuple(steps), level)
+        p = _chain(rng, rng.randint(1, 99), level, lambda op: rng.randint(2, 9) if op == "*" else rng.randint(1, 9))
+        if p is not None and any(op == "*" and a >= MUL_MIN_HARD_LEFT for a, op, _, _ in p.steps):
+            return p
 
 
 FAMILIES = {"tiny:arith": "arith", "tiny:arith-mul": "mul"}  # data.train / data.heldout value -> family
@@ -115,3 +110,14 @@ def sample_problems(n: int, levels: list[int], split: str, seed: int, family: st
             if len(out) == n:
                 return out
     raise ValueError(f"could not draw {n} distinct {split} problems at levels {levels}")
+
+
+def random_operation(rng: random.Random) -> tuple[int, str, int, int]:
+    """(a, op, b, c): one uniform single operation a op b = c with b in 1-9 and a, c in 0..MAX_VALUE."""
+    while True:
+        a, op, b = rng.randint(0, MAX_VALUE), rng.choice("+-*"), rng.randint(1, 9)
+        if op == "*":
+            a = rng.randint(0, MAX_VALUE // b)
+        c = a + b if op == "+" else a - b if op == "-" else a * b
+        if 0 <= c <= MAX_VALUE:
+            return a, op, b, c

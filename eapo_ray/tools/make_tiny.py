@@ -27,7 +27,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from eapo_ray.algo.protocol import ProtocolConfig
-from eapo_ray.task import MAX_VALUE, Problem, final_answer, make_problem, sample_problems
+from eapo_ray.task import Problem, final_answer, make_problem, random_operation, sample_problems
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TAGS = ["<consult>", "</consult>", "<answer>", "</answer>", "<expert>", "</expert>"]
@@ -73,13 +73,8 @@ def policy_example(p: Problem, rng: random.Random, proto: ProtocolConfig, consul
 
 def expert_example(rng: random.Random):
     """One single-operation question as the policy asks it, and its answer."""
-    while True:
-        a, op, b = rng.randint(0, MAX_VALUE), rng.choice("+-*"), rng.randint(1, 9)
-        if op == "*":
-            a = rng.randint(0, MAX_VALUE // b)
-        c = a + b if op == "+" else a - b if op == "-" else a * b
-        if 0 <= c <= MAX_VALUE:
-            return [(TEMPLATE.format(problem=f"{a}{op}{b}"), False), (f"{c}</s>", True)]
+    a, op, b, c = random_operation(rng)
+    return [(TEMPLATE.format(problem=f"{a}{op}{b}"), False), (f"{c}</s>", True)]
 
 
 def encode(tok, segs):

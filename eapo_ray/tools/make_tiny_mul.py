@@ -29,7 +29,16 @@ from pathlib import Path
 
 import torch
 
-from eapo_ray.task import MAX_VALUE, MUL_LEVELS, Problem, final_answer, is_hard_product, make_problem, sample_problems
+from eapo_ray.task import (
+    MAX_VALUE,
+    MUL_LEVELS,
+    Problem,
+    final_answer,
+    is_hard_product,
+    make_problem,
+    random_operation,
+    sample_problems,
+)
 
 STEP_TYPES = ("add", "sub", "mul_small", "mul_hard")
 
@@ -57,13 +66,7 @@ def expert_query(rng: random.Random) -> tuple[str, str]:
         a = rng.randint(10, MAX_VALUE // b)
         op, c = "*", a * b
     else:
-        while True:
-            a, op, b = rng.randint(0, MAX_VALUE), rng.choice("+-*"), rng.randint(1, 9)
-            if op == "*":
-                a = rng.randint(0, MAX_VALUE // b)
-            c = a + b if op == "+" else a - b if op == "-" else a * b
-            if 0 <= c <= MAX_VALUE:
-                break
+        a, op, b, c = random_operation(rng)
     return f"{a}{op}{b}", str(c)
 
 
@@ -139,7 +142,7 @@ def pass_at_k_report(policy_dir: str, experts: dict, n_problems: int, samples: i
     from eapo_ray.config import PACKAGE_DIR, load_config
     from eapo_ray.data import Example
     from eapo_ray.evaluate import local_expert, run_eval, summarize
-    from eapo_ray.rollout.engine import HFEngine
+    from eapo_ray.rollout.hf_engine import HFEngine
 
     cfg = load_config(PACKAGE_DIR.parent / "configs" / "mul" / "eapo.yaml", [f"seed={seed}"])
     examples = [Example(p.problem, p.answer, p.level)
