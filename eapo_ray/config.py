@@ -109,7 +109,13 @@ class ExpertConfig:
     timeout_s: float = 10.0
     min_replicas: int = 1
     max_replicas: int = 2
-    target_ongoing_requests: int = 8
+    target_ongoing_requests: int = 8  # Serve autoscaling: requests in flight per replica it aims for
+    # Serve autoscaling (Ray Serve's own keys): a replica is added after the load has stayed above target
+    # this long, removed after it has stayed below this long; look_back_period_s: the window Serve
+    # averages ongoing requests over (Serve's default 30 s; must exceed its metrics_interval_s, 10 s)
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: float = 30.0
     max_batch_size: int = 32
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per replica; with vllm.tensor_parallel_size > 1 each replica gets that many GPUs
@@ -327,6 +333,9 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
          "must satisfy 1 <= min_replicas <= max_replicas"),
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
+        (cfg.expert.upscale_delay_s >= 0, "expert.upscale_delay_s", "must be >= 0"),
+        (cfg.expert.downscale_delay_s >= 0, "expert.downscale_delay_s", "must be >= 0"),
+        (cfg.expert.look_back_period_s > 0, "expert.look_back_period_s", "must be > 0"),
         (cfg.rollout.weight_sync != "nccl" or (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus > 0),
          "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
         (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),
