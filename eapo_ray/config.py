@@ -92,6 +92,12 @@ class RolloutConfig:
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
     max_actor_failures: int = 3  # an actor whose batches fail this many times in a row is retired
+    # an actor that died gets no new batch until it answers again; one not back within this many
+    # seconds (its restart cannot be placed, e.g. its node is gone) is killed and retired
+    restart_timeout_s: float = 300.0
+    # a custom Ray resource: each rollout actor takes ONE unit of it, so only nodes that advertise it
+    # host rollout actors, at most that many each (`ray start --resources='{"rollout": 2}'`); "": anywhere
+    node_resource: str = ""
     max_empty_batches: int = 20  # this many finished batches in a row with no kept sample stop the run
     pause_timeout_s: float = 600.0  # a weight update waits at most this long for in-flight generation to drain
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
@@ -340,6 +346,7 @@ def validate(cfg: RunConfig) -> None:
          "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
         (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),
         (cfg.rollout.max_actor_failures >= 1, "rollout.max_actor_failures", "must be >= 1"),
+        (cfg.rollout.restart_timeout_s > 0, "rollout.restart_timeout_s", "must be > 0"),
         (cfg.rollout.max_empty_batches >= 1, "rollout.max_empty_batches", "must be >= 1"),
         (cfg.rollout.pause_timeout_s > 0, "rollout.pause_timeout_s", "must be > 0"),
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),

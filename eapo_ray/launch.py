@@ -146,18 +146,29 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
         serve.start(proxy_location="Disabled", **logs)
         serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None, **logs)
         print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
-    s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
+    # The buffer shares the driver's fate anyway: on the driver's node (a 0-CPU actor could otherwise land on
+    # any node, e.g. a rollout node that dies); the evaluator prefers it too (soft: a GPU evaluator goes elsewhere)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    s.buffer = TrajectoryBuffer.options(
+        name=f"{run_name}-buffer", scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
     # Rollout engines and the evaluator load their models while the learners set up.
     s.workers = [remote_worker_cls().options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus,
                                              num_gpus=r.num_gpus, max_task_retries=0,
+                                             resources={r.node_resource: 1} if r.node_resource else None,
                                              # a restarted engine cannot rejoin the NCCL weight group
                                              max_restarts=0 if r.weight_sync == "nccl" else 3)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
     s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
-                                                num_gpus=cfg.eval.num_gpus).remote(cfg)
+                                                num_gpus=cfg.eval.num_gpus,
+                                                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+                                                ).remote(cfg)
     s.learners = LearnerGroup(cfg, run_name)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
-    s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches)
+    s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches,
+                           restart_timeout_s=r.restart_timeout_s)
     if r.weight_sync == "nccl":
         start_nccl_weight_sync(s.learners, s.workers)
     return version

@@ -22,9 +22,11 @@ FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "b
 class Launch:
     """A launch in its own session (so a Ctrl-C to its process group does not reach pytest)."""
 
-    def __init__(self, tmp_path: Path, name: str, *overrides: str):
+    def __init__(self, tmp_path: Path, name: str, *overrides: str, ray_address: str = ""):
+        """`ray_address`: join that cluster (RAY_ADDRESS) instead of starting a private one."""
         self.run_dir, self.out_path = tmp_path / name, tmp_path / f"{name}.out"
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (
+            {"RAY_ADDRESS": ray_address} if ray_address else {})
         cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST, *overrides]
         with self.out_path.open("w") as out:
             self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -286,3 +288,55 @@ def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path
         assert run.p.wait(timeout=120) == 130
     finally:
         run.kill_all()
+
+
+def _ray_titles(root: psutil.Process) -> list[str]:
+    out = []
+    for proc in root.children(recursive=True):
+        title = _cmdline(proc)
+        if title.startswith("ray::"):
+            out.append(title.split()[0])
+    return out
+
+
+def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
+    """Two raylets on this machine (ray.cluster_utils.Cluster); the launch joins the cluster
+    (RAY_ADDRESS). rollout.node_resource=rollout and one unit of it per node put one rollout
+    actor on each node (the second node has no CPUs: nothing else of the run can land there).
+    After step 2 the second node is killed (every process of it, SIGKILL): its actor's call
+    fails, its restart can never be placed, so the fleet retires it after
+    rollout.restart_timeout_s and the run finishes its steps on the first node, nothing lost."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "resources": {"rollout": 1}, "include_dashboard": False,
+        # the GCS declares a silent node dead after 3 missed 1 s health checks (default 5 x 3 s)
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    run = None
+    try:
+        node2 = cluster.add_node(num_cpus=0, resources={"rollout": 1})
+        run = Launch(tmp_path, "twonode", "steps=12", "rollout.num_actors=2", "rollout.node_resource=rollout",
+                     "rollout.num_cpus=0", "rollout.restart_timeout_s=5", "acceptance.kind=constant",
+                     "acceptance.start=0.0", ray_address=cluster.address)
+        run.wait_for(r"^\[eapo\] step 2/12")
+        raylet2 = psutil.Process(node2.all_processes["raylet"][0].process.pid)
+        on_node2 = _ray_titles(raylet2)
+        others = [t for t in on_node2 if re.search(r"Learner|Evaluator|TrajectoryBuffer", t)]
+        assert any(t.startswith("ray::RolloutWorker") for t in on_node2) and not others, on_node2
+        t_kill = time.time()
+        cluster.remove_node(node2, allow_graceful=False)
+        rc = run.finish(timeout=400)
+        log = run.log
+        assert rc == 0, log[-5000:]
+        s = run.summary()
+        a = s["accounting"]
+        assert s["steps"] == 12 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
+        assert len(s["rollout_actors_retired"]) == 1, s
+        assert "did not come back within rollout.restart_timeout_s=5s" in log, log[-5000:]
+        print(f"two nodes: the second node (one rollout actor) killed after step 2; actor "
+              f"{s['rollout_actors_retired']} retired; finished {time.time() - t_kill:.0f}s after the kill; "
+              f"batches by actor {s['rollout_batches_by_worker']}; accounting {a['batches']} / {a['samples']}")
+    finally:
+        if run is not None:
+            run.kill_all()
+        cluster.shutdown()
