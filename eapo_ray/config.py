@@ -159,6 +159,9 @@ class LearnerConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
     max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
+    # the learners' placement group (num_learners bundles of num_cpus/num_gpus) must be placed within this
+    # many seconds, else the launch stops naming what it asked for and what the cluster has
+    placement_timeout_s: float = 600.0
     checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
     backend: Literal["gloo", "nccl"] = "gloo"
     num_cpus: float = 0.5
@@ -353,6 +356,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
         (cfg.learner.max_restarts >= 0, "learner.max_restarts", "must be >= 0"),
+        (cfg.learner.placement_timeout_s > 0, "learner.placement_timeout_s", "must be > 0"),
         (cfg.buffer.capacity >= 1, "buffer.capacity", "must be >= 1"),
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
         (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),

@@ -497,6 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
     from eapo_ray.accounting import AccountingError
+    from eapo_ray.learner import PlacementError
     from eapo_ray.rollout.fleet import FleetError
 
     try:
@@ -510,7 +511,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError, LearnerFailed) as e:
+    except (FleetError, AccountingError, LearnerFailed, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
