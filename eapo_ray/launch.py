@@ -33,6 +33,7 @@ class System:
     metrics: MetricsLog | None = None
     accounting: object = None  # accounting.Accounting of this launch
     learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
+    rollbacks: list = field(default_factory=list)  # the version each rebuild went back to, in order
     pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
 
     def teardown(self) -> None:
@@ -233,9 +234,8 @@ def run(cfg: RunConfig) -> Path:
         summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
         a = summary["accounting"]
         b, n = a["batches"], a["samples"]
-        print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = trained "
-              f"{b['trained']} ({n['trained']}) + dropped stale {b['dropped_stale']} ({n['dropped_stale']}) + "
-              f"buffered at end {b['buffered_at_end']} ({n['buffered_at_end']}) + lost {b['lost']} ({n['lost']})"
+        terms = " + ".join(f"{k.replace('_', ' ')} {b[k]} ({n[k]})" for k in b if k != "produced")
+        print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = {terms}"
               f"{'' if a['closes'] else '  DOES NOT CLOSE'}", flush=True)
         accounting.check(a)
         s.metrics.close()
@@ -283,7 +283,19 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
             metrics.rollout_batch(s.run_name, res.stats)
             rollouts.append(res.stats)
             if res.stats["kept_samples"]:
+                if discarded_policy(s, res.stats["version"], res.tag):
+                    if s.accounting is not None:
+                        s.accounting.discarded(res.stats["kept_samples"])
+                    continue
                 pending.append(BufferItem(res.stats["version"], [res.batch], res.stats["kept_samples"]))
+
+
+def discarded_policy(s: System, version: int, generation: int | None) -> bool:
+    """Whether a batch generated at `version` by a call submitted while learner group `generation`
+    was training comes from a policy a later rebuild threw away (a version newer than the
+    checkpoint that rebuild went back to)."""
+    later = s.rollbacks[generation or 0:]
+    return bool(later) and version > min(later)
 
 
 def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: deque) -> None:
@@ -301,7 +313,7 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
     for i in idle:
         if ahead + s.fleet.num_inflight >= room:
             return
-        s.fleet.submit(i, step=state.version, weights=rollout_weights, serial=state.serial)
+        s.fleet.submit(i, tag=s.learner_restarts, step=state.version, weights=rollout_weights, serial=state.serial)
         state.serial += 1
 
 
@@ -332,12 +344,16 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
             items, retry = retry, None
         try:
             stats = s.learners.train_step(items)
-        except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again
-            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
-            retry = items
+        except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again, unless
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)  # made by a discarded policy
+            retry = [it for it in items if it.version <= state.version] or None
+            for it in items:
+                if it.version > state.version and s.accounting is not None:
+                    s.accounting.discarded(it.num_samples)
             continue
         if s.accounting is not None:
-            s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"])
+            s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"],
+                              version=state.version + 1)
         state.version += 1
         done = state.version >= cfg.steps
         eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
@@ -418,6 +434,19 @@ def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path,
     version = s.learners.setup(str(ckpt) if has_ckpt else "")
     state.version, state.samples = version, load_driver_state(run_dir, version).samples
     resume_metrics(run_dir, version)  # the steps after the checkpoint are redone: their rows go
+    # batches made by the versions after `version` come from a policy that no longer exists: dropped
+    # (buffer, driver-held, and, as they arrive, in flight: discarded_policy), and the training of the
+    # steps after it is counted as rolled back
+    s.rollbacks.append(version)
+    import ray
+
+    ray.get(s.buffer.rollback.remote(version), timeout=60)
+    for it in [it for it in s.pending if it.version > version]:
+        s.pending.remove(it)
+        if s.accounting is not None:
+            s.accounting.discarded(it.num_samples)
+    if s.accounting is not None:
+        s.accounting.rollback(version)
     print(f"[eapo] learner group rebuilt at version {version}; redoing the steps after it", flush=True)
     return s.learners.publish()
 

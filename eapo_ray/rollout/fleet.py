@@ -34,6 +34,7 @@ class RolloutResult:
     stats: dict | None  # RolloutWorker.produce's stats; None when the call failed
     batch: Any = None  # ObjectRef of the batch (None-valued when nothing was kept); owned by the driver
     error: str = ""  # why the call failed
+    tag: Any = None  # what the caller passed to `submit` with the call
 
 
 class RolloutFleet:
@@ -44,7 +45,7 @@ class RolloutFleet:
         self.restart_timeout_s = restart_timeout_s
         self.recovering: dict[int, tuple] = {}  # actor -> (ping ObjectRef, deadline): waiting for it to come back
         self.not_before = [0.0] * len(self.actors)  # no new call to an actor before this time (backoff)
-        self.inflight: dict = {}  # stats ObjectRef -> (worker index, batch ObjectRef)
+        self.inflight: dict = {}  # stats ObjectRef -> (worker index, batch ObjectRef, tag)
         self.failures = [0] * len(self.actors)  # consecutive failed calls per actor
         self.retired: set[int] = set()
         self.empty_in_a_row = 0
@@ -52,7 +53,7 @@ class RolloutFleet:
         self.failed_calls = 0  # every failed call so far, restarts included
 
     def idle(self) -> list[int]:
-        busy, now = {i for i, _ in self.inflight.values()}, time.time()
+        busy, now = {i for i, *_ in self.inflight.values()}, time.time()
         return [i for i in range(len(self.actors)) if i not in busy and i not in self.retired
                 and i not in self.recovering and self.not_before[i] <= now]
 
@@ -64,9 +65,10 @@ class RolloutFleet:
     def num_inflight(self) -> int:
         return len(self.inflight)
 
-    def submit(self, worker: int, **kwargs) -> None:
+    def submit(self, worker: int, tag: Any = None, **kwargs) -> None:
+        """`produce(**kwargs)` on actor `worker`; `tag` comes back with its result."""
         stats_ref, batch_ref = self.actors[worker].produce.remote(**kwargs)
-        self.inflight[stats_ref] = (worker, batch_ref)
+        self.inflight[stats_ref] = (worker, batch_ref, tag)
 
     def wait(self, timeout_s: float) -> list[RolloutResult]:
         """Results of the calls that finish within `timeout_s` (at least one, unless none
@@ -82,7 +84,7 @@ class RolloutFleet:
             ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
         out = []
         for ref in ready:
-            worker, batch = self.inflight.pop(ref)
+            worker, batch, tag = self.inflight.pop(ref)
             try:
                 stats = ray.get(ref)
             except ray.exceptions.RayError as e:
@@ -96,7 +98,7 @@ class RolloutFleet:
                     "(all right or all wrong), so dynamic sampling dropped them. Check the reward and data "
                     "(a harder/easier task, a longer response budget), or set algo.dynamic_sampling=false "
                     "(rollout.max_empty_batches sets this bound).")
-            out.append(RolloutResult(worker, stats, batch))
+            out.append(RolloutResult(worker, stats, batch, tag=tag))
         return out
 
     def _check_recovering(self) -> None:

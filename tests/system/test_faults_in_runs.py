@@ -114,8 +114,13 @@ def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
         assert s["learner_restarts"] == 1 and "learner group rebuilt at version 4" in log, log[-5000:]
         steps = [int(m) for m in re.findall(r"^\[eapo\] step (\d+)/7", log, re.M)]
         assert steps[:5] == [1, 2, 3, 4, 5] and steps[-3:] == [5, 6, 7], steps  # 5 redone after the rebuild
-        rows = [json.loads(line)["step"] for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert rows == list(range(8)), rows  # one row per step: the redone step's first row was dropped
+        rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(8)), rows  # one row per step: the redone step's first went
+        # trained = training that survives (one batch a step); the steps thrown away by the rebuild are
+        # rolled_back; batches of the discarded versions are dropped, so staleness never goes negative
+        assert a["batches"]["trained"] == 7 and a["samples"]["trained"] == s["samples"], a
+        assert a["batches"]["rolled_back"] >= 1 and a["samples"]["rolled_back"] >= 1, a
+        assert all(r.get("staleness", 0) >= 0 for r in rows), [r.get("staleness") for r in rows]
         print(f"faults: rollout actor, expert replica, learner killed; the run took {time.time() - t_kill:.0f}s "
               f"after the first kill; failed rollout calls {s['rollout_failed_calls']}, expert unavailable "
               f"{a['expert_unavailable']}, learner restarts {s['learner_restarts']}, "
