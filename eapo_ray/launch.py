@@ -323,6 +323,7 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
     import ray
 
     from eapo_ray import metrics
+    from eapo_ray.progress import show_progress
 
     LEARNER_DIED = ray.exceptions.RayActorError  # noqa: N806 -- a learner actor died mid-call
     nccl = cfg.rollout.weight_sync == "nccl"
@@ -383,12 +384,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
             row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
             metrics.heldout(s.run_name, ev["accuracy"])
         s.metrics.log(state.version, row)
-        nan = float("nan")
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)
-        print(f"[eapo] step {state.version}/{cfg.steps} reward {row.get('reward', nan):.3f} "
-              f"consult_rate {row.get('consult_rate', nan):.2f} accept_p {row.get('acceptance_prob', nan):.2f} "
-              f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
-              f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
+        show_progress(state.version, cfg.steps, row, ev["accuracy"], stats.get("staleness", 0), eta)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
             try:
                 save_checkpoint(s, state, run_dir)
@@ -499,11 +496,6 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
                                                    [p.num_samples for p in s.pending], s.fleet.num_inflight)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _buffer_stats(buffer) -> dict:
