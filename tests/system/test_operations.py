@@ -136,3 +136,17 @@ def test_launch_console_metrics_and_accounting(tmp_path):
         c = a[unit]
         assert c["produced"] == sum(v for k, v in c.items() if k != "produced")
     assert "[eapo] accounting: produced" in log
+
+
+def test_batches_from_policies_a_rebuild_discarded_are_recognised():
+    """A call submitted while learner group g trained (its tag) made a batch at version v: it comes
+    from a discarded policy when a later rebuild went back to a checkpoint older than v."""
+    from eapo_ray.launch import System, discarded_policy
+
+    s = System()
+    assert not discarded_policy(s, 7, 0)  # no rebuild yet
+    s.rollbacks = [4]  # rebuild 1 went back to version 4
+    assert discarded_policy(s, 5, 0) and not discarded_policy(s, 4, 0)  # v4's weights are the checkpoint's
+    assert not discarded_policy(s, 5, 1)  # submitted after the rebuild: new weights
+    s.rollbacks = [4, 2]  # rebuild 2 went back further, to 2
+    assert discarded_policy(s, 3, 0) and discarded_policy(s, 3, 1) and not discarded_policy(s, 3, 2)
