@@ -30,8 +30,9 @@ def test_bar_in_place_on_a_terminal():
 
 
 def test_through_a_pty_the_line_is_rewritten_and_through_a_pipe_it_is_not():
-    code = ("from eapo_ray.progress import show_progress\n"
-            "for s in (1, 2, 3):\n    show_progress(s, 3, {}, 0.5, 0, 3 - s)\n")
+    code = ("import sys\nfrom eapo_ray.progress import show_progress\n"
+            "for s in (1, 2, 3):\n    show_progress(s, 3, {}, 0.5, 0, 3 - s)\n"
+            "    if s == 2:\n        print('[eapo] a message', file=sys.stderr)\n        print('[eapo] another')\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     main, sub = pty.openpty()
     p = subprocess.Popen([sys.executable, "-c", code], stdout=sub, stderr=sub, env=env, close_fds=True)
@@ -48,6 +49,11 @@ def test_through_a_pty_the_line_is_rewritten_and_through_a_pipe_it_is_not():
     p.wait(timeout=30)
     os.close(main)
     text = out.decode()
-    assert text.count("\r\x1b[K[eapo] [") == 3 and text.count("\n") == 1, repr(text)  # one line, rewritten
+    assert text.count("\r\x1b[K[eapo] [") == 3, repr(text)  # one line, rewritten...
+    # ...except that a message printed between steps starts a line of its own, and the bar comes back after it
+    assert re.search(r"step 2/3 [^\n]*\r?\n\[eapo\] a message\r?\n\[eapo\] another\r?\n\r\x1b\[K\[eapo\] \[#+\] step 3/3",
+                     text), repr(text)
+    assert text.count("\n") == 4, repr(text)
     piped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
     assert re.findall(r"^\[eapo\] step (\d)/3 .* eta \dm\d\ds$", piped, re.M) == ["1", "2", "3"] and "\r" not in piped
+    assert "[eapo] another\n[eapo] step 3/3" in piped
