@@ -81,9 +81,13 @@ class RolloutConfig:
     train_turns: int = 4
     eval_turns: int = 1
     # the turn budget's horizon: linear train_turns -> eval_turns over this many steps; -1: over
-    # acceptance.total_steps (as before issue 11), 0: no shrinking. Never below 2 turns while
-    # the acceptance probability is > 0 (algo.schedules.training_turns)
+    # acceptance.total_steps (as before issue 11), 0: no shrinking. Never below min_train_turns
+    # (algo.schedules.training_turns)
     turn_budget_steps: int = -1
+    # floor of the training turn budget, for every row whatever its acceptance rate (so EAPO and
+    # its RL baseline get the same budget at every step); default 2: a consult can be answered
+    # and then answered upon. Capped by train_turns; 1: shrink all the way to eval_turns
+    min_train_turns: int = 2
     overlap: bool = True  # generate the next batch while the learner trains (async); False: synchronous
     num_cpus: float = 0.5
     num_gpus: float = 0.0
@@ -322,6 +326,7 @@ def validate(cfg: RunConfig) -> None:
          "must be > 0 with eval.engine: vllm on GPUs (the evaluator's vLLM engine needs a GPU)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
         (cfg.rollout.turn_budget_steps >= -1, "rollout.turn_budget_steps", "must be >= -1 (-1: acceptance.total_steps)"),
+        (cfg.rollout.min_train_turns >= 1, "rollout.min_train_turns", "must be >= 1"),
         (cfg.rollout.train_turns >= cfg.rollout.eval_turns >= 1, "rollout.train_turns",
          "must be >= rollout.eval_turns >= 1"),
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",

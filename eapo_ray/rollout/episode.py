@@ -41,10 +41,10 @@ class EpisodeSettings:
         r = cfg.rollout
         rho = acceptance_prob(step, cfg.acceptance) if with_expert else 0.0
         # the turn budget's own horizon (rollout.turn_budget_steps; -1: acceptance.total_steps), never
-        # below 2 turns while rho > 0 (algo.schedules.training_turns)
+        # below rollout.min_train_turns, whatever rho is (algo.schedules.training_turns)
         horizon = cfg.acceptance.total_steps if r.turn_budget_steps < 0 else r.turn_budget_steps
         return cls(cfg.protocol, cfg.reward,
-                   max_turns=training_turns(step, r.train_turns, r.eval_turns, horizon, rho),
+                   max_turns=training_turns(step, r.train_turns, r.eval_turns, horizon, r.min_train_turns),
                    max_new_tokens_per_turn=r.max_new_tokens_per_turn, max_response_tokens=r.max_response_tokens,
                    temperature=r.temperature, accept_prob=rho)
 

@@ -149,11 +149,14 @@ def test_episode_settings_for_training_and_evaluation_follow_the_config():
         s = EpisodeSettings.for_training(cfg, step)
         rho = acceptance_prob(step, cfg.acceptance)
         assert s.accept_prob == rho and not s.ban_consult
-        assert s.max_turns == training_turns(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps, rho)
+        assert s.max_turns == training_turns(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps,
+                                             r.min_train_turns)
         assert s.temperature == r.temperature and s.max_new_tokens_per_turn == r.max_new_tokens_per_turn
-    # step 29: the default turn budget (over acceptance.total_steps) is 1, but rho > 0: 2 turns
+    # step 29: the default turn budget (over acceptance.total_steps) is 1, floored at
+    # rollout.min_train_turns (2) with or without an expert; min_train_turns=1 lets it fall to 1
     assert EpisodeSettings.for_training(cfg, 29).max_turns == 2
-    assert EpisodeSettings.for_training(cfg, 29, with_expert=False).max_turns == 1
+    assert EpisodeSettings.for_training(cfg, 29, with_expert=False).max_turns == 2
+    assert EpisodeSettings.for_training(load_config(None, ["rollout.min_train_turns=1"]), 29).max_turns == 1
     # rollout.turn_budget_steps: the budget's own horizon
     own = load_config(None, ["rollout.turn_budget_steps=100"])
     assert EpisodeSettings.for_training(own, 35, with_expert=False).max_turns == 2  # 4 - 3 * 0.35 = 2.95
