@@ -128,8 +128,16 @@ class AlgoConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     overlong_filter: bool = True  # mask out samples cut off by the length budget
     consult_cost: float = 0.0  # reward -= consult_cost * number of consults
-    expert_sft_coef: float = 0.0  # auxiliary NLL on accepted expert tokens
-    expert_sft_anneal: bool = False  # multiply expert_sft_coef by the acceptance probability rho_s (UFT-style)
+    # auxiliary NLL on accepted expert answer tokens (not the echoed query); combinable with either channel
+    expert_sft_coef: float = 0.0
+    # multiply expert_sft_coef by the acceptance probability rho each sample was generated under (UFT-style)
+    expert_sft_anneal: bool = False
+    # how the expert's answer tokens enter the policy-gradient loss: "masked" (the paper's: observations,
+    # no gradient) or "luffy" (off-policy actions with their own ratio pi / pi_expert against the Serve
+    # expert's token log-probs and LUFFY's shaping f(r) = r / (r + luffy_gamma); algo.losses.luffy_loss)
+    expert_token_channel: Literal["masked", "luffy"] = "masked"
+    luffy_gamma: float = 0.1  # LUFFY's shaping constant gamma (their default 0.1)
+    luffy_coef: float = 1.0  # weight of the off-policy token-mean term next to the on-policy loss
 
 
 @dataclass
@@ -346,6 +354,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
         (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),
         (cfg.algo.expert_sft_coef >= 0, "algo.expert_sft_coef", "must be >= 0"),
+        (cfg.algo.expert_token_channel in ("masked", "luffy"), "algo.expert_token_channel",
+         "must be 'masked' or 'luffy'"),
+        (cfg.algo.luffy_gamma > 0, "algo.luffy_gamma", "must be > 0"),
+        (cfg.algo.luffy_coef >= 0, "algo.luffy_coef", "must be >= 0"),
         ("{problem}" in cfg.data.template, "data.template", "must contain '{problem}'"),
         ("{problem}" in cfg.expert.template, "expert.template", "must contain '{problem}'"),
         ("{answer}" in cfg.expert.reply_template, "expert.reply_template", "must contain '{answer}'"),

@@ -76,11 +76,13 @@ def training_turns(step: int, train_turns: int, eval_turns: int, horizon: int, m
     return max(turns, min(min_turns, train_turns))
 
 
-def expert_sft_weight(algo_cfg, acceptance_cfg: AcceptanceConfig, step: int) -> float:
-    """The auxiliary NLL's coefficient on accepted expert tokens at learner step `step`:
-    `algo.expert_sft_coef`, times the acceptance probability rho_s when
-    `algo.expert_sft_anneal` (UFT-style: the imitation term fades as help is withdrawn)."""
+def expert_sft_weight(algo_cfg, accept_prob):
+    """The auxiliary NLL's coefficient on a sample's accepted expert tokens: `algo.expert_sft_coef`,
+    times `accept_prob` when `algo.expert_sft_anneal` (UFT-style: the imitation term fades as help
+    is withdrawn). `accept_prob` is the acceptance probability rho the sample was *generated
+    under* (its behaviour rho, recorded per sample), not the learner's current step's: a sample
+    generated at rho = 1 and trained a version later keeps its weight (a float, or a [B] tensor)."""
     coef = algo_cfg.expert_sft_coef
     if getattr(algo_cfg, "expert_sft_anneal", False):
-        coef *= acceptance_prob(max(step, 0), acceptance_cfg)
-    return coef
+        return coef * accept_prob
+    return coef + 0.0 * accept_prob

@@ -106,13 +106,18 @@ def test_rl_and_eapo_rows_get_the_same_turn_budget_at_every_step():
         assert min(e for e, _ in turns) == 2
 
 
-def test_expert_sft_weight_anneals_with_acceptance():
+def test_expert_sft_weight_anneals_with_the_samples_behaviour_rho():
+    """The SFT coefficient is annealed with the rho each sample was generated under (recorded
+    per sample), not the learner's step: the old signature took the learner's step."""
+    import torch
+
     from eapo_ray.algo.schedules import expert_sft_weight
     from eapo_ray.config import AlgoConfig
 
-    acc = AcceptanceConfig(kind="linear", start=1.0, end=0.0, total_steps=100)
     fixed = AlgoConfig(expert_sft_coef=0.5)
     annealed = AlgoConfig(expert_sft_coef=0.5, expert_sft_anneal=True)
-    assert [expert_sft_weight(fixed, acc, s) for s in (0, 50, 200)] == [0.5, 0.5, 0.5]
-    assert [expert_sft_weight(annealed, acc, s) for s in (0, 50, 100, 200)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
-    assert expert_sft_weight(AlgoConfig(), acc, 10) == 0.0
+    assert [expert_sft_weight(fixed, r) for r in (1.0, 0.5, 0.0)] == [0.5, 0.5, 0.5]
+    assert [expert_sft_weight(annealed, r) for r in (1.0, 0.5, 0.0)] == pytest.approx([0.5, 0.25, 0.0])
+    assert expert_sft_weight(AlgoConfig(), 1.0) == 0.0
+    rho = torch.tensor([1.0, 0.25, 0.0])  # a batch mixing samples from three policy versions
+    assert expert_sft_weight(annealed, rho).tolist() == pytest.approx([0.5, 0.125, 0.0])
