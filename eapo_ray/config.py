@@ -81,9 +81,13 @@ class RolloutConfig:
     train_turns: int = 4
     eval_turns: int = 1
     # the turn budget's horizon: linear train_turns -> eval_turns over this many steps; -1: over
-    # acceptance.total_steps (as before issue 11), 0: no shrinking. Never below 2 turns while
-    # the acceptance probability is > 0 (algo.schedules.training_turns)
+    # acceptance.total_steps (as before issue 11), 0: no shrinking. Never below min_train_turns
+    # (algo.schedules.training_turns)
     turn_budget_steps: int = -1
+    # floor of the training turn budget, for every row whatever its acceptance rate (so EAPO and
+    # its RL baseline get the same budget at every step); default 2: a consult can be answered
+    # and then answered upon. Capped by train_turns; 1: shrink all the way to eval_turns
+    min_train_turns: int = 2
     overlap: bool = True  # generate the next batch while the learner trains (async); False: synchronous
     num_cpus: float = 0.5
     num_gpus: float = 0.0
@@ -136,8 +140,16 @@ class AlgoConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal
     overlong_filter: bool = True  # mask out samples cut off by the length budget
     consult_cost: float = 0.0  # reward -= consult_cost * number of consults
-    expert_sft_coef: float = 0.0  # auxiliary NLL on accepted expert tokens
-    expert_sft_anneal: bool = False  # multiply expert_sft_coef by the acceptance probability rho_s (UFT-style)
+    # auxiliary NLL on accepted expert answer tokens (not the echoed query); combinable with either channel
+    expert_sft_coef: float = 0.0
+    # multiply expert_sft_coef by the acceptance probability rho each sample was generated under (UFT-style)
+    expert_sft_anneal: bool = False
+    # how the expert's answer tokens enter the policy-gradient loss: "masked" (the paper's: observations,
+    # no gradient) or "luffy" (off-policy actions with their own ratio pi / pi_expert against the Serve
+    # expert's token log-probs and LUFFY's shaping f(r) = r / (r + luffy_gamma); algo.losses.luffy_loss)
+    expert_token_channel: Literal["masked", "luffy"] = "masked"
+    luffy_gamma: float = 0.1  # LUFFY's shaping constant gamma (their default 0.1)
+    luffy_coef: float = 1.0  # weight of the off-policy token-mean term next to the on-policy loss
 
 
 @dataclass
@@ -337,6 +349,7 @@ def validate(cfg: RunConfig) -> None:
          "must be > 0 with eval.engine: vllm on GPUs (the evaluator's vLLM engine needs a GPU)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
         (cfg.rollout.turn_budget_steps >= -1, "rollout.turn_budget_steps", "must be >= -1 (-1: acceptance.total_steps)"),
+        (cfg.rollout.min_train_turns >= 1, "rollout.min_train_turns", "must be >= 1"),
         (cfg.rollout.train_turns >= cfg.rollout.eval_turns >= 1, "rollout.train_turns",
          "must be >= rollout.eval_turns >= 1"),
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
@@ -361,6 +374,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
         (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),
         (cfg.algo.expert_sft_coef >= 0, "algo.expert_sft_coef", "must be >= 0"),
+        (cfg.algo.expert_token_channel in ("masked", "luffy"), "algo.expert_token_channel",
+         "must be 'masked' or 'luffy'"),
+        (cfg.algo.luffy_gamma > 0, "algo.luffy_gamma", "must be > 0"),
+        (cfg.algo.luffy_coef >= 0, "algo.luffy_coef", "must be >= 0"),
         ("{problem}" in cfg.data.template, "data.template", "must contain '{problem}'"),
         ("{problem}" in cfg.expert.template, "expert.template", "must contain '{problem}'"),
         ("{answer}" in cfg.expert.reply_template, "expert.reply_template", "must contain '{answer}'"),

@@ -12,6 +12,7 @@ import asyncio
 import torch
 from ray import serve
 
+from eapo_ray.algo.protocol import ExpertReply
 from eapo_ray.config import ExpertConfig
 from eapo_ray.data import render_prompt
 from eapo_ray.rollout.factory import make_engine
@@ -26,16 +27,58 @@ class Expert:
         self.__call__.set_max_batch_size(cfg.max_batch_size)
 
     def answer_now(self, queries: list[str]) -> list[str]:
+        """The replies as the policy reads them (plain text; evaluation and make_tiny use this)."""
+        return [r.text for r in self.answer_full(queries)]
+
+    def answer_full(self, queries: list[str]) -> list[ExpertReply]:
+        """The replies with the span of the expert's own answer in each (the echoed query and
+        the template around it are not the expert's) and the answer's token log-probs under the
+        expert (the LUFFY-style channel's behaviour probabilities, algo.losses.luffy_loss)."""
         prompts = [self.tok(render_prompt(self.cfg.template, q))["input_ids"] for q in queries]
         gens = self.engine.generate(prompts, [self.cfg.max_new_tokens] * len(prompts), self.cfg.temperature, [])
-        answers = [self.tok.decode(g.tokens, skip_special_tokens=True).strip() for g in gens]
-        if self.cfg.reverse_answer:  # the model writes the answer's characters last-first (tiny_mul experts)
-            answers = [a[::-1] for a in answers]
-        return [self.cfg.reply_template.replace("{query}", q).replace("{answer}", a) for q, a in zip(queries, answers)]
+        logps = self._answer_logprobs(prompts, gens)
+        out = []
+        for q, g, lp in zip(queries, gens, logps):
+            answer = self.tok.decode(g.tokens, skip_special_tokens=True).strip()
+            pieces = [self.tok.decode([t], skip_special_tokens=True) for t in g.tokens]
+            # the tokens that make up the stripped answer: drop special/whitespace-only ones at either end
+            keep = [i for i, p in enumerate(pieces) if p.strip()]
+            lo, hi = (keep[0], keep[-1] + 1) if keep else (0, 0)
+            texts = pieces[lo:hi]
+            lps = lp[lo:hi] if lp is not None else None
+            if self.cfg.reverse_answer:  # the model writes the answer's characters last-first (tiny_mul experts)
+                answer, texts, lps = answer[::-1], texts[::-1], (lps[::-1] if lps is not None else None)
+            if "".join(texts).strip() != answer or lps is None:  # tokens do not add up to the answer: no log-probs
+                texts, lps = None, None
+            head = self.cfg.reply_template.split("{answer}")[0].replace("{query}", q)
+            text = self.cfg.reply_template.replace("{query}", q).replace("{answer}", answer)
+            out.append(ExpertReply(text, len(head), len(head) + len(answer), texts, lps))
+        return out
+
+    def _answer_logprobs(self, prompts, gens) -> list:
+        """Log-probs of each generated token under the expert at T=1 (the model's own
+        distribution, not the greedy decode's point mass), teacher-forced in one forward pass;
+        None per reply when the engine has no in-process model (vLLM: sampled log-probs at
+        the expert's temperature, or None when greedy)."""
+        model = getattr(self.engine, "model", None)
+        if model is None or not hasattr(model, "forward"):
+            return [g.logprobs if self.cfg.temperature > 0 else None for g in gens]
+        seqs = [p + g.tokens for p, g in zip(prompts, gens)]
+        n = max(len(x) for x in seqs)
+        pad = self.tok.pad_token_id or 0
+        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)], attn[i, :len(x)] = torch.tensor(x), 1
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids.to(dev)[:, 1:, None]).squeeze(-1).cpu()
+        return [lp[i, len(p) - 1: len(p) - 1 + len(g.tokens)].tolist() for i, (p, g) in enumerate(zip(prompts, gens))]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def __call__(self, queries: list[str]) -> list[str]:
-        return await asyncio.to_thread(self.answer_now, queries)
+    async def __call__(self, queries: list[str]) -> list[ExpertReply]:
+        return await asyncio.to_thread(self.answer_full, queries)
 
 
 def replica_options(cfg: ExpertConfig) -> dict:

@@ -18,7 +18,7 @@ from torch.distributed import ReduceOp
 
 from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_tokens
 from eapo_ray.algo.logprobs import hidden_token_logprobs
-from eapo_ray.algo.losses import kept_mask, log_importance, normaliser, policy_loss, sft_loss
+from eapo_ray.algo.losses import kept_mask, log_importance, luffy_loss, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
 from eapo_ray.config import RunConfig
 
@@ -96,17 +96,19 @@ class StepStats:
     """Loss statistics of one train step, summed over micro-batches (weighted by their token
     counts), then over ranks: the same numbers on every rank."""
     SUMS = ("loss", "expert_sft_loss", "clip_frac", "kl_behav", "kept_tokens", "is_weight_mean", "dropped_frac",
-            "policy_tokens")
+            "policy_tokens", "luffy_loss", "luffy_shaped", "luffy_tokens")
 
-    def __init__(self, sft: bool):
-        self.sums, self.weight_max, self.sft = dict.fromkeys(self.SUMS, 0.0), float("-inf"), sft
+    def __init__(self, sft: bool, luffy: bool = False):
+        self.sums, self.weight_max, self.sft, self.luffy = dict.fromkeys(self.SUMS, 0.0), float("-inf"), sft, luffy
 
     def add(self, st: dict, loss: float, sft: float | None):
         kept, policy = st["kept_tokens"], st["policy_tokens"]
         for k, v in {"loss": loss, "expert_sft_loss": sft or 0.0, "clip_frac": st["clip_frac"] * kept,
                      "kl_behav": st["kl_behav"] * kept, "kept_tokens": kept,
                      "is_weight_mean": st["is_weight_mean"] * policy, "dropped_frac": st["dropped_frac"] * policy,
-                     "policy_tokens": policy}.items():
+                     "policy_tokens": policy, "luffy_loss": st.get("luffy_loss", 0.0),
+                     "luffy_shaped": st.get("luffy_shaped_mean", 0.0) * st.get("luffy_tokens", 0.0),
+                     "luffy_tokens": st.get("luffy_tokens", 0.0)}.items():
             self.sums[k] += v
         if policy:
             self.weight_max = max(self.weight_max, st["is_weight_max"])
@@ -123,6 +125,10 @@ class StepStats:
                "kl_behav": t["kl_behav"] / kept, "kept_tokens": t["kept_tokens"] / n_updates}
         if self.sft:
             out["expert_sft_loss"] = t["expert_sft_loss"] / world_size / n_updates
+        if self.luffy:  # the off-policy expert-token term: its loss, mean f(r), expert tokens per update
+            out["luffy_loss"] = t["luffy_loss"] / world_size / n_updates
+            out["luffy_shaped_mean"] = t["luffy_shaped"] / max(t["luffy_tokens"], 1.0)
+            out["luffy_tokens"] = t["luffy_tokens"] / n_updates
         return out
 
 
@@ -224,8 +230,16 @@ class Learner:
                                denom=norm["policy"])
         sft = None
         if c.algo.expert_sft_coef > 0:
-            sft = sft_loss(logp, b["expert_mask"], denom=norm["sft"])
-            loss = loss + expert_sft_weight(c.algo, c.acceptance, self.version) * sft
+            # each sample's coefficient from the rho it was generated under (its behaviour rho)
+            w = expert_sft_weight(c.algo, b["accept_prob"])
+            loss = loss + sft_loss(logp, b["expert_mask"], denom=norm["sft"], weight=w)
+            sft = sft_loss(logp.detach(), b["expert_mask"], denom=norm["sft"])  # the unweighted NLL, logged
+        if c.algo.expert_token_channel == "luffy":
+            # off-policy expert tokens of samples the overlong filter kept (it zeroes their policy mask)
+            on = b["expert_mask"] * (b["policy_mask"].sum(dim=1, keepdim=True) > 0).to(b["expert_mask"].dtype)
+            lf, lst = luffy_loss(logp, b["expert_logp"], b["advantage"], on, c.algo.luffy_gamma, denom=norm["sft"])
+            loss = loss + c.algo.luffy_coef * lf
+            st = {**st, "luffy_loss": float(lf.detach()), **lst}
         acc.add(st, loss.item(), None if sft is None else sft.item())
         return loss
 
@@ -263,7 +277,7 @@ class Learner:
             with torch.no_grad():
                 olds = [[self._logp(b, chunks) for b in mb] for mb in micro]
             norms, gap = self._normalisers(micro, olds)
-        acc, n_updates = StepStats(sft=c.algo.expert_sft_coef > 0), 0
+        acc, n_updates = StepStats(sft=c.algo.expert_sft_coef > 0, luffy=c.algo.expert_token_channel == "luffy"), 0
         for _ in range(lc.epochs):
             for i, mb in enumerate(micro):
                 if not mb:

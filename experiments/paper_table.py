@@ -49,7 +49,7 @@ import experiments.rows as rows_mod
 from eapo_ray.config import ConfigError, RunConfig, load_config
 from experiments.budget import Timing, _hms, format_plan, job_order, make_plan, update_timing
 from experiments.report import _read_json, _read_metrics, run_result, write_outputs
-from experiments.rows import EXTRA_ROWS, ROW_BY_NAME, ROWS, Row, config_path, distill_steps, step_overrides
+from experiments.rows import EXTRA_ROWS, ROW_BY_NAME, ROWS, Row, config_path, distill_steps, labelled, step_overrides
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: launcher subprocesses run from here
 
@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows_mod.set_config_dir(args.config_dir)
-    rows = [r for r in ROWS + EXTRA_ROWS if r.name in args.rows and config_path(r).exists()]  # a dir may hold fewer
+    # a dir may hold fewer rows; each row's label from its config file's `# label:` line when it has one
+    rows = [labelled(r) for r in ROWS + EXTRA_ROWS if r.name in args.rows and config_path(r).exists()]
     seeds = list(dict.fromkeys(args.seeds))
     try:
         cfg0 = load_config(config_path(ROW_BY_NAME["eapo"]), args.sets)

@@ -1,8 +1,11 @@
 """The table's rows: each a config file in configs/paper/ (a delta on eapo.yaml), a label and a
-kind (how it is produced), and the step scaling that keeps every row's schedules in proportion."""
+kind (how it is produced), and the step scaling that keeps every row's schedules in proportion.
+A config file whose first line is `# label: <text>` gives its row that label (configs/mul: its
+rows are not the paper task's, e.g. its weak expert is a weaker model, not a hotter one);
+`labelled` applies it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eapo_ray.config import RunConfig
@@ -36,6 +39,7 @@ ROWS = (
 # Rows only some config directories have (configs/mul): run when <config dir>/<row>.yaml exists.
 EXTRA_ROWS = (
     Row("eapo_sft", "EAPO + NLL on accepted expert tokens (coef annealed with rho)", "train", core=False),
+    Row("eapo_luffy", "EAPO + LUFFY-style off-policy expert tokens", "train", core=False),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS + EXTRA_ROWS}
 
@@ -48,6 +52,25 @@ def set_config_dir(path) -> None:
 
 def config_path(row: Row) -> Path:
     return CONFIG_DIR / f"{row.name}.yaml"
+
+
+LABEL_PREFIX = "# label:"
+
+
+def row_label(row: Row) -> str:
+    """The label the row's config file declares on its first line (`# label: <text>`), else
+    the row's default (the paper task's)."""
+    path = config_path(row)
+    if path.exists():
+        with path.open() as f:
+            first = f.readline().strip()
+        if first.startswith(LABEL_PREFIX) and first[len(LABEL_PREFIX):].strip():
+            return first[len(LABEL_PREFIX):].strip()
+    return row.label
+
+
+def labelled(row: Row) -> Row:
+    return replace(row, label=row_label(row))
 
 
 def step_overrides(cfg: RunConfig, steps: int) -> list[str]:

@@ -58,6 +58,8 @@ def to_batch(trajs, overlong_filter: bool = True) -> dict:
         "policy_mask": [loss_mask(t, overlong_filter) for t in trajs],
         "expert_mask": [t.expert_mask for t in trajs],
         "behav_logp": [t.behav_logp for t in trajs],
+        "expert_logp": [getattr(t, "expert_logp", None) or [0.0] * len(t.expert_mask) for t in trajs],
+        "accept_prob": [getattr(t, "accept_prob", 0.0) for t in trajs],  # the rho each sample was generated under
         "advantage": [t.advantage for t in trajs],
         "version": [t.version for t in trajs],
     }
@@ -69,7 +71,7 @@ def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
     B, L = len(batch["input_ids"]), max(len(x) for x in batch["input_ids"])
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     attn = torch.zeros((B, L), dtype=torch.long)
-    pmask, emask, blogp = (torch.zeros((B, L - 1)) for _ in range(3))
+    pmask, emask, blogp, elogp = (torch.zeros((B, L - 1)) for _ in range(4))
     for i, seq in enumerate(batch["input_ids"]):
         n, p = len(seq), batch["prompt_len"][i]
         ids[i, :n], attn[i, :n] = torch.tensor(seq), 1
@@ -78,8 +80,12 @@ def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
             pmask[i, p - 1: n - 1] = torch.tensor(batch["policy_mask"][i], dtype=torch.float)
             emask[i, p - 1: n - 1] = torch.tensor(batch["expert_mask"][i], dtype=torch.float)
             blogp[i, p - 1: n - 1] = torch.tensor(batch["behav_logp"][i], dtype=torch.float)
+            if "expert_logp" in batch:
+                elogp[i, p - 1: n - 1] = torch.tensor(batch["expert_logp"][i], dtype=torch.float)
     return {"input_ids": ids, "attention_mask": attn, "policy_mask": pmask, "expert_mask": emask,
-            "behav_logp": blogp, "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
+            "behav_logp": blogp, "expert_logp": elogp,
+            "accept_prob": torch.tensor(batch.get("accept_prob", [0.0] * B), dtype=torch.float),
+            "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
             "version": torch.tensor(batch.get("version", [0] * B), dtype=torch.long)}
 
 

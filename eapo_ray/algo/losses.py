@@ -136,9 +136,56 @@ def policy_loss(logp, old_logp, behav_logp, advantages, mask, cfg: LossConfig, d
     return loss, stats
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denom=None, weight=None) -> torch.Tensor:
     """Negative log-likelihood of the tokens where `mask` is 1 (the auxiliary SFT term
     on accepted expert tokens); zero when there are none. `denom`: the number of such tokens
-    in the whole (global) batch, None for this batch alone."""
+    in the whole (global) batch, None for this batch alone. `weight`: an optional per-sample
+    [B] factor (the annealed coefficient of each sample: coef x the rho it was generated under)."""
     mask = mask.to(logp.dtype)
-    return -(logp * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+    n = mask.sum().clamp(min=1) if denom is None else denom
+    if weight is not None:
+        mask = mask * weight.to(logp.dtype)[:, None]
+    return -(logp * mask).sum() / n
+
+
+def luffy_loss(logp, expert_logp, advantages, mask, gamma: float = 0.1, denom=None):
+    """The LUFFY-style channel (Yan et al. 2025, "Learning to Reason under Off-Policy
+    Guidance"): the expert's answer tokens inside an episode are trained as off-policy
+    actions in the policy-gradient loss, with their own importance ratio against the expert
+    (their behaviour policy) and LUFFY's policy shaping in place of PPO clipping:
+
+        r = pi(a) / pi_expert(a),   f(r) = r / (r + gamma),   loss_t = -f(r) A
+
+    aggregated as a token-mean over the `mask` tokens (their own normaliser `denom`, the
+    number of such tokens in the whole batch; None: this batch's own). Choices, written down:
+    - pi_expert is the expert's own distribution at T=1 on its generated token (the Serve
+      expert's `ExpertReply.token_logprobs`); where it is unknown (NaN: a tokenizer mismatch,
+      an engine without log-probs) it is taken as 1 (log 0), LUFFY's own setting (pi_phi = 1),
+      so r = pi there. The expert's tokens are near-deterministic (pi_expert ~ 1), so in
+      practice r ~ pi and f ~ LUFFY's f(pi).
+    - No clipping and no pi_old: f is bounded in [0, 1) and its gradient
+      gamma r / (r + gamma)^2 x grad log pi is largest for tokens the policy finds unlikely
+      (r ~ gamma), which is LUFFY's point: it keeps low-probability expert tokens learning.
+    - A is the advantage of the episode the tokens were sampled in (the group-normalised
+      reward of the whole policy+expert trajectory), as for that episode's policy tokens;
+      an expert token in a failed episode gets pushed down, as in LUFFY's mixed groups.
+    Returns (loss, stats) with stats as Python floats."""
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    elp = torch.nan_to_num(expert_logp.detach().to(logp.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+    on = mask > 0
+    # off the mask the log-ratio is 0 (no inf reaches exp, no NaN through 0 * inf in backward)
+    log_r = torch.where(on, (logp - elp).clamp(max=30.0), torch.zeros_like(logp))
+    r = torch.exp(log_r)
+    f = r / (r + gamma)
+    per_token = torch.where(on, -f * adv, torch.zeros_like(f))
+    n = mask.sum().clamp(min=1) if denom is None else denom
+    loss = per_token.sum() / n
+    with torch.no_grad():
+        k = mask.sum().clamp(min=1)
+        stats = {"luffy_tokens": float(mask.sum()), "luffy_shaped_mean": float((f * mask).sum() / k),
+                 "luffy_ratio_mean": float((r * mask).sum() / k),
+                 "luffy_unknown_frac": float((torch.isnan(expert_logp) & on).sum() / k)}
+    return loss, stats

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ProtocolConfig", "Action", "parse_action", "render_replies"]
+__all__ = ["ProtocolConfig", "Action", "ExpertReply", "parse_action", "render_replies", "reply_text"]
 
 
 @dataclass
@@ -31,6 +31,32 @@ class ProtocolConfig:
                 self.expert_open, self.expert_close]
         if any(not t for t in tags) or len(set(tags)) != len(tags):
             raise ValueError(f"protocol tags must be non-empty and distinct, got {tags}")
+
+
+@dataclass
+class ExpertReply:
+    """One expert reply with what the learner needs to train on the expert's own tokens.
+
+    `text` is what the policy sees inside <expert>...</expert> (expert.reply_template, e.g.
+    `47*3=141`); text[answer_start:answer_end] is the part the expert generated (`141`), the
+    rest (the echoed query, the template's `=`) is not the expert's action. `token_texts` /
+    `token_logprobs`: the expert's answer split into its tokens, each with its log-prob under
+    the expert (softmax at T=1, teacher-forced on the generated answer), in the answer's reading
+    order; None where the engine cannot give them. An expert may also return a plain str: then
+    the whole reply counts as its answer and it has no log-probs."""
+    text: str
+    answer_start: int = 0
+    answer_end: int = -1  # -1: len(text)
+    token_texts: list[str] | None = None
+    token_logprobs: list[float] | None = None
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.answer_start, len(self.text) if self.answer_end < 0 else self.answer_end
+
+
+def reply_text(r: "str | ExpertReply | None") -> str | None:
+    return r.text if isinstance(r, ExpertReply) else r
 
 
 @dataclass
@@ -83,10 +109,10 @@ def parse_action(text: str, cfg: ProtocolConfig | None = None) -> Action:
     return Action("consult", queries=queries[: cfg.max_parallel], truncated=len(queries) > cfg.max_parallel)
 
 
-def render_replies(replies: list[str | None], cfg: ProtocolConfig | None = None) -> str:
-    """One expert block per query, in order; None (a rejected or failed query) renders
-    as the configured "unavailable" text."""
+def render_replies(replies: list, cfg: ProtocolConfig | None = None) -> str:
+    """One expert block per query, in order (str or ExpertReply); None (a rejected or failed
+    query) renders as the configured "unavailable" text."""
     cfg = cfg or ProtocolConfig()
     return "".join(
-        f"{cfg.expert_open}{cfg.unavailable if r is None else r}{cfg.expert_close}" for r in replies
+        f"{cfg.expert_open}{cfg.unavailable if r is None else reply_text(r)}{cfg.expert_close}" for r in replies
     )

@@ -64,23 +64,25 @@ def turn_budget(step: int, train_turns: int, eval_turns: int, total_steps: int) 
     return max(eval_turns, math.floor(train_turns + (eval_turns - train_turns) * frac))
 
 
-def training_turns(step: int, train_turns: int, eval_turns: int, horizon: int, accept_prob: float) -> int:
+def training_turns(step: int, train_turns: int, eval_turns: int, horizon: int, min_turns: int = 2) -> int:
     """The rollout turn budget at `step`: `turn_budget` over the budget's own `horizon` (steps;
-    <= 0: no shrinking, `train_turns` throughout), and while help is available
-    (`accept_prob` > 0) never below 2 turns (capped by `train_turns`): one for a consult to be
-    answered, one to answer upon the reply. So the acceptance schedule alone decides when
-    help ends; with one turn a consult would be the episode's last action, never answered."""
+    <= 0: no shrinking, `train_turns` throughout), never below `min_turns` (capped by
+    `train_turns`; rollout.min_train_turns, default 2: one turn for a consult to be answered, one
+    to answer upon the reply). The floor is the same for every row whatever its acceptance
+    rate, so an EAPO row and its RL baseline always get the same turn budget at the same step
+    (it used to apply only while rho > 0: EAPO had 2 turns where RL had 1); the acceptance
+    schedule alone decides when help ends."""
     turns = train_turns if horizon <= 0 else turn_budget(step, train_turns, eval_turns, horizon)
-    if accept_prob > 0:
-        turns = max(turns, min(2, train_turns))
-    return turns
+    return max(turns, min(min_turns, train_turns))
 
 
-def expert_sft_weight(algo_cfg, acceptance_cfg: AcceptanceConfig, step: int) -> float:
-    """The auxiliary NLL's coefficient on accepted expert tokens at learner step `step`:
-    `algo.expert_sft_coef`, times the acceptance probability rho_s when
-    `algo.expert_sft_anneal` (UFT-style: the imitation term fades as help is withdrawn)."""
+def expert_sft_weight(algo_cfg, accept_prob):
+    """The auxiliary NLL's coefficient on a sample's accepted expert tokens: `algo.expert_sft_coef`,
+    times `accept_prob` when `algo.expert_sft_anneal` (UFT-style: the imitation term fades as help
+    is withdrawn). `accept_prob` is the acceptance probability rho the sample was *generated
+    under* (its behaviour rho, recorded per sample), not the learner's current step's: a sample
+    generated at rho = 1 and trained a version later keeps its weight (a float, or a [B] tensor)."""
     coef = algo_cfg.expert_sft_coef
     if getattr(algo_cfg, "expert_sft_anneal", False):
-        coef *= acceptance_prob(max(step, 0), acceptance_cfg)
-    return coef
+        return coef * accept_prob
+    return coef + 0.0 * accept_prob

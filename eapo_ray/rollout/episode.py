@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from eapo_ray.algo.protocol import ProtocolConfig, parse_action, render_replies
+from eapo_ray.algo.protocol import ExpertReply, ProtocolConfig, parse_action, render_replies
 from eapo_ray.algo.reward import RewardConfig, score
 from eapo_ray.algo.schedules import acceptance_prob, training_turns
 from eapo_ray.rollout.engine import Engine
 
-# expert(queries) -> one reply per query, None where the expert failed or timed out
+# expert(queries) -> one reply per query (str, or algo.protocol.ExpertReply with the span of the
+# expert's own answer and its token log-probs), None where the expert failed or timed out
 # (a plain function, or an async one returning the same list)
-ExpertFn = Callable[[list[str]], "list[str | None] | Awaitable[list[str | None]]"]
+ExpertFn = Callable[[list[str]], "list[str | ExpertReply | None] | Awaitable[list[str | ExpertReply | None]]"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,10 @@ class EpisodeSettings:
         r = cfg.rollout
         rho = acceptance_prob(step, cfg.acceptance) if with_expert else 0.0
         # the turn budget's own horizon (rollout.turn_budget_steps; -1: acceptance.total_steps), never
-        # below 2 turns while rho > 0 (algo.schedules.training_turns)
+        # below rollout.min_train_turns, whatever rho is (algo.schedules.training_turns)
         horizon = cfg.acceptance.total_steps if r.turn_budget_steps < 0 else r.turn_budget_steps
         return cls(cfg.protocol, cfg.reward,
-                   max_turns=training_turns(step, r.train_turns, r.eval_turns, horizon, rho),
+                   max_turns=training_turns(step, r.train_turns, r.eval_turns, horizon, r.min_train_turns),
                    max_new_tokens_per_turn=r.max_new_tokens_per_turn, max_response_tokens=r.max_response_tokens,
                    temperature=r.temperature, accept_prob=rho)
 
@@ -65,8 +67,13 @@ class Trajectory:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)  # policy and observation tokens
     policy_mask: list[int] = field(default_factory=list)  # 1 on tokens the policy sampled
-    expert_mask: list[int] = field(default_factory=list)  # 1 on accepted expert reply tokens
+    # 1 on the tokens of an accepted reply that the expert generated (its answer, not the echoed
+    # query nor the reply template): the tokens the SFT and LUFFY-style channels train on
+    expert_mask: list[int] = field(default_factory=list)
     behav_logp: list[float] = field(default_factory=list)  # 0.0 on observation tokens
+    # the expert's log-prob of each expert_mask token (NaN where unknown, 0.0 off the mask)
+    expert_logp: list[float] = field(default_factory=list)
+    accept_prob: float = 0.0  # the acceptance probability rho this episode was generated under
     gold: str = ""
     group: int = 0
     version: int = 0
@@ -80,24 +87,49 @@ class Trajectory:
     overlong: bool = False  # cut off by the token budget
     advantage: float = 0.0  # set by algo.batching.assign_advantages for kept samples
 
-    def extend(self, ids, logps=None, expert_mask=None):
+    def extend(self, ids, logps=None, expert_mask=None, expert_logp=None):
         """Append policy tokens (with their log-probs) or observation tokens (without)."""
         self.response_ids += ids
         self.policy_mask += [int(logps is not None)] * len(ids)
         self.expert_mask += expert_mask if expert_mask is not None else [0] * len(ids)
         self.behav_logp += logps if logps is not None else [0.0] * len(ids)
+        self.expert_logp += expert_logp if expert_logp is not None else [0.0] * len(ids)
 
 
-def observation_ids(tokenizer, replies: list[str | None], accepted: list[bool], proto: ProtocolConfig):
-    """Token ids of the rendered replies, with a mask marking accepted reply content."""
-    ids, mask = [], []
+def observation_ids(tokenizer, replies: list, accepted: list[bool], proto: ProtocolConfig):
+    """Token ids of the rendered replies, a mask marking the expert's own tokens of accepted
+    replies, and their expert log-probs. For an ExpertReply only its answer span is marked (the
+    echoed query `a*b=` and the template are observation, not the expert's action); a plain str
+    reply is marked whole. The expert's log-probs go with its tokens when the policy's tokens of
+    the answer read the same as the expert's (same tokenization), else NaN (unknown)."""
+    ids, mask, elogp = [], [], []
+
+    def add(text, is_expert, lps=None):
+        t = tokenizer.encode(text, add_special_tokens=False) if text else []
+        ids.extend(t)
+        mask.extend([int(is_expert)] * len(t))
+        if not is_expert:
+            elogp.extend([0.0] * len(t))
+        elif lps is not None and [tokenizer.decode([i]) for i in t] == lps[0]:
+            elogp.extend(float(x) for x in lps[1])
+        else:
+            elogp.extend([math.nan] * len(t))
+
     for reply, ok in zip(replies, accepted):
-        body = render_replies([reply], proto)[len(proto.expert_open):]
-        for piece, is_reply in ((proto.expert_open, False), (body, ok and reply is not None)):
-            t = tokenizer.encode(piece, add_special_tokens=False)
-            ids += t
-            mask += [int(is_reply)] * len(t)
-    return ids, mask
+        add(proto.expert_open, False)
+        ok = ok and reply is not None
+        if isinstance(reply, ExpertReply) and ok:
+            a, b = reply.span
+            known = reply.token_texts is not None and reply.token_logprobs is not None
+            add(reply.text[:a], False)
+            add(reply.text[a:b], True, (reply.token_texts, reply.token_logprobs) if known else None)
+            add(reply.text[b:] + proto.expert_close, False)
+        elif ok:
+            add(reply, True)
+            add(proto.expert_close, False)
+        else:
+            add(render_replies([reply], proto)[len(proto.expert_open):], False)
+    return ids, mask, elogp
 
 
 async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettings, *, expert: ExpertFn | None,
@@ -130,13 +162,13 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         replies = [next(answers) if f else None for f in flags]
         t.accepted += sum(r is not None for r in replies)
         t.expert_failures += sum(f and r is None for r, f in zip(replies, flags))
-        ids, mask = observation_ids(tokenizer, replies, flags, proto)
+        ids, mask, elogp = observation_ids(tokenizer, replies, flags, proto)
         room = max_response_tokens - len(t.response_ids)
         if len(ids) >= room:  # no room left to continue after the observation
-            t.extend(ids[:room], expert_mask=mask[:room])
+            t.extend(ids[:room], expert_mask=mask[:room], expert_logp=elogp[:room])
             t.overlong = True
             break
-        t.extend(ids, expert_mask=mask)
+        t.extend(ids, expert_mask=mask, expert_logp=elogp)
     # Only the policy's final turn is scored: an answer tag inside an expert reply (or in an
     # earlier turn) must never earn the reward.
     r = score(final_text, t.gold, s.reward, proto)
@@ -153,7 +185,8 @@ def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: lis
                  expert: ExpertFn | None, rng: random.Random, groups: list[int] | None = None) -> list[Trajectory]:
     """Run one episode per prompt, all in flight at once, and score them. `expert=None` or
     `settings.accept_prob=0` means no help; consult turns then get "unavailable"."""
-    trajs = [Trajectory(list(p), gold=g, group=(groups[i] if groups else i), version=engine.version)
+    trajs = [Trajectory(list(p), gold=g, group=(groups[i] if groups else i), version=engine.version,
+                        accept_prob=settings.accept_prob)
              for i, (p, g) in enumerate(zip(prompts, golds))]
     # one RNG per episode, drawn in order: acceptance coins do not depend on which episode's
     # expert call comes back first

@@ -71,7 +71,8 @@ def test_trained_ids_are_sampled_ids_across_splices():
     obs = pieces(tok, "<expert>", "84</expert>")
     assert t.response_ids == turn1 + obs + turn2
     assert t.policy_mask == [1] * len(turn1) + [0] * len(obs) + [1] * len(turn2)
-    assert [i for i, e in zip(t.response_ids, t.expert_mask) if e] == tok.encode("84</expert>", add_special_tokens=False)
+    # the reply only (a plain str reply is marked whole), not the closing tag
+    assert [i for i, e in zip(t.response_ids, t.expert_mask) if e] == tok.encode("84", add_special_tokens=False)
     assert t.correct and t.consults == 1 and t.accepted == 1
 
     trajs[1].reward = 0.0  # give the group variance so both are kept

@@ -2,6 +2,7 @@
 The expert here is a plain function (the ExpertFn interface the Serve client also
 implements), so the masks can be checked against known replies."""
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,11 +150,14 @@ def test_episode_settings_for_training_and_evaluation_follow_the_config():
         s = EpisodeSettings.for_training(cfg, step)
         rho = acceptance_prob(step, cfg.acceptance)
         assert s.accept_prob == rho and not s.ban_consult
-        assert s.max_turns == training_turns(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps, rho)
+        assert s.max_turns == training_turns(step, r.train_turns, r.eval_turns, cfg.acceptance.total_steps,
+                                             r.min_train_turns)
         assert s.temperature == r.temperature and s.max_new_tokens_per_turn == r.max_new_tokens_per_turn
-    # step 29: the default turn budget (over acceptance.total_steps) is 1, but rho > 0: 2 turns
+    # step 29: the default turn budget (over acceptance.total_steps) is 1, floored at
+    # rollout.min_train_turns (2) with or without an expert; min_train_turns=1 lets it fall to 1
     assert EpisodeSettings.for_training(cfg, 29).max_turns == 2
-    assert EpisodeSettings.for_training(cfg, 29, with_expert=False).max_turns == 1
+    assert EpisodeSettings.for_training(cfg, 29, with_expert=False).max_turns == 2
+    assert EpisodeSettings.for_training(load_config(None, ["rollout.min_train_turns=1"]), 29).max_turns == 1
     # rollout.turn_budget_steps: the budget's own horizon
     own = load_config(None, ["rollout.turn_budget_steps=100"])
     assert EpisodeSettings.for_training(own, 35, with_expert=False).max_turns == 2  # 4 - 3 * 0.35 = 2.95
@@ -165,3 +169,75 @@ def test_episode_settings_for_training_and_evaluation_follow_the_config():
     flow = EpisodeSettings.for_eval(cfg, temperature=1.0, with_expert=True, max_turns=r.train_turns)
     assert not flow.ban_consult and flow.accept_prob == 1.0 and flow.max_turns == r.train_turns
     assert flow.max_new_tokens_per_turn == r.max_new_tokens_per_turn
+
+
+def reply_expert(queries):
+    """Replies as the Serve expert returns them (algo.protocol.ExpertReply): the span of the
+    expert's own answer and its token log-probs (here -0.1 each)."""
+    from eapo_ray.algo.protocol import ExpertReply
+
+    out = []
+    for text in true_expert(queries):
+        a = text.index("=") + 1 if "=" in text else 0
+        out.append(ExpertReply(text, a, len(text), list(text[a:]), [-0.1] * (len(text) - a)))
+    return out
+
+
+def test_expert_mask_is_the_experts_answer_only_with_its_logprobs_and_behaviour_rho(engine):
+    """Only the expert's generated answer is marked (not the echoed query `a*b=`, nor the tags),
+    its tokens carry the expert's log-probs, and every sample records the rho it was generated
+    under; to_batch / collate carry both to the learner. (Old code marked the whole reply and
+    the closing tag, and recorded neither.)"""
+    tok = engine.tokenizer
+    trajs = episodes(engine, accept_prob=0.7, expert=reply_expert, n=32)
+    consulted = [t for t in trajs if t.accepted]
+    assert consulted
+    for t in trajs:
+        assert t.accept_prob == 0.7
+        assert len(t.expert_logp) == len(t.response_ids)
+        assert all(lp == (-0.1 if e else 0.0) for lp, e in zip(t.expert_logp, t.expert_mask))
+    for t in consulted:
+        text = tok.decode(t.response_ids)
+        blocks = [b.split("</expert>")[0] for b in text.split("<expert>")[1:]]
+        answers = [b.split("=", 1)[1] for b in blocks if b != "unavailable"]
+        marked = tok.decode([i for i, e in zip(t.response_ids, t.expert_mask) if e])
+        assert marked == "".join(answers) and "=" not in marked and "expert" not in marked
+    kept, _ = assign_advantages(trajs, dynamic_sampling=False)
+    b = collate(to_batch(kept))
+    assert b["accept_prob"].tolist() == pytest.approx([0.7] * len(kept))
+    assert torch.equal(b["expert_logp"] != 0, b["expert_mask"] > 0)
+
+
+def test_observation_ids_unknown_expert_logprobs_are_nan():
+    """A tokenization mismatch (or no log-probs) leaves the expert tokens marked, log-probs NaN."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from eapo_ray.algo.protocol import ExpertReply
+    from eapo_ray.rollout.episode import observation_ids
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_DIR / "policy"))
+    for r in (ExpertReply("4*3=12", 4, 6, ["12"], [-0.5]), ExpertReply("4*3=12", 4, 6)):
+        ids, mask, lps = observation_ids(tok, [r, "1+1=2", None], [True, True, False], PROTO)
+        assert tok.decode(ids) == "<expert>4*3=12</expert><expert>1+1=2</expert><expert>unavailable</expert>"
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "121+1=2"  # a plain str reply: marked whole
+        assert sum(math.isnan(x) for x in lps) == 7 and all(x == 0.0 for x, m in zip(lps, mask) if not m)
+
+
+def test_bundled_expert_returns_answer_spans_and_logprobs():
+    """The Serve expert's reply (Expert.answer_full, what __call__ returns): the answer span of
+    `a*b=c` is `c`, with one log-prob per answer token under the expert (T=1, near 0 for the
+    bundled mul expert's confident answers); the reversed-digit weak expert's come back in
+    reading order."""
+    from eapo_ray.config import load_config
+    from eapo_ray.expert import Expert
+
+    for row, model in (("eapo", "expert"), ("eapo_weak_expert", "weak_expert")):
+        cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "mul" / f"{row}.yaml"))
+        e = Expert(str(TINY_DIR.parent / "tiny_mul" / model), cfg.expert)
+        for q, r in zip(["47*3", "85-7"], e.answer_full(["47*3", "85-7"])):
+            a, b = r.span
+            assert r.text[:a] == q + "=" and "".join(r.token_texts) == r.text[a:b] and b == len(r.text)
+            assert len(r.token_logprobs) == b - a and all(-20 < x <= 0 for x in r.token_logprobs)
+        assert e.answer_now(["47*3"]) == [e.answer_full(["47*3"])[0].text]

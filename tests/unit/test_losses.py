@@ -161,3 +161,89 @@ def test_global_normaliser_splits_into_parts_exactly(agg):
     else:  # the whole batch's own normaliser: the single-process loss
         assert whole.item() == pytest.approx(policy_loss(x, old, behav, adv, mask, cfg)[0].item(), rel=1e-12)
     assert sft_loss(logp, mask, denom=4.0).item() == pytest.approx(-(logp * mask).sum().item() / 4)
+
+
+def test_luffy_loss_value_gradient_and_unknown_expert_logp():
+    """loss = -mean over expert tokens of f(r) A, r = pi / pi_expert, f(r) = r / (r + gamma);
+    d/dlogpi = -A gamma r / (r + gamma)^2; NaN expert log-probs count as pi_expert = 1; tokens off
+    the mask get no gradient and no NaN even where their log-probs are -inf."""
+    from eapo_ray.algo.losses import luffy_loss
+
+    logp = torch.tensor([[-0.5, -2.0, -float("inf")], [-1.0, -3.0, -0.1]], requires_grad=True)
+    elogp = torch.tensor([[-0.1, float("nan"), 0.0], [-0.2, -0.05, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    adv = torch.tensor([1.5, -0.5])
+    gamma = 0.1
+    loss, st = luffy_loss(logp, elogp, adv, mask, gamma)
+    loss.backward()
+    ref, grad = 0.0, torch.zeros(2, 3)
+    for (i, j), e in zip([(0, 0), (0, 1), (1, 0), (1, 1)], [-0.1, 0.0, -0.2, -0.05]):
+        r = math.exp(logp[i, j].item() - e)
+        ref += -r / (r + gamma) * adv[i].item() / 4
+        grad[i, j] = -adv[i].item() * gamma * r / (r + gamma) ** 2 / 4
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    assert torch.allclose(logp.grad, grad, atol=1e-7)
+    assert torch.isfinite(logp.grad).all()
+    assert st["luffy_tokens"] == 4 and st["luffy_unknown_frac"] == pytest.approx(0.25)
+    # a global denominator divides the same numerator
+    loss2, _ = luffy_loss(logp.detach(), elogp, adv, mask, gamma, denom=8.0)
+    assert loss2.item() == pytest.approx(ref / 2, rel=1e-6)
+    # shaping: against the unshaped ratio's gradient (r A per log-prob), a low-probability
+    # token's gradient is amplified (x ~10 at pi = e^-6) and a near-certain one's damped; in
+    # log-prob space the gradient peaks at r = gamma
+    lp = torch.tensor([[-6.0, -0.01, math.log(gamma)]], requires_grad=True)
+    luffy_loss(lp, torch.zeros(1, 3), torch.tensor([1.0]), torch.ones(1, 3), gamma)[0].backward()
+    gain = -lp.grad[0] * 3 / lp.detach().exp()[0]
+    assert gain[0] > 9 and gain[1] < 0.1
+    assert -lp.grad[0, 2] > max(-lp.grad[0, 0], -lp.grad[0, 1])
+
+
+def test_sft_loss_per_sample_weight():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w = torch.tensor([1.0, 0.0])  # the second sample was generated with rho = 0
+    assert sft_loss(logp, mask, weight=w).item() == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 3)
+    assert sft_loss(logp, mask, denom=6.0, weight=w * 2).item() == pytest.approx(
+        -2 * (math.log(0.5) + math.log(0.25)) / 6)
+
+
+def test_learner_anneals_sft_with_each_samples_behaviour_rho_and_adds_luffy_term():
+    """The learner's loss: the SFT coefficient comes from the rho each sample was generated
+    under (batch column accept_prob), not from the learner's version (old code: rho at
+    self.version, here 0 at version 100, so the samples generated at rho = 1 got no SFT);
+    expert_token_channel=luffy adds luffy_coef x luffy_loss over the expert tokens."""
+    from eapo_ray.algo.losses import luffy_loss
+    from eapo_ray.config import load_config
+    from eapo_ray.learner import Learner, StepStats
+
+    def loss_of(overrides, b, logp):
+        lr = object.__new__(Learner)
+        lr.cfg = load_config(None, ["acceptance.kind=linear", "acceptance.total_steps=30"] + overrides)
+        lr.version = 100  # rho(100) = 0 under the schedule
+        acc = StepStats(sft=lr.cfg.algo.expert_sft_coef > 0, luffy=lr.cfg.algo.expert_token_channel == "luffy")
+        return lr._loss(b, logp, logp.detach(), {"policy": 2.0, "sft": 3.0}, acc), acc
+
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(2, 4, generator=g) - 0.1
+    b = {"behav_logp": logp.clone(), "advantage": torch.tensor([1.0, -1.0]),
+         "policy_mask": torch.tensor([[1.0, 0, 0, 1], [1, 0, 0, 0]]),
+         "expert_mask": torch.tensor([[0.0, 1, 1, 0], [0, 1, 0, 0]]),
+         "expert_logp": torch.tensor([[0.0, -0.2, float("nan"), 0], [0, -0.1, 0, 0]]),
+         "accept_prob": torch.tensor([1.0, 0.5])}
+    base, _ = loss_of([], b, logp)
+    sft, _ = loss_of(["algo.expert_sft_coef=0.4", "algo.expert_sft_anneal=true"], b, logp)
+    nll = -(logp[0, 1] + logp[0, 2]) * 0.4 * 1.0 - logp[1, 1] * 0.4 * 0.5
+    assert (sft - base).item() == pytest.approx(nll.item() / 3.0, rel=1e-5)
+    luffy, acc = loss_of(["algo.expert_token_channel=luffy", "algo.luffy_coef=0.5"], b, logp)
+    lf, _ = luffy_loss(logp, b["expert_logp"], b["advantage"], b["expert_mask"], 0.1, denom=3.0)
+    assert (luffy - base).item() == pytest.approx(0.5 * lf.item(), rel=1e-5)
+    assert acc.sums["luffy_tokens"] == 3
+
+
+def test_expert_token_channel_config():
+    from eapo_ray.config import ConfigError, load_config
+
+    assert load_config(None).algo.expert_token_channel == "masked"  # the paper's default
+    for bad in ("algo.expert_token_channel=sft", "algo.luffy_gamma=0", "algo.luffy_coef=-1"):
+        with pytest.raises(ConfigError):
+            load_config(None, [bad])

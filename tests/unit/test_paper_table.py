@@ -3,6 +3,7 @@ the expert-built distillation data) and the row configs. The end-to-end run is i
 tests/system/test_paper_table_run.py."""
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -199,3 +200,18 @@ def test_encode_masks_the_prompt():
     assert labels[n_prompt:] == ids[n_prompt:] and tok.decode(ids[n_prompt:]) == "3+4=7;<answer>\\boxed{7}</answer>"
     assert D.lr_factor(0, 100, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(0)))
     assert D.lr_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_mul_rows_take_their_labels_from_their_config_files(monkeypatch):
+    """Rows run with --config-dir configs/mul are labelled from each config's `# label:` line,
+    not with the paper task's labels (its weak expert is "T=2.0" there, a weaker model here)."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setattr(R, "CONFIG_DIR", root / "configs" / "mul")
+    mul = {r.name: R.labelled(r) for r in R.ROWS + R.EXTRA_ROWS if R.config_path(r).exists()}
+    assert {"rl", "eapo", "eapo_weak_expert", "eapo_sft", "eapo_luffy"} <= set(mul)
+    for name, row in mul.items():  # every mul config declares its label
+        assert R.config_path(row).read_text().startswith("# label: "), name
+    assert "T=2.0" not in mul["eapo_weak_expert"].label and "30%" in mul["eapo_weak_expert"].label
+    assert "LUFFY" in mul["eapo_luffy"].label
+    monkeypatch.setattr(R, "CONFIG_DIR", root / "configs" / "paper")
+    assert R.labelled(R.ROW_BY_NAME["eapo_weak_expert"]).label == "ablation: weak expert (T=2.0)"

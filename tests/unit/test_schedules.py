@@ -59,22 +59,20 @@ def test_turn_budget_shrinks_to_eval_budget():
     assert all(turn_budget(s, 4, 1, 30) >= 1 for s in range(60))
 
 
-def test_training_turns_has_its_own_horizon_and_never_cuts_help_off():
+def test_training_turns_has_its_own_horizon_and_one_floor_for_every_row():
     from eapo_ray.algo.schedules import training_turns
 
     # its own horizon: shrinking over 100 steps, whatever the acceptance schedule's length
-    assert [training_turns(s, 4, 1, 100, 0.0) for s in (0, 50, 100, 500)] == [4, 2, 1, 1]
-    assert training_turns(50, 4, 1, 100, 0.0) == turn_budget(50, 4, 1, 100)
+    assert [training_turns(s, 4, 1, 100, 1) for s in (0, 50, 100, 500)] == [4, 2, 1, 1]
+    assert training_turns(50, 4, 1, 100, 1) == turn_budget(50, 4, 1, 100)
     # horizon <= 0: no shrinking
-    assert all(training_turns(s, 4, 1, 0, 0.0) == 4 for s in range(0, 1000, 37))
-    # while help is available, a consult can be answered and then answered upon (>= 2 turns) ...
-    assert training_turns(500, 4, 1, 100, 0.3) == 2
-    assert training_turns(500, 4, 1, 100, 1e-6) == 2
+    assert all(training_turns(s, 4, 1, 0) == 4 for s in range(0, 1000, 37))
+    # the default floor (2): a consult can be answered and then answered upon ...
+    assert [training_turns(s, 4, 1, 100) for s in (0, 50, 100, 500)] == [4, 2, 2, 2]
     # ... never more than train_turns allows, and the floor does not lift a larger budget
-    assert training_turns(500, 1, 1, 100, 1.0) == 1
-    assert training_turns(0, 4, 1, 100, 1.0) == 4
-    # with acceptance 0 (self-exploratory RL, or after help ends) the budget falls to eval_turns
-    assert training_turns(500, 4, 1, 100, 0.0) == 1
+    assert training_turns(500, 1, 1, 100) == 1
+    assert training_turns(0, 4, 1, 100, 3) == 4
+    assert training_turns(500, 4, 1, 100, 3) == 3
 
 
 def test_turn_budget_steps_config():
@@ -84,15 +82,42 @@ def test_turn_budget_steps_config():
     assert load_config(None, ["rollout.turn_budget_steps=120"]).rollout.turn_budget_steps == 120
     with pytest.raises(ConfigError, match="turn_budget_steps"):
         load_config(None, ["rollout.turn_budget_steps=-2"])
+    assert load_config(None, []).rollout.min_train_turns == 2
+    with pytest.raises(ConfigError, match="min_train_turns"):
+        load_config(None, ["rollout.min_train_turns=0"])
 
 
-def test_expert_sft_weight_anneals_with_acceptance():
+def test_rl_and_eapo_rows_get_the_same_turn_budget_at_every_step():
+    """The turn floor is one for every row: it used to apply only while rho > 0, so on
+    configs/mul EAPO had 2 turns and RL 1 at steps 27-29 (and the default run's EAPO rows 2
+    where RL had 1 at steps 21-29)."""
+    from pathlib import Path
+
+    from eapo_ray.config import load_config
+    from eapo_ray.rollout.episode import EpisodeSettings
+
+    root = Path(__file__).resolve().parents[2]
+    for eapo_path, rl_path in ((root / "configs/mul/eapo.yaml", root / "configs/mul/rl.yaml"), (None, None)):
+        eapo = load_config(eapo_path and str(eapo_path))
+        rl = load_config(rl_path and str(rl_path), [] if rl_path else ["acceptance.kind=constant", "acceptance.start=0"])
+        turns = [(EpisodeSettings.for_training(eapo, s).max_turns,
+                  EpisodeSettings.for_training(rl, s, with_expert=False).max_turns) for s in range(eapo.steps + 5)]
+        assert all(e == r for e, r in turns), turns
+        assert min(e for e, _ in turns) == 2
+
+
+def test_expert_sft_weight_anneals_with_the_samples_behaviour_rho():
+    """The SFT coefficient is annealed with the rho each sample was generated under (recorded
+    per sample), not the learner's step: the old signature took the learner's step."""
+    import torch
+
     from eapo_ray.algo.schedules import expert_sft_weight
     from eapo_ray.config import AlgoConfig
 
-    acc = AcceptanceConfig(kind="linear", start=1.0, end=0.0, total_steps=100)
     fixed = AlgoConfig(expert_sft_coef=0.5)
     annealed = AlgoConfig(expert_sft_coef=0.5, expert_sft_anneal=True)
-    assert [expert_sft_weight(fixed, acc, s) for s in (0, 50, 200)] == [0.5, 0.5, 0.5]
-    assert [expert_sft_weight(annealed, acc, s) for s in (0, 50, 100, 200)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
-    assert expert_sft_weight(AlgoConfig(), acc, 10) == 0.0
+    assert [expert_sft_weight(fixed, r) for r in (1.0, 0.5, 0.0)] == [0.5, 0.5, 0.5]
+    assert [expert_sft_weight(annealed, r) for r in (1.0, 0.5, 0.0)] == pytest.approx([0.5, 0.25, 0.0])
+    assert expert_sft_weight(AlgoConfig(), 1.0) == 0.0
+    rho = torch.tensor([1.0, 0.25, 0.0])  # a batch mixing samples from three policy versions
+    assert expert_sft_weight(annealed, rho).tolist() == pytest.approx([0.5, 0.125, 0.0])
