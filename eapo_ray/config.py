@@ -114,6 +114,9 @@ class ExpertConfig:
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per replica; with vllm.tensor_parallel_size > 1 each replica gets that many GPUs
     torch_threads: int = 1
+    # FOR BENCHMARKS ONLY: seconds added to every expert reply inside the Serve deployment (after the
+    # answer is computed; the replica keeps serving meanwhile), to emulate a remote or larger expert
+    added_latency_s: float = 0.0
     node_resource: str = ""  # a custom Ray resource only expert nodes have: replicas are placed there
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
@@ -161,6 +164,10 @@ class EvalConfig:
     num_gpus: float = 0.0  # the evaluator actor's GPUs (a vLLM evaluator on GPUs needs one)
     temperature: float = 0.0  # 0 = greedy
     max_turns: int = 1
+    # evaluate beside training: the driver starts the evaluator (its own actor) on a step's published
+    # weights and goes on training; the step's metrics row is written, with that evaluation, once it
+    # is back (rows stay in step order). false: the loop waits for each evaluation (the pre-issue-13 flow)
+    overlap: bool = True
 
 
 @dataclass
@@ -327,6 +334,8 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
          "must satisfy 1 <= min_replicas <= max_replicas"),
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
+        (0 <= cfg.expert.added_latency_s < cfg.expert.timeout_s, "expert.added_latency_s",
+         "must be >= 0 and below expert.timeout_s (a reply later than the timeout reads 'unavailable')"),
         (cfg.rollout.weight_sync != "nccl" or (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus > 0),
          "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
         (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),

@@ -23,7 +23,7 @@ class Expert:
         self.cfg = cfg
         self.engine = make_engine(cfg.engine, model_path, cfg.vllm)
         self.tok = self.engine.tokenizer
-        self.__call__.set_max_batch_size(cfg.max_batch_size)
+        self._batched.set_max_batch_size(cfg.max_batch_size)
 
     def answer_now(self, queries: list[str]) -> list[str]:
         prompts = [self.tok(render_prompt(self.cfg.template, q))["input_ids"] for q in queries]
@@ -34,8 +34,14 @@ class Expert:
         return [self.cfg.reply_template.replace("{query}", q).replace("{answer}", a) for q, a in zip(queries, answers)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def __call__(self, queries: list[str]) -> list[str]:
+    async def _batched(self, queries: list[str]) -> list[str]:
         return await asyncio.to_thread(self.answer_now, queries)
+
+    async def __call__(self, query: str) -> str:
+        answer = await self._batched(query)
+        if self.cfg.added_latency_s > 0:  # benchmarks only: a slower (remote, bigger) expert, as pure latency
+            await asyncio.sleep(self.cfg.added_latency_s)
+        return answer
 
 
 def replica_options(cfg: ExpertConfig) -> dict:

@@ -235,6 +235,7 @@ class Learner:
         t0 = time.time()
         c, lc = self.cfg, self.cfg.learner
         fetched = fetch_batches(boxes)
+        t_fetch = time.time()
         # Train only on the batches every rank got: ranks that split different batches would run
         # different collectives and hang.
         got = self._all_reduce([b is not None for b in fetched], ReduceOp.MIN)
@@ -243,6 +244,7 @@ class Learner:
         if not batches:  # every rank agreed on this, so all skip this update together
             self.version += 1
             return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0}
+        tm = dict.fromkeys(("old_logp_s", "forward_s", "backward_s", "optim_s"), 0.0)
         pad = self.tokenizer.pad_token_id or 0
         shard = split_batch(merge_batches(batches), self.world_size)[self.rank]
         micro = [split_by_tokens(mb, lc.max_tokens_per_microbatch) for mb in split_batch(shard, lc.minibatches)]
@@ -259,10 +261,12 @@ class Learner:
         # pi_old is the policy before this update. With one epoch of one minibatch in one forward
         # pass, that forward's own log-probs are pi_old (same weights); otherwise one pass first.
         reuse = lc.epochs == 1 and len(micro) == 1 and len(micro[0]) <= 1
+        t_prep = time.time()
         if not reuse:
             with torch.no_grad():
                 olds = [[self._logp(b, chunks) for b in mb] for mb in micro]
             norms, gap = self._normalisers(micro, olds)
+            tm["old_logp_s"] = time.time() - t_prep
         acc, n_updates = StepStats(sft=c.algo.expert_sft_coef > 0), 0
         for _ in range(lc.epochs):
             for i, mb in enumerate(micro):
@@ -270,18 +274,28 @@ class Learner:
                     continue
                 for j, b in enumerate(mb):
                     self.engine.set_gradient_accumulation_boundary(j == len(mb) - 1)  # one step per minibatch
+                    t = time.time()
                     logp = self._logp(b, chunks)
                     if reuse:
                         olds = [[logp.detach()]]
                         norms, gap = self._normalisers(micro, olds)
-                    self.engine.backward(self._loss(b, logp, olds[i][j], norms[i], acc))
+                    loss = self._loss(b, logp, olds[i][j], norms[i], acc)
+                    t_fwd = time.time()
+                    tm["forward_s"] += t_fwd - t
+                    self.engine.backward(loss)
+                    tm["backward_s"] += time.time() - t_fwd
+                t = time.time()
                 self.engine.step()
+                tm["optim_s"] += time.time() - t
                 n_updates += 1
         self.version += 1
         stats = {**acc.reduce(self._all_reduce, self.world_size, n_updates), **gap} if n_updates else {}
         stats["learner_samples"] = len(shard["input_ids"])
         stats["lost_batches"] = lost
         stats["train_seconds"] = time.time() - t0
+        # the breakdown: fetch (ray.get of the batches), prep (merge, split, collate), pi_old pass (0 when
+        # the update's own forward is reused), forward (+ loss), backward, optimizer step
+        stats.update(fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats
 

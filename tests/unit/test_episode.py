@@ -32,7 +32,7 @@ def engine():
 PROBLEMS = [("(23*4+5)*3-9", "282"), ("(8*7-4)*7", "364"), ("9*6*3-5", "157"), ("(4+5)*8*3", "216")]
 
 
-def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
+def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, timer=None, **kw):
     tok = engine.tokenizer
     probs = [PROBLEMS[i % len(PROBLEMS)] for i in range(n)]
     prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in probs]
@@ -40,7 +40,7 @@ def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
                 max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0)
     args.update(kw)
     return run_episodes(engine, tok, prompts, [a for _, a in probs], EpisodeSettings(**args), expert=expert,
-                        rng=random.Random(seed))
+                        rng=random.Random(seed), timer=timer)
 
 
 def test_masks_logprobs_and_replies(engine):
@@ -165,3 +165,26 @@ def test_episode_settings_for_training_and_evaluation_follow_the_config():
     flow = EpisodeSettings.for_eval(cfg, temperature=1.0, with_expert=True, max_turns=r.train_turns)
     assert not flow.ban_consult and flow.accept_prob == 1.0 and flow.max_turns == r.train_turns
     assert flow.max_new_tokens_per_turn == r.max_new_tokens_per_turn
+
+
+def test_timer_records_generation_expert_and_reward_time_without_changing_episodes(engine):
+    import asyncio
+    import time
+
+    from eapo_ray.timing import Overlap
+
+    async def slow_expert(queries):
+        await asyncio.sleep(0.05)
+        return true_expert(queries)
+
+    torch.manual_seed(1)
+    plain = episodes(engine, accept_prob=1.0, n=16, expert=slow_expert)
+    torch.manual_seed(1)
+    timer, t0 = Overlap(), time.perf_counter()
+    timed = episodes(engine, accept_prob=1.0, n=16, expert=slow_expert, timer=timer)
+    wall = time.perf_counter() - t0
+    assert [t.response_ids for t in timed] == [t.response_ids for t in plain]
+    assert [t.behav_logp for t in timed] == [t.behav_logp for t in plain]
+    assert any(t.accepted for t in timed)
+    assert timer.busy_s("expert") >= 0.05 and timer.busy_s("engine") > 0 and timer.busy_s("reward") > 0
+    assert timer.only_s("expert") <= timer.busy_s("expert") <= wall + 1e-6
