@@ -149,6 +149,10 @@ class LearnerConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
+    # with max_tokens_per_microbatch 0 and ZeRO 0-2: cut each minibatch into micro-batches of similar
+    # lengths (algo.batching.split_by_length) so the learner computes on less padding; with one epoch
+    # of one minibatch their own forwards are pi_old (no extra pass). Same loss (float order aside)
+    length_buckets: bool = True
     max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
     checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
     backend: Literal["gloo", "nccl"] = "gloo"
