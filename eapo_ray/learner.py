@@ -16,8 +16,7 @@ import ray
 import torch
 from torch.distributed import ReduceOp
 
-from eapo_ray.algo.batching import (collate, merge_batches, padded_tokens, split_batch, split_by_length,
-                                    split_by_tokens)
+from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_length, split_by_tokens
 from eapo_ray.algo.logprobs import hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
