@@ -433,6 +433,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
               f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
               f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
+            # every row up to the checkpoint is on disk before it (a resumed run keeps them)
+            bd.driver["eval_s"] += rows.flush(wait=True)
             try:
                 save_checkpoint(s, state, run_dir)
             except LEARNER_DIED as e:
