@@ -187,3 +187,28 @@ def test_timer_records_generation_expert_and_reward_time_without_changing_episod
     assert any(t.accepted for t in timed)
     assert timer.busy_s("expert") >= 0.05 and timer.busy_s("engine") > 0 and timer.busy_s("reward") > 0
     assert timer.only_s("expert") <= timer.busy_s("expert") <= wall + 1e-6
+
+
+def test_pruning_finished_rows_changes_no_greedy_token_and_no_logprob(engine):
+    """The transformers engine drops finished sequences from its running batch (issue 13): greedy
+    outputs are those of the unpruned batch, and sampled tokens' recorded log-probs are the
+    teacher-forced ones either way."""
+    tok = engine.tokenizer
+    prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in PROBLEMS] * 8
+    stop = [PROTO.consult_close, PROTO.answer_close]
+    out = {}
+    try:
+        for flag in (False, True):
+            engine.prune_finished = flag
+            out[flag] = engine.generate(prompts, [48] * len(prompts), 0.0, stop)
+            torch.manual_seed(3)
+            sampled = engine.generate(prompts, [48] * len(prompts), 1.0, stop)
+            for p, g in zip(prompts[:6], sampled[:6]):
+                ids = torch.tensor([p + g.tokens])
+                ref = token_logprobs(engine.model(input_ids=ids).logits, ids, 1.0)[0, len(p) - 1:]
+                assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+    finally:
+        engine.prune_finished = True
+    assert [g.tokens for g in out[True]] == [g.tokens for g in out[False]]
+    assert [g.finish for g in out[True]] == [g.finish for g in out[False]]
+    assert len({len(g.tokens) for g in out[True]}) > 1  # sequences did finish at different steps
