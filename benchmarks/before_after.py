@@ -5,11 +5,13 @@
 Runs `python -m eapo_ray.launch steps=N` (the embedded default: expert on, one rollout actor)
 twice per repeat, alternating:
 
-- before: `eval.overlap=false learner.length_buckets=false` (the loop waits for each
-  evaluation, inside its clock, and the learner trains on one padded batch), i.e. the flow
-  before issue 13;
+- before: `eval.overlap=false learner.length_buckets=false rollout.prune_finished=false` (the
+  loop waits for each evaluation, inside its clock; the learner trains on one padded batch; the
+  transformers engine runs every sequence until the batch's longest ends), i.e. the flow before
+  issue 13;
 - after: the defaults (evaluation beside training on the published weights, the final one
-  after the loop's clock; length-bucketed micro-batches with pi_old reused).
+  after the loop's clock; length-bucketed micro-batches with pi_old reused; finished sequences
+  dropped from the running batch).
 
 Prints samples/s of the training loop (generated samples / loop seconds, as the launcher's
 console line), held-out accuracy, and both breakdowns (benchmarks/breakdown.py).
@@ -27,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-BEFORE = ["eval.overlap=false", "learner.length_buckets=false"]
+BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false"]
 
 
 def run(name: str, extra: list[str], args, root: str) -> dict:

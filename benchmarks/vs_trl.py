@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, GROUP, MAX_NEW, LR = 16, 8, 160, 5e-5
+# eapo_ray as it was before issue 13's optimisations (benchmarks/before_after.py)
+BEFORE = ("eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false")
 
 
 def run_eapo(steps: int, seed: int, root: str, name: str = "eapo", extra: tuple = ()) -> dict:
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--before", action="store_true",
-                    help="also run eapo_ray as before issue 13 (eval.overlap=false learner.length_buckets=false)")
+                    help="also run eapo_ray as before issue 13 (" + " ".join(BEFORE) + ")")
     args = ap.parse_args(argv)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
@@ -122,8 +124,7 @@ def main(argv=None) -> int:
         ours = run_eapo(args.steps, args.seed, tmp)
         runs = [("eapo", ours)]
         if args.before:
-            runs.append(("eapo_before", run_eapo(args.steps, args.seed, tmp, "eapo_before",
-                                                 ("eval.overlap=false", "learner.length_buckets=false"))))
+            runs.append(("eapo_before", run_eapo(args.steps, args.seed, tmp, "eapo_before", BEFORE)))
         print("trl: GRPOTrainer, same settings", flush=True)
         trl = run_trl(args.steps, args.seed, str(Path(tmp) / "trl"))
         runs.append(("trl", trl))

@@ -88,6 +88,10 @@ class RolloutConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
+    # transformers engine (rollout actors and the evaluator): drop finished sequences from the running
+    # batch and its KV cache, so a batch's cost follows its mean length, not its longest; the same tokens
+    # and log-probs per sequence. false: the pre-issue-13 loop (for before/after benchmarks)
+    prune_finished: bool = True
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size

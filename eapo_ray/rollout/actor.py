@@ -143,7 +143,8 @@ class RolloutWorker:
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg, self.index = cfg, index
         self.engine = make_engine(cfg.rollout.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed * 1000 + index,
-                                  **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}))
+                                  **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}),
+                                  **({"prune_finished": cfg.rollout.prune_finished} if cfg.rollout.engine == "hf" else {}))
         self.gen = PausableEngine(self.engine)
         self.tok = self.engine.tokenizer
         d = cfg.data

@@ -16,7 +16,8 @@ class HFEngine(Engine):
     checkpoint's eos ids, as vLLM does) or at the token that completes a stop string (kept,
     even if it carries text past the stop string); nothing is returned after it."""
 
-    def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32):
+    def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
+                 prune_finished: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
@@ -27,7 +28,7 @@ class HFEngine(Engine):
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = {i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None}
         self.version = 0
-        self.prune_finished = True  # drop finished sequences from the running batch (see generate)
+        self.prune_finished = prune_finished  # drop finished sequences from the running batch (see generate)
         self._texts: list[str] | None = None  # token_texts, computed on the first ban
         self._bans: dict[tuple, StringBan] = {}
 

@@ -70,8 +70,13 @@ def test_breakdown_sums_steps_and_idle_fractions():
 
 
 def test_latency_knob_and_eval_overlap_are_validated():
-    cfg = load_config(None, ["expert.added_latency_s=0.2", "eval.overlap=false"])
+    cfg = load_config(None, ["expert.added_latency_s=0.2", "eval.overlap=false", "rollout.prune_finished=false",
+                             "learner.length_buckets=false"])
     assert cfg.expert.added_latency_s == 0.2 and cfg.eval.overlap is False
+    assert cfg.rollout.prune_finished is False and cfg.learner.length_buckets is False
+    for bad in ("rollout.prune_finished=maybe", "learner.length_buckets=2"):
+        with pytest.raises(ConfigError):
+            load_config(None, [bad])
     assert load_config(None, []).expert.added_latency_s == 0.0 and load_config(None, []).eval.overlap is True
     for bad in ("expert.added_latency_s=-1", "expert.added_latency_s=10"):  # timeout_s is 10
         with pytest.raises(ConfigError, match=r"expert\.added_latency_s"):
