@@ -145,8 +145,8 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         t.extend(ids, expert_mask=mask)
     # Only the policy's final turn is scored: an answer tag inside an expert reply (or in an
     # earlier turn) must never earn the reward.
-    with timer.busy("reward"):
-        r = score(final_text, t.gold, s.reward, proto)
+    with timer.busy("reward"):  # in a thread: a grade sent to the process pool does not stall the other episodes
+        r = await asyncio.to_thread(score, final_text, t.gold, s.reward, proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
 
