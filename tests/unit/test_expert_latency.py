@@ -27,4 +27,4 @@ def test_added_latency_delays_each_reply_and_keeps_the_answer():
     cfg.expert.added_latency_s = 0.0
     fast, t_fast = asyncio.run(ask())
     assert slow == fast == ["12*3=36", "7+5=12"]
-    assert 0.3 <= t_slow < 0.6 and t_fast < 0.1
+    assert t_slow >= 0.3 and t_slow - t_fast >= 0.25
