@@ -96,6 +96,12 @@ class RolloutConfig:
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
     max_actor_failures: int = 3  # an actor whose batches fail this many times in a row is retired
+    # an actor that died gets no new batch until it answers again; one not back within this many
+    # seconds (its restart cannot be placed, e.g. its node is gone) is killed and retired
+    restart_timeout_s: float = 300.0
+    # a custom Ray resource: each rollout actor takes ONE unit of it, so only nodes that advertise it
+    # host rollout actors, at most that many each (`ray start --resources='{"rollout": 2}'`); "": anywhere
+    node_resource: str = ""
     max_empty_batches: int = 20  # this many finished batches in a row with no kept sample stop the run
     pause_timeout_s: float = 600.0  # a weight update waits at most this long for in-flight generation to drain
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
@@ -113,7 +119,13 @@ class ExpertConfig:
     timeout_s: float = 10.0
     min_replicas: int = 1
     max_replicas: int = 2
-    target_ongoing_requests: int = 8
+    target_ongoing_requests: int = 8  # Serve autoscaling: requests in flight per replica it aims for
+    # Serve autoscaling (Ray Serve's own keys): a replica is added after the load has stayed above target
+    # this long, removed after it has stayed below this long; look_back_period_s: the window Serve
+    # averages ongoing requests over (Serve's default 30 s; must exceed its metrics_interval_s, 10 s)
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: float = 30.0
     max_batch_size: int = 32
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per replica; with vllm.tensor_parallel_size > 1 each replica gets that many GPUs
@@ -158,6 +170,9 @@ class LearnerConfig:
     # of one minibatch their own forwards are pi_old (no extra pass). Same loss (float order aside)
     length_buckets: bool = True
     max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
+    # the learners' placement group (num_learners bundles of num_cpus/num_gpus) must be placed within this
+    # many seconds, else the launch stops naming what it asked for and what the cluster has
+    placement_timeout_s: float = 600.0
     checkpoint_keep: int = 2  # DeepSpeed checkpoint tags (step<version>) kept in <run>/checkpoint; older deleted (0 = all)
     backend: Literal["gloo", "nccl"] = "gloo"
     num_cpus: float = 0.5
@@ -344,16 +359,21 @@ def validate(cfg: RunConfig) -> None:
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
         (0 <= cfg.expert.added_latency_s < cfg.expert.timeout_s, "expert.added_latency_s",
          "must be >= 0 and below expert.timeout_s (a reply later than the timeout reads 'unavailable')"),
+        (cfg.expert.upscale_delay_s >= 0, "expert.upscale_delay_s", "must be >= 0"),
+        (cfg.expert.downscale_delay_s >= 0, "expert.downscale_delay_s", "must be >= 0"),
+        (cfg.expert.look_back_period_s > 0, "expert.look_back_period_s", "must be > 0"),
         (cfg.rollout.weight_sync != "nccl" or (cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus > 0),
          "rollout.weight_sync", "'nccl' needs rollout.engine: vllm on GPUs (rollout.num_gpus > 0)"),
         (cfg.rollout.sync_bucket_mb >= 1, "rollout.sync_bucket_mb", "must be >= 1"),
         (cfg.rollout.max_actor_failures >= 1, "rollout.max_actor_failures", "must be >= 1"),
+        (cfg.rollout.restart_timeout_s > 0, "rollout.restart_timeout_s", "must be > 0"),
         (cfg.rollout.max_empty_batches >= 1, "rollout.max_empty_batches", "must be >= 1"),
         (cfg.rollout.pause_timeout_s > 0, "rollout.pause_timeout_s", "must be > 0"),
         (cfg.learner.num_learners >= 1, "learner.num_learners", "must be >= 1"),
         (cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3"),
         (cfg.learner.lr > 0, "learner.lr", "must be > 0"),
         (cfg.learner.max_restarts >= 0, "learner.max_restarts", "must be >= 0"),
+        (cfg.learner.placement_timeout_s > 0, "learner.placement_timeout_s", "must be > 0"),
         (cfg.buffer.capacity >= 1, "buffer.capacity", "must be >= 1"),
         (cfg.buffer.max_staleness >= 0, "buffer.max_staleness", "must be >= 0"),
         (cfg.algo.consult_cost >= 0, "algo.consult_cost", "must be >= 0"),

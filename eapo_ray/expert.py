@@ -63,13 +63,15 @@ def replica_options(cfg: ExpertConfig) -> dict:
 
 
 def expert_app(model_path: str, cfg: ExpertConfig, name: str = "expert"):
-    """The bound Serve application; autoscaling_config comes from the run config."""
+    """The bound Serve application; autoscaling_config comes from the run config (expert.min_replicas,
+    max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, look_back_period_s)."""
     dep = serve.deployment(
         Expert, name=name, max_ongoing_requests=cfg.max_batch_size * 2, **replica_options(cfg),
         autoscaling_config={
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
-            "upscale_delay_s": 2.0, "downscale_delay_s": 30.0,
+            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s,
         },
     )
     return dep.bind(model_path, cfg)

@@ -33,6 +33,7 @@ class System:
     metrics: MetricsLog | None = None
     accounting: object = None  # accounting.Accounting of this launch
     learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
+    rollbacks: list = field(default_factory=list)  # the version each rebuild went back to, in order
     pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
     breakdown: object = None  # train_loop's Breakdown (where the loop's time went)
 
@@ -147,18 +148,29 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
         serve.start(proxy_location="Disabled", **logs)
         serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None, **logs)
         print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
-    s.buffer = TrajectoryBuffer.options(name=f"{run_name}-buffer").remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
+    # The buffer shares the driver's fate anyway: on the driver's node (a 0-CPU actor could otherwise land on
+    # any node, e.g. a rollout node that dies); the evaluator prefers it too (soft: a GPU evaluator goes elsewhere)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    s.buffer = TrajectoryBuffer.options(
+        name=f"{run_name}-buffer", scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
     # Rollout engines and the evaluator load their models while the learners set up.
     s.workers = [remote_worker_cls().options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus,
                                              num_gpus=r.num_gpus, max_task_retries=0,
+                                             resources={r.node_resource: 1} if r.node_resource else None,
                                              # a restarted engine cannot rejoin the NCCL weight group
                                              max_restarts=0 if r.weight_sync == "nccl" else 3)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
     s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
-                                                num_gpus=cfg.eval.num_gpus).remote(cfg)
+                                                num_gpus=cfg.eval.num_gpus,
+                                                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+                                                ).remote(cfg)
     s.learners = LearnerGroup(cfg, run_name)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
-    s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches)
+    s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches,
+                           restart_timeout_s=r.restart_timeout_s)
     if r.weight_sync == "nccl":
         start_nccl_weight_sync(s.learners, s.workers)
     return version
@@ -222,9 +234,8 @@ def run(cfg: RunConfig) -> Path:
         summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
         a = summary["accounting"]
         b, n = a["batches"], a["samples"]
-        print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = trained "
-              f"{b['trained']} ({n['trained']}) + dropped stale {b['dropped_stale']} ({n['dropped_stale']}) + "
-              f"buffered at end {b['buffered_at_end']} ({n['buffered_at_end']}) + lost {b['lost']} ({n['lost']})"
+        terms = " + ".join(f"{k.replace('_', ' ')} {b[k]} ({n[k]})" for k in b if k != "produced")
+        print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = {terms}"
               f"{'' if a['closes'] else '  DOES NOT CLOSE'}", flush=True)
         accounting.check(a)
         s.metrics.close()
@@ -272,7 +283,19 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
             metrics.rollout_batch(s.run_name, res.stats)
             rollouts.append(res.stats)
             if res.stats["kept_samples"]:
+                if discarded_policy(s, res.stats["version"], res.tag):
+                    if s.accounting is not None:
+                        s.accounting.discarded(res.stats["kept_samples"])
+                    continue
                 pending.append(BufferItem(res.stats["version"], [res.batch], res.stats["kept_samples"]))
+
+
+def discarded_policy(s: System, version: int, generation: int | None) -> bool:
+    """Whether a batch generated at `version` by a call submitted while learner group `generation`
+    was training comes from a policy a later rebuild threw away (a version newer than the
+    checkpoint that rebuild went back to)."""
+    later = s.rollbacks[generation or 0:]
+    return bool(later) and version > min(later)
 
 
 def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: deque) -> None:
@@ -290,7 +313,7 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
     for i in idle:
         if ahead + s.fleet.num_inflight >= room:
             return
-        s.fleet.submit(i, step=state.version, weights=rollout_weights, serial=state.serial)
+        s.fleet.submit(i, tag=s.learner_restarts, step=state.version, weights=rollout_weights, serial=state.serial)
         state.serial += 1
 
 
@@ -353,6 +376,7 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
     import ray
 
     from eapo_ray import metrics
+    from eapo_ray.progress import show_progress
 
     LEARNER_DIED = ray.exceptions.RayActorError  # noqa: N806 -- a learner actor died mid-call
     nccl = cfg.rollout.weight_sync == "nccl"
@@ -384,12 +408,16 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
             t = time.time()
             stats = s.learners.train_step(items)
             tm["train_call_s"] = time.time() - t
-        except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again
-            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)
-            retry = items
+        except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again, unless
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)  # made by a discarded policy
+            retry = [it for it in items if it.version <= state.version] or None
+            for it in items:
+                if it.version > state.version and s.accounting is not None:
+                    s.accounting.discarded(it.num_samples)
             continue
         if s.accounting is not None:
-            s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"])
+            s.accounting.step([it.num_samples for it in items], stats.get("lost_batches", 0), stats["learner_samples"],
+                              version=state.version + 1)
         state.version += 1
         done = state.version >= cfg.steps
         eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
@@ -426,12 +454,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         rows.add(state.version, row, ref)
         rows.flush()  # the rows whose evaluation is back, in step order
         ev = rows.last or ev
-        nan = float("nan")
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)
-        print(f"[eapo] step {state.version}/{cfg.steps} reward {row.get('reward', nan):.3f} "
-              f"consult_rate {row.get('consult_rate', nan):.2f} accept_p {row.get('acceptance_prob', nan):.2f} "
-              f"heldout_acc {ev['accuracy']:.3f} samples/s {row['samples_per_s']:.1f} "
-              f"staleness {stats.get('staleness', 0)} eta {_duration(eta)}", flush=True)
+        show_progress(state.version, cfg.steps, row, ev["accuracy"], stats.get("staleness", 0), eta)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
             # every row up to the checkpoint is on disk before it (a resumed run keeps them)
             bd.driver["eval_s"] += rows.flush(wait=True)
@@ -533,6 +557,19 @@ def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path,
     version = s.learners.setup(str(ckpt) if has_ckpt else "")
     state.version, state.samples = version, load_driver_state(run_dir, version).samples
     resume_metrics(run_dir, version)  # the steps after the checkpoint are redone: their rows go
+    # batches made by the versions after `version` come from a policy that no longer exists: dropped
+    # (buffer, driver-held, and, as they arrive, in flight: discarded_policy), and the training of the
+    # steps after it is counted as rolled back
+    s.rollbacks.append(version)
+    import ray
+
+    ray.get(s.buffer.rollback.remote(version), timeout=60)
+    for it in [it for it in s.pending if it.version > version]:
+        s.pending.remove(it)
+        if s.accounting is not None:
+            s.accounting.discarded(it.num_samples)
+    if s.accounting is not None:
+        s.accounting.rollback(version)
     print(f"[eapo] learner group rebuilt at version {version}; redoing the steps after it", flush=True)
     return s.learners.publish()
 
@@ -589,11 +626,6 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
     return summary
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def _buffer_stats(buffer) -> dict:
     import ray
 
@@ -614,6 +646,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
     from eapo_ray.accounting import AccountingError
+    from eapo_ray.learner import PlacementError
     from eapo_ray.rollout.fleet import FleetError
 
     try:
@@ -627,7 +660,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError, LearnerFailed) as e:
+    except (FleetError, AccountingError, LearnerFailed, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -415,6 +415,22 @@ def get_all(refs: list) -> list:
     return ray.get(refs)
 
 
+class PlacementError(RuntimeError):
+    """The learners' resources could not be placed in time (learner.placement_timeout_s)."""
+
+
+def placement_error(bundle: dict, n: int, timeout_s: float) -> str:
+    """What the learners asked for against what the cluster has (in total and free now)."""
+    def show(res: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k in bundle) or "none"
+
+    total = {k: v * n for k, v in bundle.items()}
+    return (f"the {n} learner(s) could not be placed within learner.placement_timeout_s={timeout_s:g}s: they ask "
+            f"for {n} x {{{show(bundle)}}} = {show(total)}; the cluster has {show(ray.cluster_resources())} "
+            f"({show(ray.available_resources())} free now). Lower learner.num_learners / learner.num_cpus / "
+            "learner.num_gpus, add nodes, or raise learner.placement_timeout_s if nodes are still coming up.")
+
+
 class LearnerGroup:
     """Creates the N learner actors and fans calls out to all of them."""
 
@@ -429,7 +445,9 @@ class LearnerGroup:
 
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
         self.pg = placement_group([bundle] * n, strategy="PACK", name=f"{run_name}-learners")
-        ray.get(self.pg.ready())
+        if not self.pg.wait(timeout_seconds=lc.placement_timeout_s):
+            ray.util.remove_placement_group(self.pg)
+            raise PlacementError(placement_error(bundle, n, lc.placement_timeout_s))
         self.actors = [
             cls.options(name=f"{run_name}-learner-{r}", num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),

@@ -61,3 +61,19 @@ def test_offer_never_waits_and_refuses_when_full(ray_local):
     assert ray.get(buf.offer.remote([ray.put(3)], 5, 1), timeout=5) is True
     got = ray.get(buf.get.remote(1, 5, 0))
     assert got[0].version == 5 and got[0].num_samples == 1
+
+
+def test_rollback_drops_batches_of_discarded_versions(ray_local):
+    """Learners rebuilt at version 3 (an older checkpoint): batches made by versions 4 and 5 come
+    from a policy that no longer exists. They are dropped and counted, the buffer's learner
+    version goes back to 3, and what it hands out is never ahead of the learner (staleness >= 0)."""
+    ray = ray_local
+    buf = TrajectoryBuffer.remote(capacity=8, max_staleness=2)
+    for v in (3, 4, 5):
+        assert ray.get(buf.offer.remote([ray.put(v)], v, 10), timeout=5)
+    ray.get(buf.get.remote(0, 5, 0))  # the learner was at 5
+    assert ray.get(buf.rollback.remote(3), timeout=5) == 2
+    st = ray.get(buf.stats.remote())
+    assert (st["dropped_discarded"], st["dropped_discarded_samples"], st["size"], st["learner_version"]) == (2, 20, 1, 3)
+    got = ray.get(buf.get.remote(4, 3, 0))
+    assert [g.version for g in got] == [3] and all(3 - g.version >= 0 for g in got)

@@ -40,9 +40,11 @@ def test_autoscaling_config_comes_from_config(serve_app):
 
     status = serve.status().applications[serve_app].deployments["expert"]
     assert status.status in ("HEALTHY", "UPSCALING", "DOWNSCALING")
-    dep = expert_app(str(TINY_DIR / "expert"), ExpertConfig(min_replicas=2, max_replicas=5, target_ongoing_requests=7))
+    dep = expert_app(str(TINY_DIR / "expert"), ExpertConfig(min_replicas=2, max_replicas=5, target_ongoing_requests=7,
+                                                            upscale_delay_s=1.5, downscale_delay_s=9.0))
     auto = dep._bound_deployment._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 5, 7)
+    assert (auto.upscale_delay_s, auto.downscale_delay_s, auto.look_back_period_s) == (1.5, 9.0, 30.0)
 
 
 def test_timeout_gives_none_and_the_expert_recovers(serve_app):
@@ -52,3 +54,60 @@ def test_timeout_gives_none_and_the_expert_recovers(serve_app):
     assert set(replies) <= {None, "84"}
     ok = ServeExpert(serve_app, timeout_s=60)
     assert asyncio.run(ok(["12*7"])) == ["84"]  # the deployment is still healthy afterwards
+
+
+def _replicas(app: str) -> dict:
+    from ray import serve
+
+    dep = serve.status().applications[app].deployments["expert"]
+    return {str(k).split(".")[-1]: v for k, v in dep.replica_states.items()}
+
+
+def test_serve_autoscales_the_expert_1_to_2_and_back_under_load(ray_local):
+    """Ray Serve's own autoscaler on the expert app, configured from ExpertConfig: concurrent
+    queries through a DeploymentHandle take it from 1 to 2 RUNNING replicas; once they stop, it
+    goes back to 1 (short delays and look-back window so the test sees both within a minute)."""
+    import threading
+    import time
+
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    cfg = ExpertConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
+                       downscale_delay_s=2.0, look_back_period_s=15.0, reply_template="{answer}")
+    app = "autoscale-expert"
+    serve.run(expert_app(str(TINY_DIR / "expert"), cfg), name=app, route_prefix=None)
+    stop, seen, errors = threading.Event(), [], []
+
+    def load():  # one client: a query at a time, as fast as the replica answers
+        handle = serve.get_app_handle(app)
+        while not stop.is_set():
+            try:
+                handle.remote("12*7").result(timeout_s=30)
+            except Exception as e:  # noqa: BLE001 -- reported below
+                errors.append(repr(e))
+                return
+
+    clients = [threading.Thread(target=load, daemon=True) for _ in range(12)]
+    t0 = time.time()
+    try:
+        assert _replicas(app) == {"RUNNING": 1}
+        for c in clients:
+            c.start()
+        while (n := _replicas(app)).get("RUNNING", 0) < 2:
+            seen.append(n)
+            assert not errors, errors
+            assert time.time() - t0 < 60, f"no second replica within 60 s under load: {seen[-5:]}"
+            time.sleep(0.5)
+        t_up = time.time() - t0
+        stop.set()
+        for c in clients:
+            c.join(timeout=35)
+        t1 = time.time()
+        while (n := _replicas(app)) != {"RUNNING": 1}:
+            assert time.time() - t1 < 60, f"not back to 1 replica within 60 s without load: {n}"
+            time.sleep(0.5)
+        print(f"autoscaling: 1 -> 2 replicas {t_up:.1f}s after load began, 2 -> 1 {time.time() - t1:.1f}s after it stopped")
+    finally:
+        stop.set()
+        serve.delete(app)

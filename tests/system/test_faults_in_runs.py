@@ -22,9 +22,11 @@ FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "b
 class Launch:
     """A launch in its own session (so a Ctrl-C to its process group does not reach pytest)."""
 
-    def __init__(self, tmp_path: Path, name: str, *overrides: str):
+    def __init__(self, tmp_path: Path, name: str, *overrides: str, ray_address: str = ""):
+        """`ray_address`: join that cluster (RAY_ADDRESS) instead of starting a private one."""
         self.run_dir, self.out_path = tmp_path / name, tmp_path / f"{name}.out"
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (
+            {"RAY_ADDRESS": ray_address} if ray_address else {})
         cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST, *overrides]
         with self.out_path.open("w") as out:
             self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -112,8 +114,13 @@ def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
         assert s["learner_restarts"] == 1 and "learner group rebuilt at version 4" in log, log[-5000:]
         steps = [int(m) for m in re.findall(r"^\[eapo\] step (\d+)/7", log, re.M)]
         assert steps[:5] == [1, 2, 3, 4, 5] and steps[-3:] == [5, 6, 7], steps  # 5 redone after the rebuild
-        rows = [json.loads(line)["step"] for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert rows == list(range(8)), rows  # one row per step: the redone step's first row was dropped
+        rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(8)), rows  # one row per step: the redone step's first went
+        # trained = training that survives (one batch a step); the steps thrown away by the rebuild are
+        # rolled_back; batches of the discarded versions are dropped, so staleness never goes negative
+        assert a["batches"]["trained"] == 7 and a["samples"]["trained"] == s["samples"], a
+        assert a["batches"]["rolled_back"] >= 1 and a["samples"]["rolled_back"] >= 1, a
+        assert all(r.get("staleness", 0) >= 0 for r in rows), [r.get("staleness") for r in rows]
         print(f"faults: rollout actor, expert replica, learner killed; the run took {time.time() - t_kill:.0f}s "
               f"after the first kill; failed rollout calls {s['rollout_failed_calls']}, expert unavailable "
               f"{a['expert_unavailable']}, learner restarts {s['learner_restarts']}, "
@@ -146,36 +153,43 @@ def test_learner_killed_before_a_checkpoint_then_with_no_restart_left(tmp_path):
         run.kill_all()
 
 
-@pytest.mark.parametrize("how", ["sigint-group", "sigterm"])
-def test_interrupted_driver_shuts_everything_down(tmp_path, how):
-    """Ctrl-C (SIGINT to the launch's process group, as a terminal sends it) or `kill` (SIGTERM to
-    the driver): the run tears down (Serve app, actors, learners), says how to resume, exits
-    130, and no process of the run is left."""
-    run = Launch(tmp_path, how, "steps=100", "checkpoint_every=1")
+def test_ctrl_c_shuts_everything_down(tmp_path):
+    """Ctrl-C (SIGINT to the launch's process group, as a terminal sends it): the run tears down
+    (Serve app, actors, learners), says how to resume, exits 130, and no process of the run is
+    left. (`kill`, SIGTERM to the driver alone, is checked the same way at the end of the
+    scale test below: one launch fewer.)"""
+    run = Launch(tmp_path, "sigint", "steps=100", "checkpoint_every=1")
     try:
         run.wait_for(r"^\[eapo\] step 2/100")
-        procs = run.descendants()
-        assert any("RolloutWorker" in " ".join(p.cmdline()) for p in procs)
-        t0 = time.time()
-        if how == "sigint-group":
-            os.killpg(run.p.pid, signal.SIGINT)
-        else:
-            run.p.send_signal(signal.SIGTERM)
-        rc = run.p.wait(timeout=120)
-        took = time.time() - t0
-        log = run.log
-        assert rc == 130, log[-4000:]
-        assert f"resume={run.run_dir}" in log and "teardown of" not in log, log[-4000:]
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            left = [p for p in procs if _alive(p)]
-            if not left:
-                break
-            time.sleep(0.5)
-        assert not left, [(p.pid, _cmdline(p)[:80]) for p in left]
-        print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
+        _interrupt_and_check_nothing_is_left(run, "sigint-group")
     finally:
         run.kill_all()
+
+
+def _interrupt_and_check_nothing_is_left(run: Launch, how: str) -> None:
+    """Send Ctrl-C to the launch's process group ("sigint-group") or SIGTERM to the driver
+    ("sigterm"); it must exit 130 naming the resume command, with no teardown error, and
+    every process of the run (listed just before) must be gone within 30 s."""
+    procs = run.descendants()
+    assert any("RolloutWorker" in _cmdline(p) for p in procs)
+    t0 = time.time()
+    if how == "sigint-group":
+        os.killpg(run.p.pid, signal.SIGINT)
+    else:
+        run.p.send_signal(signal.SIGTERM)
+    rc = run.p.wait(timeout=120)
+    took = time.time() - t0
+    log = run.log
+    assert rc == 130, log[-4000:]
+    assert f"resume={run.run_dir}" in log and "teardown of" not in log, log[-4000:]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        left = [p for p in procs if _alive(p)]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, [(p.pid, _cmdline(p)[:80]) for p in left]
+    print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -268,8 +282,10 @@ def _weights_base() -> dict:
 def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path):
     """`python -m eapo_ray.expert scale --run-dir DIR --min 2 --max 2` on a running launch whose
     expert was capped at 1 replica: the app comes back RUNNING with 2 replicas and the run keeps
-    taking steps."""
+    taking steps. Then `kill` (SIGTERM to the driver alone) stops it: exit 130, the resume
+    command named, and no process of the run left (both replicas included)."""
     run = Launch(tmp_path, "scale", "steps=100", "acceptance.kind=constant", "acceptance.start=1.0",
+                 "checkpoint_every=1",  # so the interrupted run names its resume command
                  "expert.max_replicas=1")  # so the second replica can only come from the CLI
     try:
         run.wait_for(r"^\[eapo\] step 1/100")
@@ -282,7 +298,58 @@ def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path
         assert len([q for q in run.descendants() if "ServeReplica:scale-expert" in " ".join(q.cmdline())]) == 2
         n = len(re.findall(r"^\[eapo\] step \d+/100", run.log, re.M))
         run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on
-        run.p.send_signal(signal.SIGTERM)
-        assert run.p.wait(timeout=120) == 130
+        _interrupt_and_check_nothing_is_left(run, "sigterm")
     finally:
         run.kill_all()
+
+
+def _ray_titles(root: psutil.Process) -> list[str]:
+    out = []
+    for proc in root.children(recursive=True):
+        title = _cmdline(proc)
+        if title.startswith("ray::"):
+            out.append(title.split()[0])
+    return out
+
+
+def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
+    """Two raylets on this machine (ray.cluster_utils.Cluster); the launch joins the cluster
+    (RAY_ADDRESS). rollout.node_resource=rollout and one unit of it per node put one rollout
+    actor on each node (the second node has no CPUs: nothing else of the run can land there).
+    After step 2 the second node is killed (every process of it, SIGKILL): its actor's call
+    fails, its restart can never be placed, so the fleet retires it after
+    rollout.restart_timeout_s and the run finishes its steps on the first node, nothing lost."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "resources": {"rollout": 1}, "include_dashboard": False,
+        # the GCS declares a silent node dead after 3 missed 1 s health checks (default 5 x 3 s)
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    run = None
+    try:
+        node2 = cluster.add_node(num_cpus=0, resources={"rollout": 1})
+        run = Launch(tmp_path, "twonode", "steps=12", "rollout.num_actors=2", "rollout.node_resource=rollout",
+                     "rollout.num_cpus=0", "rollout.restart_timeout_s=5", "acceptance.kind=constant",
+                     "acceptance.start=0.0", ray_address=cluster.address)
+        run.wait_for(r"^\[eapo\] step 2/12")
+        raylet2 = psutil.Process(node2.all_processes["raylet"][0].process.pid)
+        on_node2 = _ray_titles(raylet2)
+        others = [t for t in on_node2 if re.search(r"Learner|Evaluator|TrajectoryBuffer", t)]
+        assert any(t.startswith("ray::RolloutWorker") for t in on_node2) and not others, on_node2
+        t_kill = time.time()
+        cluster.remove_node(node2, allow_graceful=False)
+        rc = run.finish(timeout=400)
+        log = run.log
+        assert rc == 0, log[-5000:]
+        s = run.summary()
+        a = s["accounting"]
+        assert s["steps"] == 12 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
+        assert len(s["rollout_actors_retired"]) == 1, s
+        assert "did not come back within rollout.restart_timeout_s=5s" in log, log[-5000:]
+        print(f"two nodes: the second node (one rollout actor) killed after step 2; actor "
+              f"{s['rollout_actors_retired']} retired; finished {time.time() - t_kill:.0f}s after the kill; "
+              f"batches by actor {s['rollout_batches_by_worker']}; accounting {a['batches']} / {a['samples']}")
+    finally:
+        if run is not None:
+            run.kill_all()
+        cluster.shutdown()

@@ -51,3 +51,24 @@ def test_update_follows_advantages_and_weights_sync(ray_local):
     after = seq_logp(engine.model)
     assert after[0] > before[0] and after[1] < before[1]
     assert engine.version == 1
+
+
+def test_learners_that_cannot_be_placed_fail_clearly_within_the_bound(ray_local):
+    """More learner CPUs than the cluster has: a clear error naming the ask, the cluster's
+    resources and the config keys, after learner.placement_timeout_s (not a hang); the
+    placement group is removed."""
+    import time
+
+    from ray.util import placement_group_table
+
+    from eapo_ray.learner import PlacementError
+
+    cfg = load_config(None, ["learner.num_learners=2", "learner.num_cpus=3", "learner.placement_timeout_s=3"])
+    t0 = time.time()
+    with pytest.raises(PlacementError, match=r"2 learner\(s\) could not be placed within learner.placement_timeout_s=3s"
+                                             r": they ask for 2 x \{CPU 3\} = CPU 6; the cluster has CPU 4") as e:
+        LearnerGroup(cfg, "unplaceable")
+    assert time.time() - t0 < 30
+    assert "learner.num_cpus" in str(e.value)
+    states = [pg["state"] for pg in placement_group_table().values() if pg["name"] == "unplaceable-learners"]
+    assert states and all(st == "REMOVED" for st in states), states
