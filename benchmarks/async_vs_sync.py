@@ -1,50 +1,101 @@
-"""Async actor-learner overlap vs synchronous RL, side by side in one run.
+"""Async actor-learner overlap vs synchronous RL, with the Serve expert ON, side by side in one run.
 
-    python benchmarks/async_vs_sync.py [--steps 30] [--actors 1] [key=value ...]
+    python benchmarks/async_vs_sync.py [--steps 8] [--latencies 0 0.2 1] [--actors 2] [key=value ...]
 
-Runs the launcher twice on the same config: `rollout.overlap=true` (rollout actors
-generate the next batch while the learner trains, importance-corrected) and
-`rollout.overlap=false` (generate, then train). Prints learner steps/s of the training
-loop (start-up and final evaluation excluded) and the ratio.
+For each added expert latency L (`expert.added_latency_s`, a delay the Serve deployment adds to
+every reply; benchmarks only) it runs the launcher twice on the same config and the same number
+of samples (`--steps` learner steps of 16 prompts x 8 samples):
+
+- sync  (`rollout.overlap=false`): one batch in flight, only when the learner needs data, so
+  generation (and its expert waits) and training alternate;
+- async (`rollout.overlap=true`): the actors generate the next batches while the learner trains
+  (off-policy corrected); with several actors their expert waits overlap each other too.
+
+The config is EAPO with every consult answered (`acceptance.kind=constant acceptance.start=1`, up
+to 4 turns), so the expert sits on the rollout's critical path. Printed per run: samples/s of the
+training loop (generated samples / loop seconds; start-up and the final evaluation excluded),
+the learner's and the actors' idle fractions, per-batch generation and expert-wait seconds, the
+staleness distribution of the trained batches, and the held-out accuracy after the equal samples
+(greedy, `--heldout` problems); then async/sync ratios per L. Each run is one launcher process
+(a fresh local Ray cluster; ~25-30 s of start-up each on an idle 2-core box, not timed).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
-def run(mode: bool, steps: int, actors: int, extra: list[str], root: str) -> dict:
-    name = f"overlap-{str(mode).lower()}"
-    cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={steps}", f"rollout.num_actors={actors}",
-           f"rollout.overlap={str(mode).lower()}", "eval.every=0", "data.num_heldout=30",
-           f"run_root={root}", f"run_name={name}", *extra]
+def run(overlap: bool, latency: float, args, root: str) -> dict:
+    name = f"L{latency:g}-{'async' if overlap else 'sync'}"
+    cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={args.steps}", f"seed={args.seed}",
+           f"rollout.num_actors={args.actors}", f"rollout.overlap={str(overlap).lower()}",
+           f"expert.added_latency_s={latency}", "acceptance.kind=constant", "acceptance.start=1.0",
+           "rollout.turn_budget_steps=0", "eval.every=0", f"data.num_heldout={args.heldout}",
+           f"buffer.capacity={args.capacity}", f"run_root={root}", f"run_name={name}", *args.overrides]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    print(f"running: {' '.join(cmd[2:])}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads((Path(root) / name / "summary.json").read_text())
+    s = json.loads((Path(root) / name / "summary.json").read_text())
+    rows = [json.loads(x) for x in (Path(root) / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    s["staleness_hist"] = dict(sorted(collections.Counter(r["staleness"] for r in rows if "staleness" in r).items()))
+    s["rate"] = s["generated_samples"] / s["loop_seconds"]
+    return s
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--actors", type=int, default=1)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/async_vs_sync.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.2, 1.0])
+    ap.add_argument("--actors", type=int, default=2, help="rollout actors (both modes)")
+    ap.add_argument("--capacity", type=int, default=2, help="buffer.capacity: batches ahead of the learner (async)")
+    ap.add_argument("--heldout", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="extra key=value launcher overrides (both modes)")
+    args = ap.parse_args(argv)
+    from breakdown import table  # benchmarks/breakdown.py
+
+    print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    res = {}
     with tempfile.TemporaryDirectory() as root:
-        res = {mode: run(mode, args.steps, args.actors, args.overrides, root) for mode in (False, True)}
-    rate = {m: r["steps"] / r["loop_seconds"] for m, r in res.items()}
-    for m, r in res.items():
-        print(f"overlap={m!s:5}  {rate[m]:.3f} steps/s  {r['samples'] / r['loop_seconds']:.1f} trained samples/s  "
-              f"held-out end {r['heldout_accuracy_end']:.3f}  lost/stale batches {r['buffer']['buffer_dropped_stale']}")
-    print(f"async / sync speed-up: {rate[True] / rate[False]:.2f}x")
+        for lat in args.latencies:
+            for overlap in (False, True):
+                res[lat, overlap] = run(overlap, lat, args, root)
+    print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(f"\n{args.steps} steps x 128 samples, {args.actors} rollout actors, buffer.capacity {args.capacity}, "
+          f"expert on (every consult answered), held-out {args.heldout} greedy")
+    hdr = (f"{'L s':>5s} {'mode':5s} {'samples':>7s} {'loop s':>7s} {'samples/s':>9s} {'learner idle':>12s} "
+           f"{'rollout idle':>12s} {'gen s/batch':>11s} {'expert wait':>11s} {'consults/smp':>12s} "
+           f"{'held-out':>8s}  staleness (step count)")
+    print(hdr)
+    for (lat, overlap), s in res.items():
+        b = s["breakdown"]
+        rb = b["rollout_per_batch"]
+        print(f"{lat:5.2f} {'async' if overlap else 'sync':5s} {s['generated_samples']:7d} {s['loop_seconds']:7.1f} "
+              f"{s['rate']:9.1f} {b['learner_idle_frac']:12.2f} {b['rollout_idle_frac']:12.2f} "
+              f"{rb['produce_s']:11.2f} {rb['expert_wait_s']:11.2f} {s['consult_rate_end']:12.2f} "
+              f"{s['heldout_accuracy_end']:8.3f}  {s['staleness_hist']}")
+    print()
+    for lat in args.latencies:
+        a, y = res[lat, True], res[lat, False]
+        print(f"L={lat:g}s: async / sync samples/s {a['rate'] / y['rate']:.2f}x  "
+              f"(held-out {y['heldout_accuracy_end']:.3f} sync, {a['heldout_accuracy_end']:.3f} async)")
+    if args.latencies:
+        lat = args.latencies[0]
+        print(f"\nbreakdown at L={lat:g}s (sync | async):")
+        print(table([res[lat, False], res[lat, True]], ["sync", "async"]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

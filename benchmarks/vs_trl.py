@@ -32,18 +32,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, GROUP, MAX_NEW, LR = 16, 8, 160, 5e-5
+# eapo_ray as it was before issue 13's optimisations (benchmarks/before_after.py)
+BEFORE = ("eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false")
 
 
-def run_eapo(steps: int, seed: int, root: str) -> dict:
+def run_eapo(steps: int, seed: int, root: str, name: str = "eapo", extra: tuple = ()) -> dict:
     cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={steps}", f"seed={seed}", "eval.every=0",
            "data.num_heldout=16", f"rollout.prompts_per_batch={PROMPTS}", f"rollout.group_size={GROUP}",
            f"rollout.max_response_tokens={MAX_NEW}", "rollout.train_turns=1", "rollout.eval_turns=1",
            "acceptance.kind=constant", "acceptance.start=0", "algo.dynamic_sampling=false",
-           "algo.overlong_filter=false", f"learner.lr={LR}", f"run_root={root}", "run_name=eapo"]
+           "algo.overlong_filter=false", f"learner.lr={LR}", f"run_root={root}", f"run_name={name}", *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     print("eapo_ray: " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    s = json.loads((Path(root) / "eapo" / "summary.json").read_text())
+    s = json.loads((Path(root) / name / "summary.json").read_text())
     return {"samples": s["generated_samples"], "seconds": s["loop_seconds"], "model": s["checkpoint"]}
 
 
@@ -109,7 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--before", action="store_true",
+                    help="also run eapo_ray as before issue 13 (" + " ".join(BEFORE) + ")")
     args = ap.parse_args(argv)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                  "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}.items():
         os.environ.setdefault(k, v)
@@ -117,18 +122,26 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_eapo(args.steps, args.seed, tmp)
+        runs = [("eapo", ours)]
+        if args.before:
+            runs.append(("eapo_before", run_eapo(args.steps, args.seed, tmp, "eapo_before", BEFORE)))
         print("trl: GRPOTrainer, same settings", flush=True)
         trl = run_trl(args.steps, args.seed, str(Path(tmp) / "trl"))
+        runs.append(("trl", trl))
         base = heldout_accuracy(str(TINY_DIR / "policy"), args.heldout, args.seed)
-        acc = {name: heldout_accuracy(r["model"], args.heldout, args.seed) for name, r in (("eapo", ours), ("trl", trl))}
-    rate = {name: r["samples"] / r["seconds"] for name, r in (("eapo", ours), ("trl", trl))}
+        acc = {name: heldout_accuracy(r["model"], args.heldout, args.seed) for name, r in runs}
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    rate = {name: r["samples"] / r["seconds"] for name, r in runs}
     print(f"\n{args.steps} steps x {PROMPTS * GROUP} samples, seed {args.seed}, held-out {args.heldout} (greedy), "
           f"base policy {base:.3f}")
     print(f"{'system':10s} {'samples':>8s} {'seconds':>8s} {'samples/s':>10s} {'held-out acc':>13s}")
-    for name, r in (("eapo_ray", ours), ("TRL", trl)):
-        k = "eapo" if name == "eapo_ray" else "trl"
-        print(f"{name:10s} {r['samples']:8d} {r['seconds']:8.1f} {rate[k]:10.1f} {acc[k]:13.3f}")
+    labels = {"eapo": "eapo_ray", "eapo_before": "eapo_ray (before issue 13)", "trl": "TRL"}
+    for k, r in runs:
+        print(f"{labels[k]:10s} {r['samples']:8d} {r['seconds']:8.1f} {rate[k]:10.1f} {acc[k]:13.3f}")
     print(f"eapo_ray / TRL samples/s: {rate['eapo'] / rate['trl']:.2f}x")
+    if args.before:
+        print(f"eapo_ray before issue 13 / TRL samples/s: {rate['eapo_before'] / rate['trl']:.2f}x; "
+              f"after / before: {rate['eapo'] / rate['eapo_before']:.2f}x")
     return 0
 
 

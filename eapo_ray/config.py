@@ -92,6 +92,10 @@ class RolloutConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
+    # transformers engine (rollout actors and the evaluator): drop finished sequences from the running
+    # batch and its KV cache, so a batch's cost follows its mean length, not its longest; the same tokens
+    # and log-probs per sequence. false: the pre-issue-13 loop (for before/after benchmarks)
+    prune_finished: bool = True
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size
@@ -130,6 +134,9 @@ class ExpertConfig:
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per replica; with vllm.tensor_parallel_size > 1 each replica gets that many GPUs
     torch_threads: int = 1
+    # FOR BENCHMARKS ONLY: seconds added to every expert reply inside the Serve deployment (after the
+    # answer is computed; the replica keeps serving meanwhile), to emulate a remote or larger expert
+    added_latency_s: float = 0.0
     node_resource: str = ""  # a custom Ray resource only expert nodes have: replicas are placed there
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
@@ -170,6 +177,10 @@ class LearnerConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward (long responses, big models)
     max_tokens_per_microbatch: int = 0  # padded tokens per forward/backward; larger minibatches accumulate gradients (0 = off)
+    # with max_tokens_per_microbatch 0 and ZeRO 0-2: cut each minibatch into micro-batches of similar
+    # lengths (algo.batching.split_by_length) so the learner computes on less padding; with one epoch
+    # of one minibatch their own forwards are pi_old (no extra pass). Same loss (float order aside)
+    length_buckets: bool = True
     max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
     # the learners' placement group (num_learners bundles of num_cpus/num_gpus) must be placed within this
     # many seconds, else the launch stops naming what it asked for and what the cluster has
@@ -188,6 +199,10 @@ class EvalConfig:
     num_gpus: float = 0.0  # the evaluator actor's GPUs (a vLLM evaluator on GPUs needs one)
     temperature: float = 0.0  # 0 = greedy
     max_turns: int = 1
+    # evaluate beside training: the driver starts the evaluator (its own actor) on a step's published
+    # weights and goes on training; the step's metrics row is written, with that evaluation, once it
+    # is back (rows stay in step order). false: the loop waits for each evaluation (the pre-issue-13 flow)
+    overlap: bool = True
 
 
 @dataclass
@@ -355,6 +370,8 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
          "must satisfy 1 <= min_replicas <= max_replicas"),
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
+        (0 <= cfg.expert.added_latency_s < cfg.expert.timeout_s, "expert.added_latency_s",
+         "must be >= 0 and below expert.timeout_s (a reply later than the timeout reads 'unavailable')"),
         (cfg.expert.upscale_delay_s >= 0, "expert.upscale_delay_s", "must be >= 0"),
         (cfg.expert.downscale_delay_s >= 0, "expert.downscale_delay_s", "must be >= 0"),
         (cfg.expert.look_back_period_s > 0, "expert.look_back_period_s", "must be > 0"),

@@ -87,7 +87,8 @@ class Evaluator:
     def __init__(self, cfg: RunConfig):
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
-        self.engine = make_engine(cfg.eval.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed)
+        self.engine = make_engine(cfg.eval.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed,
+                                  **({"prune_finished": cfg.rollout.prune_finished} if cfg.eval.engine == "hf" else {}))
         self.examples = heldout_examples(cfg)
 
     def evaluate(self, weights=None) -> dict:

@@ -24,7 +24,7 @@ class Expert:
         self.cfg = cfg
         self.engine = make_engine(cfg.engine, model_path, cfg.vllm)
         self.tok = self.engine.tokenizer
-        self.__call__.set_max_batch_size(cfg.max_batch_size)
+        self._batched.set_max_batch_size(cfg.max_batch_size)
 
     def answer_now(self, queries: list[str]) -> list[str]:
         """The replies as the policy reads them (plain text; evaluation and make_tiny use this)."""
@@ -77,8 +77,14 @@ class Expert:
         return [lp[i, len(p) - 1: len(p) - 1 + len(g.tokens)].tolist() for i, (p, g) in enumerate(zip(prompts, gens))]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def __call__(self, queries: list[str]) -> list[ExpertReply]:
+    async def _batched(self, queries: list[str]) -> list[ExpertReply]:
         return await asyncio.to_thread(self.answer_full, queries)
+
+    async def __call__(self, query: str) -> ExpertReply:
+        answer = await self._batched(query)
+        if self.cfg.added_latency_s > 0:  # benchmarks only: a slower (remote, bigger) expert, as pure latency
+            await asyncio.sleep(self.cfg.added_latency_s)
+        return answer
 
 
 def replica_options(cfg: ExpertConfig) -> dict:

@@ -35,6 +35,7 @@ class System:
     learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
     rollbacks: list = field(default_factory=list)  # the version each rebuild went back to, in order
     pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
+    breakdown: object = None  # train_loop's Breakdown (where the loop's time went)
 
     def teardown(self) -> None:
         """Stop everything that was started, each part on its own (one failing does not keep
@@ -227,9 +228,8 @@ def run(cfg: RunConfig) -> Path:
             print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
             s.metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
             metrics.heldout(run_name, ev0["accuracy"])
-        t_loop = time.time()
         ev = train_loop(cfg, s, state, weights, ev, run_dir)
-        loop_seconds = time.time() - t_loop
+        loop_seconds = s.breakdown.loop_seconds  # the training loop; the final evaluation is after it
         save_checkpoint(s, state, run_dir)
         summary = write_summary(cfg, s, state, run_dir, ev0, ev, time.time() - t_start, loop_seconds)
         a = summary["accounting"]
@@ -317,9 +317,62 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
         state.serial += 1
 
 
+class PendingRows:
+    """Metrics rows waiting for their held-out evaluation (eval.overlap: the evaluator runs beside
+    training on the step's published weights). Rows are written in step order, each with the
+    evaluation of its own step's weights, once that evaluation is back."""
+
+    def __init__(self, log, run_name: str, ready=None, get=None):
+        """`log(step, row)` writes a row; `ready(ref)` / `get(ref)` (default: ray.wait with no
+        wait, ray.get) look at an evaluation's result."""
+        import ray
+
+        self.log, self.run_name = log, run_name
+        self.ready = ready or (lambda ref: bool(ray.wait([ref], timeout=0)[0]))
+        self.get = get or ray.get
+        self.rows: deque = deque()  # (step, row, eval ObjectRef or None)
+        self.last: dict | None = None  # the newest evaluation written
+
+    def add(self, step: int, row: dict, ref=None) -> None:
+        self.rows.append((step, row, ref))
+
+    def flush(self, wait: bool = False) -> float:
+        """Write the rows whose evaluation is back (all, waiting, if `wait`). Returns the seconds
+        spent waiting for evaluations."""
+        import ray
+
+        from eapo_ray import metrics
+
+        waited = 0.0
+        while self.rows:
+            step, row, ref = self.rows[0]
+            if ref is not None:
+                t = time.time()
+                if not wait and not self.ready(ref):
+                    break
+                try:
+                    ev = self.get(ref)
+                except ray.exceptions.RayError as e:  # e.g. its weights' owner (a learner) died meanwhile
+                    row["heldout_error"] = f"{type(e).__name__}"
+                    ev = None
+                waited += time.time() - t
+                if ev is not None:
+                    row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
+                    metrics.heldout(self.run_name, ev["accuracy"])
+                    self.last = ev
+            self.log(step, row)
+            self.rows.popleft()
+        return waited
+
+
 def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, run_dir: Path) -> dict:
     """Policy versions state.version .. cfg.steps: take a batch from the buffer, train, send
-    the new weights, evaluate and checkpoint on schedule. Returns the last evaluation."""
+    the new weights, evaluate and checkpoint on schedule. Returns the last evaluation.
+
+    Each metrics row carries the step's time breakdown (`time_*`, seconds of driver wall time:
+    waiting for data, feeding actors, the learner call, publishing, evaluation, the rest =
+    driver overhead) and the run's idle fractions so far (`learner_idle_frac`,
+    `rollout_idle_frac`); `s.breakdown` collects the totals for the summary."""
     import ray
 
     from eapo_ray import metrics
@@ -330,23 +383,33 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
     rollout_weights = None if nccl else weights
     pending = s.pending  # finished batches the buffer had no room for yet
     t_loop, first, generated0 = time.time(), state.version, state.generated
+    rows = PendingRows(s.metrics.log, s.run_name)
+    bd = s.breakdown = Breakdown(num_actors=cfg.rollout.num_actors)
     retry = None  # batches to train on again after the learners were rebuilt
     while state.version < cfg.steps:
+        t_step = time.time()
+        tm = dict.fromkeys(("wait_data_s", "feed_s", "train_call_s", "publish_s", "eval_s"), 0.0)
         if retry is None:
             items, rollouts = next_batches(cfg, s, state, rollout_weights, pending)
+            tm["wait_data_s"] = time.time() - t_step
+            t = time.time()
             if cfg.rollout.overlap:  # keep the fleet generating (with these weights) while the learner trains
                 feed(cfg, s, state, rollout_weights, pending)
+            tm["feed_s"] = time.time() - t
             for st in rollouts:
                 state.by_worker[st["worker"]] = state.by_worker.get(st["worker"], 0) + 1
                 state.generated += st["samples"]
                 state.first_rollout = state.first_rollout or st
                 state.last_rollout = st
+                bd.rollout(st)
         else:
             items, retry = retry, None
         try:
+            t = time.time()
             stats = s.learners.train_step(items)
+            tm["train_call_s"] = time.time() - t
         except LEARNER_DIED as e:  # rebuilt from the last checkpoint; the same batches again, unless
-            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)  # made by a discarded policy
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)  # made by a discarded policy
             retry = [it for it in items if it.version <= state.version] or None
             for it in items:
                 if it.version > state.version and s.accounting is not None:
@@ -359,11 +422,13 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         done = state.version >= cfg.steps
         eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
         try:
+            t = time.time()
             if nccl:
                 stats["weight_sync_seconds"] = s.learners.sync_weights()
             weights = s.learners.publish() if eval_due or not nccl else None
+            tm["publish_s"] = time.time() - t
         except LEARNER_DIED as e:
-            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
+            rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)
             continue
         rollout_weights = None if nccl else weights
         state.samples += stats["learner_samples"]
@@ -379,26 +444,85 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         if state.last_rollout:  # the newest finished rollout batch
             row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
                        acceptance_prob=state.last_rollout["acceptance_prob"])
-        if eval_due:
-            ev = ray.get(s.evaluator.evaluate.remote(weights))
-            row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
-            metrics.heldout(s.run_name, ev["accuracy"])
-        s.metrics.log(state.version, row)
+        ref = s.evaluator.evaluate.remote(weights) if eval_due else None
+        if ref is not None and not cfg.eval.overlap:  # wait here (eval.overlap: the evaluator runs beside training)
+            t = time.time()
+            ray.wait([ref], num_returns=1, timeout=None)
+            tm["eval_s"] = time.time() - t
+        bd.step(tm, stats, time.time() - t_step)
+        row.update({f"time_{k}": v for k, v in bd.last.items()}, **bd.idle(time.time() - t_loop))
+        rows.add(state.version, row, ref)
+        rows.flush()  # the rows whose evaluation is back, in step order
+        ev = rows.last or ev
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)
         show_progress(state.version, cfg.steps, row, ev["accuracy"], stats.get("staleness", 0), eta)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
+            # every row up to the checkpoint is on disk before it (a resumed run keeps them)
+            bd.driver["eval_s"] += rows.flush(wait=True)
             try:
                 save_checkpoint(s, state, run_dir)
             except LEARNER_DIED as e:
-                rollout_weights = rebuild_learners(cfg, s, state, run_dir, e)
-    return ev
+                rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)
+    bd.loop_seconds = time.time() - t_loop
+    bd.final_eval_s = rows.flush(wait=True)  # the last evaluation, outside the training loop's clock
+    return rows.last or ev
+
+
+class Breakdown:
+    """Where the training loop's time went, summed over steps: the driver's own clock per step
+    (wait for data, feed, learner call, publish, evaluation, overhead), the learner's train_step
+    parts and the rollout actors' produce parts; idle fractions of the learner and the actors."""
+    DRIVER = ("wait_data_s", "feed_s", "train_call_s", "publish_s", "eval_s", "driver_overhead_s", "step_s")
+    LEARNER = ("train_seconds", "fetch_s", "prep_s", "old_logp_s", "forward_s", "backward_s", "optim_s")
+    ROLLOUT = ("produce_s", "load_weights_s", "engine_s", "expert_wait_s", "expert_busy_s", "reward_s", "pack_s")
+
+    def __init__(self, num_actors: int):
+        self.num_actors = num_actors
+        self.driver = dict.fromkeys(self.DRIVER, 0.0)
+        self.learner = dict.fromkeys(self.LEARNER, 0.0)
+        self.rollouts = dict.fromkeys(self.ROLLOUT, 0.0)
+        self.steps = self.batches = 0
+        self.last: dict = {}
+        self.loop_seconds = self.final_eval_s = 0.0
+
+    def rollout(self, st: dict) -> None:
+        self.batches += 1
+        for k in self.ROLLOUT:
+            self.rollouts[k] += st.get(k, 0.0)
+
+    def step(self, tm: dict, stats: dict, step_s: float) -> None:
+        self.steps += 1
+        over = step_s - sum(tm.values())
+        self.last = {**tm, "driver_overhead_s": over, "step_s": step_s}
+        for k, v in self.last.items():
+            self.driver[k] += v
+        for k in self.LEARNER:
+            self.learner[k] += stats.get(k, 0.0)
+
+    def idle(self, elapsed: float) -> dict:
+        """Idle fractions over the loop so far: the learner outside train_step, the actors outside
+        produce (batches delivered so far; a batch still in flight counts as idle until it lands)."""
+        from eapo_ray.timing import fraction
+
+        return {"learner_idle_frac": 1.0 - fraction(self.learner["train_seconds"], elapsed),
+                "rollout_idle_frac": 1.0 - fraction(self.rollouts["produce_s"], elapsed * self.num_actors)}
+
+    def summary(self) -> dict:
+        n, b = max(self.steps, 1), max(self.batches, 1)
+        return {"steps": self.steps, "rollout_batches": self.batches, "loop_seconds": self.loop_seconds,
+                "final_eval_seconds": self.final_eval_s,
+                "driver_per_step": {k: v / n for k, v in self.driver.items()},
+                "learner_per_step": {k: v / n for k, v in self.learner.items()},
+                "rollout_per_batch": {k: v / b for k, v in self.rollouts.items()},
+                **self.idle(self.loop_seconds)}
 
 
 class LearnerFailed(RuntimeError):
     pass
 
 
-def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, error: Exception):
+def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, error: Exception,
+                     rows: PendingRows | None = None):
     """A learner actor died: rebuild the learner group from the last checkpoint, or from the
     start when there is none yet (at most `learner.max_restarts` times in a launch), and roll
     the driver's counters back to it (batch serials keep going: no prompt is replayed; the
@@ -418,6 +542,8 @@ def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path,
                "(with this run's config and overrides)" if has_ckpt else
                "There is no checkpoint to resume from (set checkpoint_every)."))
     s.learner_restarts += 1
+    if rows is not None:  # rows still waiting for an evaluation are written first (resume_metrics trims them)
+        rows.flush(wait=True)
     print(f"[eapo] a learner died near step {state.version + 1} ({err}); rebuilding the learner group from "
           + ("the last checkpoint" if has_ckpt else "the start (no checkpoint yet: set checkpoint_every)")
           + f" (restart {s.learner_restarts}/{cfg.learner.max_restarts})", flush=True)
@@ -489,6 +615,8 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
         "learner_restarts": s.learner_restarts,
         "checkpoint": str(run_dir / "final"),
     }
+    if s.breakdown is not None:
+        summary["breakdown"] = s.breakdown.summary()
     if s.accounting is not None:
         import ray
 

@@ -16,7 +16,7 @@ import ray
 import torch
 from torch.distributed import ReduceOp
 
-from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_tokens
+from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_length, split_by_tokens
 from eapo_ray.algo.logprobs import hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, luffy_loss, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
@@ -249,6 +249,7 @@ class Learner:
         t0 = time.time()
         c, lc = self.cfg, self.cfg.learner
         fetched = fetch_batches(boxes)
+        t_fetch = time.time()
         # Train only on the batches every rank got: ranks that split different batches would run
         # different collectives and hang.
         got = self._all_reduce([b is not None for b in fetched], ReduceOp.MIN)
@@ -257,9 +258,14 @@ class Learner:
         if not batches:  # every rank agreed on this, so all skip this update together
             self.version += 1
             return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0}
+        tm = dict.fromkeys(("old_logp_s", "forward_s", "backward_s", "optim_s"), 0.0)
         pad = self.tokenizer.pad_token_id or 0
         shard = split_batch(merge_batches(batches), self.world_size)[self.rank]
-        micro = [split_by_tokens(mb, lc.max_tokens_per_microbatch) for mb in split_batch(shard, lc.minibatches)]
+        # learner.length_buckets (and no token cap): each minibatch in micro-batches of similar
+        # lengths, all forwarded before any backward (their pi_old comes from those same forwards)
+        buckets = lc.length_buckets and lc.max_tokens_per_microbatch <= 0 and lc.zero_stage < 3
+        micro = [split_by_length(mb) if buckets else split_by_tokens(mb, lc.max_tokens_per_microbatch)
+                 for mb in split_batch(shard, lc.minibatches)]
         # Every rank runs, per minibatch, as many forward passes as the rank that needs the most
         # (dummy ones pad), each with the same number of lm_head chunks: ZeRO-3 gathers parameters
         # inside forward. A minibatch empty on every rank takes no backward and no optimizer step.
@@ -273,10 +279,17 @@ class Learner:
         # pi_old is the policy before this update. With one epoch of one minibatch in one forward
         # pass, that forward's own log-probs are pi_old (same weights); otherwise one pass first.
         reuse = lc.epochs == 1 and len(micro) == 1 and len(micro[0]) <= 1
+        # One epoch of one minibatch in length buckets: every bucket's forward runs on the same
+        # weights (the step comes after the last backward), so their detached log-probs are pi_old.
+        reuse_all = buckets and lc.epochs == 1 and len(micro) == 1 and len(micro[0]) > 1
+        t_prep = time.time()
+        if reuse_all:
+            return self._train_buckets(micro[0], chunks, batches, shard, lost, t0, t_fetch, t_prep, tm)
         if not reuse:
             with torch.no_grad():
                 olds = [[self._logp(b, chunks) for b in mb] for mb in micro]
             norms, gap = self._normalisers(micro, olds)
+            tm["old_logp_s"] = time.time() - t_prep
         acc, n_updates = StepStats(sft=c.algo.expert_sft_coef > 0, luffy=c.algo.expert_token_channel == "luffy"), 0
         for _ in range(lc.epochs):
             for i, mb in enumerate(micro):
@@ -284,18 +297,58 @@ class Learner:
                     continue
                 for j, b in enumerate(mb):
                     self.engine.set_gradient_accumulation_boundary(j == len(mb) - 1)  # one step per minibatch
+                    t = time.time()
                     logp = self._logp(b, chunks)
                     if reuse:
                         olds = [[logp.detach()]]
                         norms, gap = self._normalisers(micro, olds)
-                    self.engine.backward(self._loss(b, logp, olds[i][j], norms[i], acc))
+                    loss = self._loss(b, logp, olds[i][j], norms[i], acc)
+                    t_fwd = time.time()
+                    tm["forward_s"] += t_fwd - t
+                    self.engine.backward(loss)
+                    tm["backward_s"] += time.time() - t_fwd
+                t = time.time()
                 self.engine.step()
+                tm["optim_s"] += time.time() - t
                 n_updates += 1
         self.version += 1
         stats = {**acc.reduce(self._all_reduce, self.world_size, n_updates), **gap} if n_updates else {}
         stats["learner_samples"] = len(shard["input_ids"])
         stats["lost_batches"] = lost
         stats["train_seconds"] = time.time() - t0
+        # the breakdown: fetch (ray.get of the batches), prep (merge, split, collate), pi_old pass (0 when
+        # the update's own forward is reused), forward (+ loss), backward, optimizer step
+        stats.update(fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
+        stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
+        return stats
+
+    def _train_buckets(self, mb: list, chunks: int, batches, shard, lost, t0, t_fetch, t_prep, tm) -> dict:
+        """One update on one minibatch of several micro-batches (learner.length_buckets): forward
+        all of them (the graphs are kept: together no larger than one padded forward of the whole
+        minibatch), take their detached log-probs as pi_old, then loss and backward one by one
+        with the minibatch's global denominators, and one optimizer step. The same loss and
+        gradient as one padded pass over the minibatch (up to float summation order)."""
+        acc = StepStats(sft=self.cfg.algo.expert_sft_coef > 0, luffy=self.cfg.algo.expert_token_channel == "luffy")
+        t = time.time()
+        logps = [self._logp(b, chunks) for b in mb]
+        olds = [[lp.detach() for lp in logps]]
+        norms, gap = self._normalisers([mb], olds)
+        tm["forward_s"] += time.time() - t
+        for j, (b, logp) in enumerate(zip(mb, logps)):
+            t = time.time()
+            loss = self._loss(b, logp, olds[0][j], norms[0], acc)
+            t_fwd = time.time()
+            tm["forward_s"] += t_fwd - t
+            self.engine.set_gradient_accumulation_boundary(j == len(mb) - 1)
+            self.engine.backward(loss)
+            tm["backward_s"] += time.time() - t_fwd
+        t = time.time()
+        self.engine.step()
+        tm["optim_s"] += time.time() - t
+        self.version += 1
+        stats = {**acc.reduce(self._all_reduce, self.world_size, 1), **gap}
+        stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
+                     fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats
 

@@ -27,6 +27,7 @@ from eapo_ray.data import encode_prompt, train_examples
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
 from eapo_ray.rollout.factory import make_engine
+from eapo_ray.timing import Overlap
 from eapo_ray.weight_sync import load_published
 
 WEIGHTS_GROUP = "weights"
@@ -142,7 +143,8 @@ class RolloutWorker:
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg, self.index = cfg, index
         self.engine = make_engine(cfg.rollout.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed * 1000 + index,
-                                  **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}))
+                                  **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}),
+                                  **({"prune_finished": cfg.rollout.prune_finished} if cfg.rollout.engine == "hf" else {}))
         self.gen = PausableEngine(self.engine)
         self.tok = self.engine.tokenizer
         d = cfg.data
@@ -194,24 +196,29 @@ class RolloutWorker:
         """Generate one training batch at learner step `step`. Returns (stats, batch): the
         batch (algo.batching.to_batch columns, or None when every group was dropped) becomes
         an object owned by the caller, who enqueues it; stats is a small dict."""
+        t_start = time.time()
         self.maybe_load(weights)
+        load_s = time.time() - t_start
         c, r = self.cfg, self.cfg.rollout
         rng = batch_rng(c.seed, serial)
         torch.manual_seed(rng.randrange(2**31))  # the transformers engine samples with torch's RNG
         settings = EpisodeSettings.for_training(c, step, with_expert=self.expert is not None)
         t0, kept, all_trajs, dropped = time.time(), [], [], 0
+        timer, pack_s = Overlap(), 0.0
         for draw in range(max_draws):
             idx = [rng.randrange(len(self.data)) for _ in range(r.prompts_per_batch - len(kept) // r.group_size)]
             prompts = [self.prompts[i] for i in idx for _ in range(r.group_size)]
             golds = [self.data[i].answer for i in idx for _ in range(r.group_size)]
             groups = [draw * 10_000 + k for k in range(len(idx)) for _ in range(r.group_size)]
             trajs = run_episodes(self.gen, self.tok, prompts, golds, settings, expert=self.expert, rng=rng,
-                                 groups=groups)
+                                 groups=groups, timer=timer)
+            t_pack = time.time()
             all_trajs += trajs
             k, d = assign_advantages(trajs, adv_scale=c.algo.adv_scale, consult_cost=c.algo.consult_cost,
                                      dynamic_sampling=c.algo.dynamic_sampling)
             kept += k
             dropped += d
+            pack_s += time.time() - t_pack
             if len(kept) >= r.prompts_per_batch * r.group_size:
                 break
         n = len(all_trajs)
@@ -229,7 +236,14 @@ class RolloutWorker:
             "response_len": sum(len(t.response_ids) for t in all_trajs) / n,
             "gen_seconds": time.time() - t0,
         }
-        return stats, (to_batch(kept, c.algo.overlong_filter) if kept else None)
+        t_pack = time.time()
+        batch = to_batch(kept, c.algo.overlong_filter) if kept else None
+        # the breakdown (seconds of wall time): engine = some generation in flight; expert_wait = an
+        # expert query in flight and no generation (the batch blocked on the expert); reward = grading
+        stats.update(load_weights_s=load_s, engine_s=timer.busy_s("engine"), expert_busy_s=timer.busy_s("expert"),
+                     expert_wait_s=timer.only_s("expert"), reward_s=timer.busy_s("reward"),
+                     pack_s=pack_s + time.time() - t_pack, produce_s=time.time() - t_start)
+        return stats, batch
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -6,6 +6,7 @@ budget; then score. Episodes are coroutines, so a batch runs with every episode 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import random
@@ -16,6 +17,7 @@ from eapo_ray.algo.protocol import ExpertReply, ProtocolConfig, parse_action, re
 from eapo_ray.algo.reward import RewardConfig, score
 from eapo_ray.algo.schedules import acceptance_prob, training_turns
 from eapo_ray.rollout.engine import Engine
+from eapo_ray.timing import Overlap
 
 # expert(queries) -> one reply per query (str, or algo.protocol.ExpertReply with the span of the
 # expert's own answer and its token log-probs), None where the expert failed or timed out
@@ -133,10 +135,12 @@ def observation_ids(tokenizer, replies: list, accepted: list[bool], proto: Proto
 
 
 async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettings, *, expert: ExpertFn | None,
-                      rng: random.Random) -> Trajectory:
+                      rng: random.Random, timer: Overlap | None = None) -> Trajectory:
     """Run one episode to the end and score it. Each generation and each expert call is
     awaited, so a batch of episodes interleaves: while some wait for the expert, others
-    generate."""
+    generate. `timer` (optional) records the wall time of generation ("engine"), expert calls
+    ("expert") and grading ("reward") for the per-step breakdown."""
+    timer = timer or _NO_TIMER
     proto, max_turns, max_response_tokens = s.proto, s.max_turns, s.max_response_tokens
     stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if s.ban_consult else []
     final_text = ""  # the policy's own last turn: the only text the reward reads
@@ -144,7 +148,8 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         room = max_response_tokens - len(t.response_ids)
         # the last turn gets all the room that is left, so a turn budget of 1 does not halve the cap
         budget = room if turn == max_turns - 1 else min(s.max_new_tokens_per_turn, room)
-        g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, s.temperature, stop, ban)
+        with timer.busy("engine"):
+            g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, s.temperature, stop, ban)
         t.extend(g.tokens, g.logprobs)
         t.turns += 1
         final_text = tokenizer.decode(g.tokens, skip_special_tokens=True)
@@ -158,7 +163,8 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
             break
         flags = [expert is not None and rng.random() < s.accept_prob for _ in action.queries]
         asked = [q for q, f in zip(action.queries, flags) if f]
-        answers = iter(await _ask(expert, asked) if asked else [])
+        with timer.busy("expert"):
+            answers = iter(await _ask(expert, asked) if asked else [])
         replies = [next(answers) if f else None for f in flags]
         t.accepted += sum(r is not None for r in replies)
         t.expert_failures += sum(f and r is None for r, f in zip(replies, flags))
@@ -171,9 +177,19 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         t.extend(ids, expert_mask=mask, expert_logp=elogp)
     # Only the policy's final turn is scored: an answer tag inside an expert reply (or in an
     # earlier turn) must never earn the reward.
-    r = score(final_text, t.gold, s.reward, proto)
+    with timer.busy("reward"):  # in a thread: a grade sent to the process pool does not stall the other episodes
+        r = await asyncio.to_thread(score, final_text, t.gold, s.reward, proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
+
+
+class _NoTimer:
+    @contextlib.contextmanager
+    def busy(self, kind: str):
+        yield
+
+
+_NO_TIMER = _NoTimer()
 
 
 async def _ask(expert: ExpertFn, queries: list[str]) -> list[str | None]:
@@ -182,7 +198,8 @@ async def _ask(expert: ExpertFn, queries: list[str]) -> list[str | None]:
 
 
 def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: list[str], settings: EpisodeSettings, *,
-                 expert: ExpertFn | None, rng: random.Random, groups: list[int] | None = None) -> list[Trajectory]:
+                 expert: ExpertFn | None, rng: random.Random, groups: list[int] | None = None,
+                 timer: Overlap | None = None) -> list[Trajectory]:
     """Run one episode per prompt, all in flight at once, and score them. `expert=None` or
     `settings.accept_prob=0` means no help; consult turns then get "unavailable"."""
     trajs = [Trajectory(list(p), gold=g, group=(groups[i] if groups else i), version=engine.version,
@@ -193,7 +210,7 @@ def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: lis
     rngs = [random.Random(rng.getrandbits(64)) for _ in trajs]
 
     async def all_episodes():
-        return await asyncio.gather(*[run_episode(engine, tokenizer, t, settings, expert=expert, rng=r)
+        return await asyncio.gather(*[run_episode(engine, tokenizer, t, settings, expert=expert, rng=r, timer=timer)
                                       for t, r in zip(trajs, rngs)])
 
     return asyncio.run(all_episodes())

@@ -5,6 +5,8 @@ import torch
 
 from eapo_ray.rollout.engine import Engine, Generation, StringBan, hits_stop, token_texts
 
+PRUNE_BELOW = 0.75  # the running batch drops its finished rows once at most this fraction is active
+
 
 class HFEngine(Engine):
     """transformers on CPU (or one GPU): our own batched sampling loop with a KV cache, so the
@@ -14,7 +16,8 @@ class HFEngine(Engine):
     checkpoint's eos ids, as vLLM does) or at the token that completes a stop string (kept,
     even if it carries text past the stop string); nothing is returned after it."""
 
-    def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32):
+    def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
+                 prune_finished: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
@@ -25,6 +28,7 @@ class HFEngine(Engine):
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = {i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None}
         self.version = 0
+        self.prune_finished = prune_finished  # drop finished sequences from the running batch (see generate)
         self._texts: list[str] | None = None  # token_texts, computed on the first ban
         self._bans: dict[tuple, StringBan] = {}
 
@@ -54,36 +58,44 @@ class HFEngine(Engine):
         past, logits = out.past_key_values, out.logits[:, -1]
         toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
         finish, active = ["length"] * B, [m > 0 for m in max_new_tokens]
+        rows = list(range(B))  # the sequence each row of the running batch holds
         for _ in range(max(max_new_tokens)):
             if not any(active):
                 break
             scaled = logits.float() / (1.0 if greedy else temperature)
             if sban is not None:  # mask every token that would complete a banned string
-                for i in range(B):
+                for r, i in enumerate(rows):
                     if active[i]:
-                        scaled[i, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
+                        scaled[r, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
             nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
-            for i in range(B):
+            for r, i in enumerate(rows):
                 if not active[i]:
                     continue
-                t = int(nxt[i])
+                t = int(nxt[r])
                 if sban is not None:
-                    t = self._recheck_ban(sban, logp, i, t, toks[i], greedy)
+                    t = self._recheck_ban(sban, logp, r, t, toks[i], greedy)
                     if t is None:  # every token would spell a banned string: end the turn here
                         finish[i], active[i] = "stop", False
                         continue
-                    nxt[i] = t
+                    nxt[r] = t
                 toks[i].append(t)
-                lps[i].append(0.0 if greedy else float(logp[i, t]))
+                lps[i].append(0.0 if greedy else float(logp[r, t]))
                 if t in self.eos_ids or hits_stop(self.tokenizer, toks[i], stop):
                     finish[i], active[i] = "stop", False
                 elif len(toks[i]) >= max_new_tokens[i]:
                     active[i] = False
             if not any(active):
                 break
-            step_ids = nxt.view(B, 1).to(dev)
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+            live = [r for r, i in enumerate(rows) if active[i]]
+            if self.prune_finished and len(live) <= PRUNE_BELOW * len(rows):
+                # drop the finished rows from the batch and its KV cache: each row's logits depend on
+                # its own row only, so the others' distributions are unchanged
+                keep = torch.tensor(live, dtype=torch.long, device=dev)
+                rows, nxt, attn, pos = [rows[r] for r in live], nxt[keep], attn[keep], pos[keep]
+                past.batch_select_indices(keep)
+            step_ids = nxt.view(len(rows), 1).to(dev)
+            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
                              use_cache=True)

@@ -32,6 +32,14 @@ def test_default_run_writes_summary_metrics_checkpoint(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert all("loss" in r for r in rows[1:]) and any("acceptance_prob" in r for r in rows[1:])
+    # issue 13: the time breakdown in every row and the summary; the final evaluation on the last row
+    assert all(r["time_step_s"] > 0 and 0 <= r["learner_idle_frac"] <= 1 and 0 <= r["rollout_idle_frac"] <= 1
+               and r["rollout_engine_s"] > 0 and r["forward_s"] > 0 for r in rows[1:])
+    assert "heldout_accuracy" in rows[-1] and rows[-1]["heldout_accuracy"] == s["heldout_accuracy_end"]
+    bd = s["breakdown"]
+    assert bd["steps"] == 3 and bd["loop_seconds"] == s["loop_seconds"] > 0
+    assert bd["rollout_per_batch"]["engine_s"] > 0 and bd["learner_per_step"]["backward_s"] > 0
+    assert bd["driver_per_step"]["step_s"] >= bd["driver_per_step"]["train_call_s"] > 0
     assert list((run_dir / "tensorboard").iterdir())
     assert (run_dir / "metrics.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM

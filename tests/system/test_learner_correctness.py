@@ -344,3 +344,29 @@ def test_zero3_empty_shards_micro_batches_and_checkpoint_pruning(ray_local, tmp_
         assert not torch.equal(weights["lm_head.weight"], LlamaForCausalLM.from_pretrained(model).lm_head.weight)
     finally:
         group.shutdown()
+
+
+@pytest.mark.slow
+def test_length_buckets_reuse_pi_old_and_give_the_whole_batch_gradient(zero0):
+    """learner.length_buckets: 24 samples of spread lengths over 2 ranks train in several
+    micro-batches of similar lengths, pi_old from their own forwards (no extra pass): the
+    gradient is the whole batch's, and the loss statistics equal those of one padded pass."""
+    import ray
+    cfg, group = zero0
+    lengths = [(3 + i % 5, 2 + (7 * i) % 40) for i in range(24)]
+    batch = make_batch(6, lengths=lengths)
+    ref = reference_grads(POLICY, batch, cfg)
+    out = {}
+    for on in (False, True):
+        call_all(group, set_cfg, "learner", length_buckets=on)
+        call_all(group, capture_steps)
+        stats = train(group, [[[ray.put(batch)]]] * 2)
+        captured = call_all(group, lambda self: self.captured)
+        assert [len(c) for c in captured] == [1, 1]  # one optimizer step
+        for c in captured:
+            assert_grads_close(c[0], ref)
+        assert stats[0]["old_logp_s"] == 0.0  # pi_old reused, in both layouts
+        out[on] = stats[0]
+    for k in ("loss", "clip_frac", "kept_tokens", "is_weight_mean", "kl_behav", "expert_sft_loss"):
+        assert out[True][k] == pytest.approx(out[False][k], rel=1e-5, abs=1e-7), k
+    call_all(group, set_cfg, "learner", length_buckets=True)

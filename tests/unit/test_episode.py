@@ -33,7 +33,7 @@ def engine():
 PROBLEMS = [("(23*4+5)*3-9", "282"), ("(8*7-4)*7", "364"), ("9*6*3-5", "157"), ("(4+5)*8*3", "216")]
 
 
-def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
+def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, timer=None, **kw):
     tok = engine.tokenizer
     probs = [PROBLEMS[i % len(PROBLEMS)] for i in range(n)]
     prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in probs]
@@ -41,7 +41,7 @@ def episodes(engine, accept_prob, n=64, expert=true_expert, seed=0, **kw):
                 max_new_tokens_per_turn=48, max_response_tokens=160, temperature=1.0)
     args.update(kw)
     return run_episodes(engine, tok, prompts, [a for _, a in probs], EpisodeSettings(**args), expert=expert,
-                        rng=random.Random(seed))
+                        rng=random.Random(seed), timer=timer)
 
 
 def test_masks_logprobs_and_replies(engine):
@@ -241,3 +241,50 @@ def test_bundled_expert_returns_answer_spans_and_logprobs():
             assert r.text[:a] == q + "=" and "".join(r.token_texts) == r.text[a:b] and b == len(r.text)
             assert len(r.token_logprobs) == b - a and all(-20 < x <= 0 for x in r.token_logprobs)
         assert e.answer_now(["47*3"]) == [e.answer_full(["47*3"])[0].text]
+
+
+def test_timer_records_generation_expert_and_reward_time_without_changing_episodes(engine):
+    import time
+
+    from eapo_ray.timing import Overlap
+
+    def slow_expert(queries):  # a plain function: the episodes' interleaving stays deterministic
+        time.sleep(0.05)
+        return true_expert(queries)
+
+    torch.manual_seed(1)
+    plain = episodes(engine, accept_prob=1.0, n=16, expert=slow_expert)
+    torch.manual_seed(1)
+    timer, t0 = Overlap(), time.perf_counter()
+    timed = episodes(engine, accept_prob=1.0, n=16, expert=slow_expert, timer=timer)
+    wall = time.perf_counter() - t0
+    assert [t.response_ids for t in timed] == [t.response_ids for t in plain]
+    assert [t.behav_logp for t in timed] == [t.behav_logp for t in plain]
+    assert any(t.accepted for t in timed)
+    assert timer.busy_s("expert") >= 0.05 and timer.busy_s("engine") > 0 and timer.busy_s("reward") > 0
+    assert timer.only_s("expert") <= timer.busy_s("expert") <= wall + 1e-6
+
+
+def test_pruning_finished_rows_changes_no_greedy_token_and_no_logprob(engine):
+    """The transformers engine drops finished sequences from its running batch (issue 13): greedy
+    outputs are those of the unpruned batch, and sampled tokens' recorded log-probs are the
+    teacher-forced ones either way."""
+    tok = engine.tokenizer
+    prompts = [tok(f"Q:{p}\nA:")["input_ids"] for p, _ in PROBLEMS] * 8
+    stop = [PROTO.consult_close, PROTO.answer_close]
+    out = {}
+    try:
+        for flag in (False, True):
+            engine.prune_finished = flag
+            out[flag] = engine.generate(prompts, [48] * len(prompts), 0.0, stop)
+            torch.manual_seed(3)
+            sampled = engine.generate(prompts, [48] * len(prompts), 1.0, stop)
+            for p, g in zip(prompts[:6], sampled[:6]):
+                ids = torch.tensor([p + g.tokens])
+                ref = token_logprobs(engine.model(input_ids=ids).logits, ids, 1.0)[0, len(p) - 1:]
+                assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+    finally:
+        engine.prune_finished = True
+    assert [g.tokens for g in out[True]] == [g.tokens for g in out[False]]
+    assert [g.finish for g in out[True]] == [g.finish for g in out[False]]
+    assert len({len(g.tokens) for g in out[True]}) > 1  # sequences did finish at different steps

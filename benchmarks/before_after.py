@@ -1,0 +1,74 @@
+"""The default demo before and after issue 13's optimisations, side by side in one run.
+
+    python benchmarks/before_after.py [--steps 10] [--repeats 1] [key=value ...]
+
+Runs `python -m eapo_ray.launch steps=N` (the embedded default: expert on, one rollout actor)
+twice per repeat, alternating:
+
+- before: `eval.overlap=false learner.length_buckets=false rollout.prune_finished=false` (the
+  loop waits for each evaluation, inside its clock; the learner trains on one padded batch; the
+  transformers engine runs every sequence until the batch's longest ends), i.e. the flow before
+  issue 13;
+- after: the defaults (evaluation beside training on the published weights, the final one
+  after the loop's clock; length-bucketed micro-batches with pi_old reused; finished sequences
+  dropped from the running batch).
+
+Prints samples/s of the training loop (generated samples / loop seconds, as the launcher's
+console line), held-out accuracy, and both breakdowns (benchmarks/breakdown.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false"]
+
+
+def run(name: str, extra: list[str], args, root: str) -> dict:
+    cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={args.steps}", f"seed={args.seed}",
+           f"run_root={root}", f"run_name={name}", *extra, *args.overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s = json.loads((Path(root) / name / "summary.json").read_text())
+    s["rate"] = s["generated_samples"] / s["loop_seconds"]
+    return s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/before_after.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="extra key=value launcher overrides (both)")
+    args = ap.parse_args(argv)
+    from breakdown import table
+
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    res = []
+    with tempfile.TemporaryDirectory() as root:
+        for i in range(args.repeats):
+            res.append((run(f"before{i}", BEFORE, args, root), run(f"after{i}", [], args, root)))
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"\ndefault demo, steps={args.steps} {' '.join(args.overrides)}")
+    print(f"{'repeat':>6s} {'before samples/s':>16s} {'after samples/s':>15s} {'after/before':>12s} "
+          f"{'held-out before':>15s} {'held-out after':>14s}")
+    for i, (b, a) in enumerate(res):
+        print(f"{i:6d} {b['rate']:16.1f} {a['rate']:15.1f} {a['rate'] / b['rate']:11.2f}x "
+              f"{b['heldout_accuracy_end']:15.3f} {a['heldout_accuracy_end']:14.3f}")
+    print("\nbreakdown (first repeat):")
+    print(table(list(res[0]), ["before", "after"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

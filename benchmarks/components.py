@@ -1,0 +1,109 @@
+"""Issue 13's two compute optimisations, each timed on/off alternately in one process (1 thread).
+
+    python benchmarks/components.py [--repeats 5] [--prompts 16] [--group 8]
+
+- generation: the transformers engine on one rollout batch of the bundled task (16 prompts x 8
+  samples, T=1, one turn, up to 64 new tokens), with `prune_finished` off (every sequence runs
+  until the batch's longest ends) and on (finished sequences leave the batch and its KV cache);
+- learner: forward + backward of the token log-prob loss on that batch, as one padded batch
+  and as length buckets (`algo.batching.split_by_length`, the learner's `learner.length_buckets`),
+  with the gradients compared.
+
+Alternating on/off per repeat keeps a shared machine's load drift out of the ratio. Prints
+seconds per call, padded vs real tokens, and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/components.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    args = ap.parse_args(argv)
+    import torch
+
+    from eapo_ray.algo.batching import collate, padded_tokens, split_by_length
+    from eapo_ray.algo.logprobs import token_logprobs
+    from eapo_ray.config import TINY_DIR, load_config
+    from eapo_ray.data import encode_prompt, train_examples
+    from eapo_ray.rollout.hf_engine import HFEngine
+
+    torch.set_num_threads(1)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    cfg = load_config(None, [])
+    engine = HFEngine(str(TINY_DIR / "policy"))
+    tok = engine.tokenizer
+    ex = train_examples(cfg)[:args.prompts]
+    prompts = [encode_prompt(tok, cfg.data, e.problem) for e in ex for _ in range(args.group)]
+    stop = [cfg.protocol.consult_close, cfg.protocol.answer_close]
+    n = len(prompts)
+    gen_t = {False: [], True: []}
+    gens = None
+    for rep in range(args.repeats):
+        for flag in (False, True):
+            engine.prune_finished = flag
+            torch.manual_seed(rep)
+            t0 = time.perf_counter()
+            g = engine.generate(prompts, [64] * n, 1.0, stop)
+            gen_t[flag].append(time.perf_counter() - t0)
+            gens = gens or g
+    lens = [len(x.tokens) for x in gens]
+    print(f"\ngeneration: {n} samples, new tokens mean {sum(lens) / n:.1f}, max {max(lens)}")
+    for flag in (False, True):
+        print(f"  prune_finished={flag!s:5}  median {sorted(gen_t[flag])[len(gen_t[flag]) // 2]:.3f} s/batch")
+    ratios = sorted(a / b for a, b in zip(gen_t[False], gen_t[True]))
+    print(f"  off/on per repeat: {' '.join(f'{r:.2f}' for r in ratios)}  median {ratios[len(ratios) // 2]:.2f}x")
+
+    batch = {"input_ids": [p + g.tokens for p, g in zip(prompts, gens)], "prompt_len": [len(p) for p in prompts],
+             "policy_mask": [[1] * len(g.tokens) for g in gens], "expert_mask": [[0] * len(g.tokens) for g in gens],
+             "behav_logp": [g.logprobs for g in gens], "advantage": [((i % 3) - 1.0) for i in range(n)],
+             "version": [0] * n}
+    model = engine.model.train()
+    pad = tok.pad_token_id or 0
+    buckets = split_by_length(batch)
+    real = sum(len(x) for x in batch["input_ids"])
+    print(f"\nlearner forward+backward: {n} samples, {real} real tokens; padded: one batch "
+          f"{padded_tokens(batch)}, {len(buckets)} length buckets {sum(map(padded_tokens, buckets))}")
+    total_mask = sum(sum(m) for m in batch["policy_mask"])
+
+    def fwd_bwd(parts):
+        model.zero_grad(set_to_none=True)
+        for p in parts:
+            b = collate(p, pad)
+            logp = token_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                  b["input_ids"], 1.0)
+            loss = -(logp * b["policy_mask"] * b["advantage"][:, None]).sum() / total_mask
+            loss.backward()
+        return {k: v.grad.clone() for k, v in model.named_parameters()}
+
+    learn_t = {False: [], True: []}
+    grads = {}
+    for rep in range(args.repeats):
+        for flag in (False, True):
+            t0 = time.perf_counter()
+            grads[flag] = fwd_bwd(buckets if flag else [batch])
+            learn_t[flag].append(time.perf_counter() - t0)
+    diff = max(float((grads[True][k] - grads[False][k]).abs().max()) for k in grads[True])
+    scale = max(float(grads[False][k].abs().max()) for k in grads[False])
+    for flag in (False, True):
+        print(f"  length_buckets={flag!s:5}  median {sorted(learn_t[flag])[len(learn_t[flag]) // 2]:.3f} s/step")
+    ratios = sorted(a / b for a, b in zip(learn_t[False], learn_t[True]))
+    print(f"  off/on per repeat: {' '.join(f'{r:.2f}' for r in ratios)}  median {ratios[len(ratios) // 2]:.2f}x")
+    print(f"  gradients: max |difference| {diff:.2e} (max |grad| {scale:.2e})")
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The per-step time breakdown's bookkeeping (issue 13): fake clocks, no Ray."""
+import pytest
+
+from eapo_ray.config import ConfigError, load_config
+from eapo_ray.launch import Breakdown, PendingRows
+from eapo_ray.timing import Overlap, fraction
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_overlap_splits_wall_time_by_what_is_in_flight():
+    c = FakeClock()
+    o = Overlap(clock=c)
+    c.t = 1.0  # 1 s idle
+    o.enter("engine")
+    c.t = 3.0  # 2 s engine only
+    o.enter("expert")
+    o.enter("expert")  # two queries in flight count once
+    c.t = 4.0  # 1 s both
+    o.exit("engine")
+    c.t = 6.5  # 2.5 s expert only: the batch blocked on the expert
+    o.exit("expert")
+    o.exit("expert")
+    with o.busy("reward"):
+        c.t = 7.0
+    assert o.idle_s() == pytest.approx(1.0)
+    assert o.busy_s("engine") == pytest.approx(3.0)
+    assert o.busy_s("expert") == pytest.approx(3.5)
+    assert o.only_s("expert") == pytest.approx(2.5)
+    assert o.busy_s("reward") == pytest.approx(0.5)
+    assert o.total_s() == pytest.approx(7.0)
+    assert fraction(3, 2) == 1.0 and fraction(1, 0) == 0.0 and fraction(1, 4) == 0.25
+
+
+def test_pending_rows_are_written_in_step_order_with_their_own_evaluation():
+    written, done = [], set()
+    rows = PendingRows(lambda step, row: written.append((step, dict(row))), "t",
+                       ready=lambda ref: ref in done, get=lambda ref: {"accuracy": ref / 10})
+    rows.add(1, {"a": 1})
+    rows.flush()
+    rows.add(2, {"a": 2}, ref=2)  # evaluation of step 2's weights, still running
+    rows.add(3, {"a": 3})
+    rows.flush()
+    assert [s for s, _ in written] == [1]  # step 3 waits behind step 2
+    done.add(2)
+    rows.add(4, {"a": 4}, ref=4)
+    rows.flush()
+    assert [s for s, _ in written] == [1, 2, 3]
+    assert written[1][1]["heldout_accuracy"] == 0.2 and "heldout_accuracy" not in written[2][1]
+    rows.flush(wait=True)
+    assert written[-1] == (4, {"a": 4, "heldout_accuracy": 0.4}) and rows.last == {"accuracy": 0.4}
+
+
+def test_breakdown_sums_steps_and_idle_fractions():
+    bd = Breakdown(num_actors=2)
+    bd.rollout({"produce_s": 3.0, "engine_s": 2.0})
+    bd.rollout({"produce_s": 1.0, "engine_s": 1.0})
+    bd.step({"wait_data_s": 1.0, "train_call_s": 2.0}, {"train_seconds": 1.5, "forward_s": 0.5}, 4.0)
+    assert bd.last["driver_overhead_s"] == pytest.approx(1.0)
+    bd.loop_seconds = 4.0
+    s = bd.summary()
+    assert s["learner_idle_frac"] == pytest.approx(1 - 1.5 / 4) and s["rollout_idle_frac"] == pytest.approx(0.5)
+    assert s["rollout_per_batch"]["engine_s"] == pytest.approx(1.5) and s["driver_per_step"]["step_s"] == 4.0
+
+
+def test_latency_knob_and_eval_overlap_are_validated():
+    cfg = load_config(None, ["expert.added_latency_s=0.2", "eval.overlap=false", "rollout.prune_finished=false",
+                             "learner.length_buckets=false"])
+    assert cfg.expert.added_latency_s == 0.2 and cfg.eval.overlap is False
+    assert cfg.rollout.prune_finished is False and cfg.learner.length_buckets is False
+    for bad in ("rollout.prune_finished=maybe", "learner.length_buckets=2"):
+        with pytest.raises(ConfigError):
+            load_config(None, [bad])
+    assert load_config(None, []).expert.added_latency_s == 0.0 and load_config(None, []).eval.overlap is True
+    for bad in ("expert.added_latency_s=-1", "expert.added_latency_s=10"):  # timeout_s is 10
+        with pytest.raises(ConfigError, match=r"expert\.added_latency_s"):
+            load_config(None, [bad])
