@@ -50,8 +50,11 @@ class Expert:
                 answer, texts, lps = answer[::-1], texts[::-1], (lps[::-1] if lps is not None else None)
             if "".join(texts).strip() != answer or lps is None:  # tokens do not add up to the answer: no log-probs
                 texts, lps = None, None
-            head = self.cfg.reply_template.split("{answer}")[0].replace("{query}", q)
-            text = self.cfg.reply_template.replace("{query}", q).replace("{answer}", answer)
+            # the template split once at its (validated) {answer}: a query that itself contains
+            # "{answer}" is copied as is, and the span marks the expert's answer exactly
+            before, _, after = self.cfg.reply_template.partition("{answer}")
+            head = before.replace("{query}", q)
+            text = head + answer + after.replace("{query}", q)
             out.append(ExpertReply(text, len(head), len(head) + len(answer), texts, lps))
         return out
 

@@ -36,6 +36,8 @@ class System:
     rollbacks: list = field(default_factory=list)  # the version each rebuild went back to, in order
     pending: deque = field(default_factory=deque)  # finished batches the buffer had no room for yet
     breakdown: object = None  # train_loop's Breakdown (where the loop's time went)
+    heldout_end_step: int | None = None  # the step of the last held-out evaluation that came back
+    final_eval_error: str | None = None  # the final step's evaluation failed (the run then exits 1)
 
     def teardown(self) -> None:
         """Stop everything that was started, each part on its own (one failing does not keep
@@ -238,6 +240,11 @@ def run(cfg: RunConfig) -> Path:
         print(f"[eapo] accounting: produced {b['produced']} batches ({n['produced']} samples) = {terms}"
               f"{'' if a['closes'] else '  DOES NOT CLOSE'}", flush=True)
         accounting.check(a)
+        if s.final_eval_error:  # never let an older evaluation pass for the run's final accuracy
+            raise EvaluationFailed(
+                f"the final held-out evaluation (step {state.version}) failed ({s.final_eval_error}); summary.json's "
+                f"heldout_end is from step {s.heldout_end_step}. The trained model is saved: evaluate it with "
+                f"python -m eapo_ray.evaluate --checkpoint {run_dir / 'final'}")
         s.metrics.close()
         s.metrics = None
         from eapo_ray.tools.plot import plot_run
@@ -332,6 +339,13 @@ class PendingRows:
         self.get = get or ray.get
         self.rows: deque = deque()  # (step, row, eval ObjectRef or None)
         self.last: dict | None = None  # the newest evaluation written
+        self.last_step: int | None = None  # the step it evaluated
+        self.failed: dict[int, str] = {}  # step -> the error of its evaluation
+
+    @property
+    def evaluating(self) -> bool:
+        """An evaluation is still out (its row not yet written)."""
+        return any(ref is not None for _, _, ref in self.rows)
 
     def add(self, step: int, row: dict, ref=None) -> None:
         self.rows.append((step, row, ref))
@@ -353,13 +367,16 @@ class PendingRows:
                 try:
                     ev = self.get(ref)
                 except ray.exceptions.RayError as e:  # e.g. its weights' owner (a learner) died meanwhile
-                    row["heldout_error"] = f"{type(e).__name__}"
+                    row["heldout_error"] = self.failed[step] = f"{type(e).__name__}"
+                    print(f"[eapo] warning: the held-out evaluation of step {step} failed ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); its row has no accuracy",
+                          file=sys.stderr, flush=True)
                     ev = None
                 waited += time.time() - t
                 if ev is not None:
                     row.update({f"heldout_{k}": v for k, v in ev.items()}, heldout_accuracy=ev["accuracy"])
                     metrics.heldout(self.run_name, ev["accuracy"])
-                    self.last = ev
+                    self.last, self.last_step = ev, step
             self.log(step, row)
             self.rows.popleft()
         return waited
@@ -444,11 +461,13 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         if state.last_rollout:  # the newest finished rollout batch
             row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
                        acceptance_prob=state.last_rollout["acceptance_prob"])
+        if eval_due and rows.evaluating:  # at most one evaluation out: each holds a copy of the weights
+            tm["eval_s"] = rows.flush(wait=True)
         ref = s.evaluator.evaluate.remote(weights) if eval_due else None
         if ref is not None and not cfg.eval.overlap:  # wait here (eval.overlap: the evaluator runs beside training)
             t = time.time()
             ray.wait([ref], num_returns=1, timeout=None)
-            tm["eval_s"] = time.time() - t
+            tm["eval_s"] += time.time() - t
         bd.step(tm, stats, time.time() - t_step)
         row.update({f"time_{k}": v for k, v in bd.last.items()}, **bd.idle(time.time() - t_loop))
         rows.add(state.version, row, ref)
@@ -465,6 +484,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
                 rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)
     bd.loop_seconds = time.time() - t_loop
     bd.final_eval_s = rows.flush(wait=True)  # the last evaluation, outside the training loop's clock
+    s.heldout_end_step = rows.last_step
+    s.final_eval_error = rows.failed.get(state.version)  # run() raises it once the model and summary are saved
     return rows.last or ev
 
 
@@ -518,6 +539,10 @@ class Breakdown:
 
 
 class LearnerFailed(RuntimeError):
+    pass
+
+
+class EvaluationFailed(RuntimeError):
     pass
 
 
@@ -605,7 +630,8 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
                   wall_seconds: float, loop_seconds: float) -> dict:
     summary = {
         "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev["accuracy"],
-        "heldout_start": ev0, "heldout_end": ev, "steps": state.version, "samples": state.samples,
+        "heldout_start": ev0, "heldout_end": ev, "heldout_end_step": s.heldout_end_step,
+        "heldout_end_error": s.final_eval_error, "steps": state.version, "samples": state.samples,
         "generated_samples": state.generated, "wall_seconds": wall_seconds, "loop_seconds": loop_seconds,
         "consult_rate_start": (state.first_rollout or {}).get("consult_rate", 0.0),
         "consult_rate_end": (state.last_rollout or {}).get("consult_rate", 0.0),
@@ -660,7 +686,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError, LearnerFailed, PlacementError) as e:
+    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -92,6 +92,12 @@ def ds_config(cfg: RunConfig) -> dict:
     }
 
 
+def _luffy_mask(b: dict) -> torch.Tensor:
+    """The LUFFY channel's tokens: the expert-answer tokens of samples the overlong filter kept
+    (it zeroes a filtered sample's policy mask); its normaliser counts exactly these."""
+    return b["expert_mask"] * (b["policy_mask"].sum(dim=1, keepdim=True) > 0).to(b["expert_mask"].dtype)
+
+
 class StepStats:
     """Loss statistics of one train step, summed over micro-batches (weighted by their token
     counts), then over ranks: the same numbers on every rank."""
@@ -200,22 +206,24 @@ class Learner:
         exactly these weights (`logp_gap_*`: engine vs learner numerics, ~0 when they agree)."""
         c, shares, gap, on_gap = self.cfg, [], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]  # sum, count, max
         for mb, old in zip(micro, olds):
-            pol = sft = 0.0
+            pol = sft = luffy = 0.0
             for b, o in zip(mb, old):
                 if b is None:
                     continue
                 pol += float(normaliser(kept_mask(o, b["behav_logp"], b["policy_mask"], c.loss), c.loss.agg,
                                         c.rollout.max_response_tokens))
                 sft += float(b["expert_mask"].sum())
+                luffy += float(_luffy_mask(b).sum())
                 log_w, finite = log_importance(o, b["behav_logp"])
                 on = (b["policy_mask"] > 0) & finite
                 gap = _add_gap(gap, log_w, on)
                 on_gap = _add_gap(on_gap, log_w, on & (b["version"] == self.version)[:, None])
-            shares += [pol, sft]
+            shares += [pol, sft, luffy]
         *shares, gsum, gcount, osum, ocount = self._all_reduce(shares + gap[:2] + on_gap[:2])
         gmax, omax = self._all_reduce([gap[2], on_gap[2]], ReduceOp.MAX)
-        norms = [{"policy": max(p, 1.0) / self.world_size, "sft": max(e, 1.0) / self.world_size}
-                 for p, e in zip(shares[0::2], shares[1::2])]
+        norms = [{"policy": max(p, 1.0) / self.world_size, "sft": max(e, 1.0) / self.world_size,
+                  "luffy": max(f, 1.0) / self.world_size}
+                 for p, e, f in zip(shares[0::3], shares[1::3], shares[2::3])]
         return norms, {"behav_gap_mean": gsum / gcount if gcount else 0.0, "behav_gap_max": gmax,
                        "logp_gap_mean": osum / ocount if ocount else 0.0, "logp_gap_max": omax,
                        "logp_gap_tokens": ocount}
@@ -235,9 +243,8 @@ class Learner:
             loss = loss + sft_loss(logp, b["expert_mask"], denom=norm["sft"], weight=w)
             sft = sft_loss(logp.detach(), b["expert_mask"], denom=norm["sft"])  # the unweighted NLL, logged
         if c.algo.expert_token_channel == "luffy":
-            # off-policy expert tokens of samples the overlong filter kept (it zeroes their policy mask)
-            on = b["expert_mask"] * (b["policy_mask"].sum(dim=1, keepdim=True) > 0).to(b["expert_mask"].dtype)
-            lf, lst = luffy_loss(logp, b["expert_logp"], b["advantage"], on, c.algo.luffy_gamma, denom=norm["sft"])
+            lf, lst = luffy_loss(logp, b["expert_logp"], b["advantage"], _luffy_mask(b), c.algo.luffy_gamma,
+                                 denom=norm["luffy"])
             loss = loss + c.algo.luffy_coef * lf
             st = {**st, "luffy_loss": float(lf.detach()), **lst}
         acc.add(st, loss.item(), None if sft is None else sft.item())

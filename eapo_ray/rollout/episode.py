@@ -6,6 +6,7 @@ budget; then score. Episodes are coroutines, so a batch runs with every episode 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import math
@@ -177,10 +178,16 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         t.extend(ids, expert_mask=mask, expert_logp=elogp)
     # Only the policy's final turn is scored: an answer tag inside an expert reply (or in an
     # earlier turn) must never earn the reward.
-    with timer.busy("reward"):  # in a thread: a grade sent to the process pool does not stall the other episodes
-        r = await asyncio.to_thread(score, final_text, t.gold, s.reward, proto)
+    # On the one grading thread: a grade sent to the process pool does not stall the other
+    # episodes, and grades run one at a time as before, so a grade's timeout covers that grade
+    # only (concurrent grades queued on the one-process pool would time out together).
+    with timer.busy("reward"):
+        r = await asyncio.get_running_loop().run_in_executor(_GRADER_THREAD, score, final_text, t.gold, s.reward, proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
+
+
+_GRADER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eapo-grade")
 
 
 class _NoTimer:

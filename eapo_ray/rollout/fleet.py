@@ -75,7 +75,10 @@ class RolloutFleet:
         finishes in time); failures are counted and may retire an actor or raise."""
         self._check_recovering()
         if not self.inflight:  # nothing to wait for but backoffs and restarts: sleep until the first ends
-            waits = [t - time.time() for i, t in enumerate(self.not_before) if i not in self.retired]
+            # (an actor waiting for its restart is not counted: its wait is the 1 s ping cadence, not
+            # its not_before, which would make this sleep 0 and spin the driver until it is back)
+            waits = [t - time.time() for i, t in enumerate(self.not_before)
+                     if i not in self.retired and i not in self.recovering]
             time.sleep(max(0.0, min([timeout_s, 1.0 if self.recovering else timeout_s] + waits)))
             self._check_recovering()
             return []

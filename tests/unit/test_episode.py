@@ -241,6 +241,8 @@ def test_bundled_expert_returns_answer_spans_and_logprobs():
             assert r.text[:a] == q + "=" and "".join(r.token_texts) == r.text[a:b] and b == len(r.text)
             assert len(r.token_logprobs) == b - a and all(-20 < x <= 0 for x in r.token_logprobs)
         assert e.answer_now(["47*3"]) == [e.answer_full(["47*3"])[0].text]
+        odd = e.answer_full(["{answer}*3"])[0]  # a query holding the template's own placeholder is copied as is
+        assert odd.text.startswith("{answer}*3=") and odd.span[0] == len("{answer}*3=") and odd.span[1] == len(odd.text)
 
 
 def test_timer_records_generation_expert_and_reward_time_without_changing_episodes(engine):
@@ -288,3 +290,30 @@ def test_pruning_finished_rows_changes_no_greedy_token_and_no_logprob(engine):
     assert [g.tokens for g in out[True]] == [g.tokens for g in out[False]]
     assert [g.finish for g in out[True]] == [g.finish for g in out[False]]
     assert len({len(g.tokens) for g in out[True]}) > 1  # sequences did finish at different steps
+
+
+def test_grades_run_one_at_a_time_on_the_grading_thread(engine, monkeypatch):
+    """Cold review: grading moved to asyncio.to_thread, so up to 32 grades ran at once against
+    math-verify's one-process pool, where a grade's timeout also counted its wait in the queue
+    and one slow grade zeroed every grade queued behind it. Grades run off the event loop but
+    one at a time (old code: 16 concurrent)."""
+    import threading
+    import time
+
+    import eapo_ray.rollout.episode as E
+
+    lock, now, peak = threading.Lock(), [0], [0]
+    real = E.score
+
+    def counting_score(*a, **k):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.02)
+        with lock:
+            now[0] -= 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "score", counting_score)
+    trajs = episodes(engine, accept_prob=0.0, n=16)
+    assert len(trajs) == 16 and peak[0] == 1

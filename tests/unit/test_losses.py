@@ -221,7 +221,7 @@ def test_learner_anneals_sft_with_each_samples_behaviour_rho_and_adds_luffy_term
         lr.cfg = load_config(None, ["acceptance.kind=linear", "acceptance.total_steps=30"] + overrides)
         lr.version = 100  # rho(100) = 0 under the schedule
         acc = StepStats(sft=lr.cfg.algo.expert_sft_coef > 0, luffy=lr.cfg.algo.expert_token_channel == "luffy")
-        return lr._loss(b, logp, logp.detach(), {"policy": 2.0, "sft": 3.0}, acc), acc
+        return lr._loss(b, logp, logp.detach(), {"policy": 2.0, "sft": 3.0, "luffy": 3.0}, acc), acc
 
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(2, 4, generator=g) - 0.1
@@ -238,6 +238,26 @@ def test_learner_anneals_sft_with_each_samples_behaviour_rho_and_adds_luffy_term
     lf, _ = luffy_loss(logp, b["expert_logp"], b["advantage"], b["expert_mask"], 0.1, denom=3.0)
     assert (luffy - base).item() == pytest.approx(0.5 * lf.item(), rel=1e-5)
     assert acc.sums["luffy_tokens"] == 3
+
+
+def test_luffy_normaliser_counts_only_the_tokens_luffy_trains():
+    """The LUFFY term is a token-mean over the expert tokens it trains: those of samples the
+    overlong filter kept. A filtered sample (policy mask all 0) keeps its expert tokens in the
+    SFT count but not in LUFFY's (cold review: the old code divided LUFFY's sum by the SFT count,
+    shrinking the term by the share of expert tokens in filtered samples)."""
+    from eapo_ray.config import load_config
+    from eapo_ray.learner import Learner
+
+    lr = object.__new__(Learner)
+    lr.cfg = load_config(None, ["algo.expert_token_channel=luffy"])
+    lr.world_size, lr.version = 1, 0
+    lr._all_reduce = lambda xs, op=None: list(xs)
+    logp = -torch.rand(2, 4, generator=torch.Generator().manual_seed(0)) - 0.1
+    b = {"behav_logp": logp.clone(), "version": torch.tensor([0, 0]),
+         "policy_mask": torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 0]]),  # sample 1: overlong, filtered
+         "expert_mask": torch.tensor([[0.0, 1, 1, 0], [0, 1, 1, 1]])}
+    norms, _ = lr._normalisers([[b]], [[logp]])
+    assert norms[0]["sft"] == 5.0 and norms[0]["luffy"] == 2.0
 
 
 def test_expert_token_channel_config():

@@ -57,6 +57,30 @@ def test_pending_rows_are_written_in_step_order_with_their_own_evaluation():
     assert written[-1] == (4, {"a": 4, "heldout_accuracy": 0.4}) and rows.last == {"accuracy": 0.4}
 
 
+def test_a_failed_evaluation_is_said_and_recorded_not_replaced_by_an_older_one(capsys):
+    """Cold review: a failed evaluation (e.g. a dead evaluator) was only a field in its row, and
+    the run then reported an older evaluation as its final accuracy. Now it is printed, recorded
+    per step (run() exits 1 when the final step's failed), and `last_step` says which step the
+    last good evaluation was of."""
+    import ray
+
+    def get(ref):
+        if ref == 2:
+            raise ray.exceptions.RayActorError()
+        return {"accuracy": ref / 10}
+
+    written = []
+    rows = PendingRows(lambda step, row: written.append((step, dict(row))), "t", ready=lambda ref: True, get=get)
+    rows.add(1, {}, ref=1)
+    assert rows.evaluating
+    rows.add(2, {}, ref=2)
+    rows.flush()
+    assert not rows.evaluating
+    assert rows.failed == {2: "RayActorError"} and rows.last == {"accuracy": 0.1} and rows.last_step == 1
+    assert written[1][1]["heldout_error"] == "RayActorError" and "heldout_accuracy" not in written[1][1]
+    assert "held-out evaluation of step 2 failed" in capsys.readouterr().err
+
+
 def test_breakdown_sums_steps_and_idle_fractions():
     bd = Breakdown(num_actors=2)
     bd.rollout({"produce_s": 3.0, "engine_s": 2.0})
