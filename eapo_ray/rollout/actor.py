@@ -52,7 +52,7 @@ class ServeExpert:
         self.failures = 0
         self.run, self.actor, self.inflight = run, actor, 0  # metric tags; queries in flight
 
-    async def __call__(self, queries: list[str]) -> list[str | None]:
+    async def __call__(self, queries: list[str]) -> list:  # ExpertReply (or a plain str) per query, None if unavailable
         from eapo_ray import metrics
 
         async def one(response):

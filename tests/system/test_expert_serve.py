@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from eapo_ray.algo.protocol import reply_text
 from eapo_ray.config import TINY_DIR, ExpertConfig
 from eapo_ray.expert import expert_app
 from eapo_ray.rollout.actor import ServeExpert
@@ -30,7 +31,8 @@ def test_expert_answers_sub_questions(serve_app):
     qs = [f"{rng.randint(10, 110)}*{rng.randint(2, 9)}" for _ in range(20)]
     qs += [f"{rng.randint(100, 990)}+{rng.randint(1, 9)}" for _ in range(20)]
     ask = ServeExpert(serve_app, timeout_s=60)
-    replies = asyncio.run(ask(qs))  # 40 queries in flight at once; the bare answers (reply_template "{answer}")
+    # 40 queries in flight at once; the bare answers (reply_template "{answer}"), as ExpertReply
+    replies = [reply_text(r) for r in asyncio.run(ask(qs))]
     assert ask.failures == 0
     assert sum(r == str(eval(q)) for q, r in zip(qs, replies)) >= 36  # the bundled expert is ~99% exact
 
@@ -49,11 +51,11 @@ def test_autoscaling_config_comes_from_config(serve_app):
 
 def test_timeout_gives_none_and_the_expert_recovers(serve_app):
     slow = ServeExpert(serve_app, timeout_s=1e-3)
-    replies = asyncio.run(slow(["12*7"] * 64))
+    replies = [reply_text(r) for r in asyncio.run(slow(["12*7"] * 64))]
     assert None in replies and slow.failures == replies.count(None)  # late replies are dropped, counted
     assert set(replies) <= {None, "84"}
     ok = ServeExpert(serve_app, timeout_s=60)
-    assert asyncio.run(ok(["12*7"])) == ["84"]  # the deployment is still healthy afterwards
+    assert [reply_text(r) for r in asyncio.run(ok(["12*7"]))] == ["84"]  # the deployment is still healthy afterwards
 
 
 def _replicas(app: str) -> dict:
