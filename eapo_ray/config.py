@@ -196,6 +196,7 @@ class LearnerConfig:
 class EvalConfig:
     every: int = 10  # steps between held-out evaluations (0: only at start and end)
     engine: Engine = "hf"  # the evaluator's own policy copy: "hf" or "vllm" (uses rollout.vllm)
+    num_cpus: float = 0.5  # the evaluator actor's CPUs (was rollout.num_cpus; the same default)
     num_gpus: float = 0.0  # the evaluator actor's GPUs (a vLLM evaluator on GPUs needs one)
     temperature: float = 0.0  # 0 = greedy
     max_turns: int = 1
@@ -360,6 +361,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "must be >= 1"),
         (cfg.rollout.group_size >= 2, "rollout.group_size", "must be >= 2 (group advantages need a group)"),
         (cfg.rollout.prompts_per_batch >= 1, "rollout.prompts_per_batch", "must be >= 1"),
+        (cfg.eval.num_cpus >= 0, "eval.num_cpus", "must be >= 0"),
         (not (cfg.eval.engine == "vllm" and cfg.rollout.num_gpus > 0 and cfg.eval.num_gpus <= 0), "eval.num_gpus",
          "must be > 0 with eval.engine: vllm on GPUs (the evaluator's vLLM engine needs a GPU)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),

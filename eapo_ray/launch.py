@@ -138,7 +138,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     resolve_models(cfg)  # model names (e.g. smollm2-135m) -> directories, built on first use
     r, lc, ec = cfg.rollout, cfg.learner, cfg.expert
     s.run_name = run_name
-    required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + r.num_cpus
+    required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + cfg.eval.num_cpus
     url = init_ray(cfg, required)
     print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
     # where tools find this run's cluster (python -m eapo_ray.expert scale --run-dir ...)
@@ -165,7 +165,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
                                              # a restarted engine cannot rejoin the NCCL weight group
                                              max_restarts=0 if r.weight_sync == "nccl" else 3)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
-    s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=r.num_cpus,
+    s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=cfg.eval.num_cpus,
                                                 num_gpus=cfg.eval.num_gpus,
                                                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
                                                 ).remote(cfg)

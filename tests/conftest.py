@@ -11,6 +11,8 @@ def ray_local():
     """A private local Ray cluster for one test module (never a stray one on the machine)."""
     import ray
 
+    if ray.is_initialized():  # a stray connection (e.g. a library thread's auto-init) must not fail this module
+        ray.shutdown()
     for attempt in range(2):  # a loaded machine can miss Ray's start-up deadline once
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

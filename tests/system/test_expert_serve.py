@@ -67,49 +67,53 @@ def _replicas(app: str) -> dict:
 
 def test_serve_autoscales_the_expert_1_to_2_and_back_under_load(ray_local):
     """Ray Serve's own autoscaler on the expert app, configured from ExpertConfig: concurrent
-    queries through a DeploymentHandle take it from 1 to 2 RUNNING replicas; once they stop, it
-    goes back to 1 (short delays and look-back window so the test sees both within a minute)."""
-    import threading
+    queries through DeploymentHandles (12 clients in Ray tasks) take it from 1 to 2 RUNNING
+    replicas; once they stop, it goes back to 1 (short delays and look-back window so the test
+    sees both within a minute)."""
     import time
 
     from ray import serve
+
+    ray = ray_local
+
+    def load(app: str) -> int:
+        """One client, in a Ray task: a query at a time, as fast as the replica answers, until
+        cancelled. (The handles live in Ray workers: a DeploymentHandle made in the pytest process
+        keeps a metrics thread that outlives Ray's shutdown; in a CI run it started a stray Ray
+        cluster that broke the next test module's ray.init. Defined here so it pickles by value.)"""
+        from ray import serve as _serve
+
+        handle, n = _serve.get_app_handle(app), 0
+        while True:
+            handle.remote("12*7").result(timeout_s=30)
+            n += 1
 
     serve.start(proxy_location="Disabled")
     cfg = ExpertConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
                        downscale_delay_s=2.0, look_back_period_s=15.0, reply_template="{answer}")
     app = "autoscale-expert"
     serve.run(expert_app(str(TINY_DIR / "expert"), cfg), name=app, route_prefix=None)
-    stop, seen, errors = threading.Event(), [], []
-
-    def load():  # one client: a query at a time, as fast as the replica answers
-        handle = serve.get_app_handle(app)
-        while not stop.is_set():
-            try:
-                handle.remote("12*7").result(timeout_s=30)
-            except Exception as e:  # noqa: BLE001 -- reported below
-                errors.append(repr(e))
-                return
-
-    clients = [threading.Thread(target=load, daemon=True) for _ in range(12)]
+    seen, clients = [], []
     t0 = time.time()
     try:
         assert _replicas(app) == {"RUNNING": 1}
-        for c in clients:
-            c.start()
+        clients = [ray.remote(num_cpus=0, max_retries=0)(load).remote(app) for _ in range(12)]
         while (n := _replicas(app)).get("RUNNING", 0) < 2:
             seen.append(n)
-            assert not errors, errors
+            done, _ = ray.wait(clients, timeout=0)
+            if done:  # a client stopped: its error says why
+                ray.get(done[0])
             assert time.time() - t0 < 60, f"no second replica within 60 s under load: {seen[-5:]}"
             time.sleep(0.5)
         t_up = time.time() - t0
-        stop.set()
         for c in clients:
-            c.join(timeout=35)
+            ray.cancel(c, force=True)
         t1 = time.time()
         while (n := _replicas(app)) != {"RUNNING": 1}:
             assert time.time() - t1 < 60, f"not back to 1 replica within 60 s without load: {n}"
             time.sleep(0.5)
         print(f"autoscaling: 1 -> 2 replicas {t_up:.1f}s after load began, 2 -> 1 {time.time() - t1:.1f}s after it stopped")
     finally:
-        stop.set()
+        for c in clients:
+            ray.cancel(c, force=True)
         serve.delete(app)

@@ -315,7 +315,9 @@ def _ray_titles(root: psutil.Process) -> list[str]:
 def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
     """Two raylets on this machine (ray.cluster_utils.Cluster); the launch joins the cluster
     (RAY_ADDRESS). rollout.node_resource=rollout and one unit of it per node put one rollout
-    actor on each node (the second node has no CPUs: nothing else of the run can land there).
+    actor on each node (the second node has no CPUs: nothing else of the run can land there; the
+    evaluator keeps eval.num_cpus 0.5 while the rollout actors take 0 CPUs: a CI run once found a
+    0-CPU evaluator there, whose soft preference for the driver's node does not bind).
     After step 2 the second node is killed (every process of it, SIGKILL): its actor's call
     fails, its restart can never be placed, so the fleet retires it after
     rollout.restart_timeout_s and the run finishes its steps on the first node, nothing lost."""

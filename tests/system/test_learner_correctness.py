@@ -112,10 +112,15 @@ def make_batch(seed: int, lengths=((5, 7), (4, 12), (6, 3)), inf_token: bool = F
     return b
 
 
-def reference_grads(model_dir: str, batch: dict, cfg) -> dict:
+def reference_grads(model_dir: str, batch: dict, cfg, weights: dict | None = None) -> dict:
     """The whole batch in one process, full logits, the aggregation's own normaliser (Dr. GRPO:
-    sequences x max_response_tokens): what every learner layout must reproduce."""
+    sequences x max_response_tokens): what every learner layout must reproduce. `weights`: the
+    learners' current parameters (when earlier steps moved them from the checkpoint's)."""
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if weights is not None:
+        missing = set(dict(lm.named_parameters())) - set(weights)
+        assert not missing, missing
+        lm.load_state_dict(weights, strict=False)
     b = collate(batch, AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0)
     logp = token_logprobs(lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"],
                           cfg.rollout.temperature)
@@ -355,7 +360,9 @@ def test_length_buckets_reuse_pi_old_and_give_the_whole_batch_gradient(zero0):
     cfg, group = zero0
     lengths = [(3 + i % 5, 2 + (7 * i) % 40) for i in range(24)]
     batch = make_batch(6, lengths=lengths)
-    ref = reference_grads(POLICY, batch, cfg)
+    # the reference at the learners' current weights: an earlier test in this module took real steps
+    weights = call_all(group, lambda self: {n: p.detach().clone() for n, p in self.engine.module.named_parameters()})[0]
+    ref = reference_grads(POLICY, batch, cfg, weights)
     out = {}
     for on in (False, True):
         call_all(group, set_cfg, "learner", length_buckets=on)
