@@ -25,10 +25,8 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 def run(overlap: bool, latency: float, args, root: str) -> dict:
     name = f"L{latency:g}-{'async' if overlap else 'sync'}"
-    cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={args.steps}", f"seed={args.seed}",
-           f"rollout.num_actors={args.actors}", f"rollout.overlap={str(overlap).lower()}",
-           f"expert.added_latency_s={latency}", "acceptance.kind=constant", "acceptance.start=1.0",
-           "rollout.turn_budget_steps=0", "eval.every=0", f"data.num_heldout={args.heldout}",
-           f"buffer.capacity={args.capacity}", f"run_root={root}", f"run_name={name}", *args.overrides]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    s = json.loads((Path(root) / name / "summary.json").read_text())
+    from breakdown import launch
+
+    s = launch(root, name, [
+        f"steps={args.steps}", f"seed={args.seed}",
+        f"rollout.num_actors={args.actors}", f"rollout.overlap={str(overlap).lower()}",
+        f"expert.added_latency_s={latency}", "acceptance.kind=constant", "acceptance.start=1.0",
+        "rollout.turn_budget_steps=0", "eval.every=0", f"data.num_heldout={args.heldout}",
+        f"buffer.capacity={args.capacity}", *args.overrides])
     rows = [json.loads(x) for x in (Path(root) / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
     s["staleness_hist"] = dict(sorted(collections.Counter(r["staleness"] for r in rows if "staleness" in r).items()))
-    s["rate"] = s["generated_samples"] / s["loop_seconds"]
     return s
 
 

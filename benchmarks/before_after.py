@@ -19,12 +19,9 @@ console line), held-out accuracy, and both breakdowns (benchmarks/breakdown.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +30,9 @@ BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "rollout.prune_f
 
 
 def run(name: str, extra: list[str], args, root: str) -> dict:
-    cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={args.steps}", f"seed={args.seed}",
-           f"run_root={root}", f"run_name={name}", *extra, *args.overrides]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    s = json.loads((Path(root) / name / "summary.json").read_text())
-    s["rate"] = s["generated_samples"] / s["loop_seconds"]
-    return s
+    from breakdown import launch
+
+    return launch(root, name, [f"steps={args.steps}", f"seed={args.seed}", *extra, *args.overrides])
 
 
 def main(argv=None) -> int:

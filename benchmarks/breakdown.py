@@ -5,13 +5,33 @@
 Reads <run>/summary.json's `breakdown` block (written by the launcher: eapo_ray.launch.Breakdown)
 and prints, per step (driver and learner) and per rollout batch (actors), the seconds spent in
 each part, with the learner's and the rollout actors' idle fractions. Columns side by side when
-several runs are given. Importable: `table(summaries, names)` returns the text.
+several runs are given. Importable: `table(summaries, names)` returns the text, and
+`launch(root, name, overrides)` runs the launcher for the benchmarks beside this file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(root: str, name: str, overrides: list[str]) -> dict:
+    """`python -m eapo_ray.launch run_root=<root> run_name=<name> <overrides>` in its own local Ray
+    cluster (RAY_ADDRESS dropped), quietly; returns its summary.json with `rate` = generated
+    samples per second of the training loop."""
+    cmd = [sys.executable, "-m", "eapo_ray.launch", *overrides, f"run_root={root}", f"run_name={name}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s = json.loads((Path(root) / name / "summary.json").read_text())
+    s["rate"] = s["generated_samples"] / s["loop_seconds"]
+    return s
 
 ROWS = [
     ("driver, per step (wall)", None),

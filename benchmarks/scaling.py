@@ -15,12 +15,8 @@ seconds grow ~linearly) and the learner's step grows too, since it shares the sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(actors: int, replicas: int, args, root: str) -> dict:
     name = f"a{actors}-r{replicas}"
-    cmd = [sys.executable, "-m", "eapo_ray.launch", f"steps={args.steps}", f"seed={args.seed}",
-           f"rollout.num_actors={actors}", f"expert.min_replicas={replicas}", f"expert.max_replicas={replicas}",
-           f"buffer.capacity={actors}", f"buffer.max_staleness={actors + 1}", "acceptance.kind=constant",
-           "acceptance.start=1.0", "rollout.turn_budget_steps=0", "eval.every=0", "data.num_heldout=16",
-           f"run_root={root}", f"run_name={name}", *args.overrides]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    s = json.loads((Path(root) / name / "summary.json").read_text())
-    s["rate"] = s["generated_samples"] / s["loop_seconds"]
-    return s
+    from breakdown import launch
+
+    return launch(root, name, [
+        f"steps={args.steps}", f"seed={args.seed}",
+        f"rollout.num_actors={actors}", f"expert.min_replicas={replicas}", f"expert.max_replicas={replicas}",
+        f"buffer.capacity={actors}", f"buffer.max_staleness={actors + 1}", "acceptance.kind=constant",
+        "acceptance.start=1.0", "rollout.turn_budget_steps=0", "eval.every=0", "data.num_heldout=16",
+        *args.overrides])
 
 
 def main(argv=None) -> int:
