@@ -43,9 +43,17 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
                                     "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if cfg.ray_address == "auto-local" and not os.environ.get("RAY_ADDRESS"):
         # A private local cluster; never attach to a stray one on this machine.
-        ctx = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
-                       runtime_env=env, include_dashboard=True, dashboard_host=cfg.dashboard_host, log_to_driver=True,
-                       **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}), **quiet)
+        kwargs = dict(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
+                      runtime_env=env, include_dashboard=True, dashboard_host=cfg.dashboard_host, log_to_driver=True,
+                      **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}), **quiet)
+        try:
+            ctx = ray.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception for this one
+            # A busy machine can miss the raylet's fixed 30 s registration deadline; try once more.
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            ctx = ray.init(**kwargs)
     else:
         ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
     _sigterm_raises_interrupt()  # after ray.init, which installs its own (aborting) SIGTERM handler
