@@ -138,6 +138,9 @@ class ExpertConfig:
     # answer is computed; the replica keeps serving meanwhile), to emulate a remote or larger expert
     added_latency_s: float = 0.0
     node_resource: str = ""  # a custom Ray resource only expert nodes have: replicas are placed there
+    # seconds the launcher waits for the expert app to be RUNNING (it deploys while the learners and
+    # rollout engines set up); past it, or on DEPLOY_FAILED, the launch stops with Serve's message
+    start_timeout_s: float = 600.0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

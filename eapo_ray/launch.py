@@ -148,8 +148,9 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
         # no access line per expert request (the replica logs keep warnings and errors) unless --verbose
         logs = {} if cfg.verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
         serve.start(proxy_location="Disabled", **logs)
-        serve.run(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None, **logs)
-        print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
+        # registered now (handles can be made), RUNNING later: the replicas load while the rest sets up
+        serve.run_many([serve.RunTarget(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None,
+                                        **logs)], wait_for_applications_running=False)
     # The buffer shares the driver's fate anyway: on the driver's node (a 0-CPU actor could otherwise land on
     # any node, e.g. a rollout node that dies); the evaluator prefers it too (soft: a GPU evaluator goes elsewhere)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -171,11 +172,39 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
                                                 ).remote(cfg)
     s.learners = LearnerGroup(cfg, run_name)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
+    if s.app_name:
+        wait_expert_running(s.app_name, ec.start_timeout_s)
+        print(f"[eapo] expert Serve app '{s.app_name}' up ({ec.min_replicas}-{ec.max_replicas} replicas)", flush=True)
     s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches,
                            restart_timeout_s=r.restart_timeout_s)
     if r.weight_sync == "nccl":
         start_nccl_weight_sync(s.learners, s.workers)
     return version
+
+
+class ExpertStartError(RuntimeError):
+    """The expert's Serve app failed to deploy or did not reach RUNNING in time."""
+
+
+def wait_expert_running(app_name: str, timeout_s: float, poll_s: float = 0.25) -> None:
+    """Block until the Serve app is RUNNING (bounded by `timeout_s`); raise ExpertStartError with
+    Serve's own message when it failed to deploy or the time ran out."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        status = app.status if app else "NOT_STARTED"
+        if status == ApplicationStatus.RUNNING:
+            return
+        if status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY) or time.monotonic() > deadline:
+            why = "failed to deploy" if status != ApplicationStatus.DEPLOYING else f"not RUNNING after {timeout_s:.0f} s"
+            msg = (app.message if app else "") or "no message from Serve"
+            raise ExpertStartError(f"the expert Serve app '{app_name}' {why} (status {status}): {msg}. Check "
+                                   "expert.num_cpus / expert.num_gpus against the cluster, model.expert, and "
+                                   "expert.start_timeout_s.")
+        time.sleep(poll_s)
 
 
 def start_nccl_weight_sync(learners, workers) -> float:
@@ -686,7 +715,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed) as e:
+    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed, ExpertStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

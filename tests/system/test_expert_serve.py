@@ -58,6 +58,30 @@ def test_timeout_gives_none_and_the_expert_recovers(serve_app):
     assert [reply_text(r) for r in asyncio.run(ok(["12*7"]))] == ["84"]  # the deployment is still healthy afterwards
 
 
+def test_an_expert_that_cannot_start_stops_the_launch_in_time(serve_app):
+    """The launcher deploys the expert without blocking (its replicas load while the learners set
+    up), then waits for RUNNING within expert.start_timeout_s. A replica that can never be placed
+    (a GPU asked of a CPU cluster) gave a blocking serve.run that never returned; now a clear
+    ExpertStartError names the app and the keys to check."""
+    import time
+
+    from ray import serve
+
+    from eapo_ray.launch import ExpertStartError, wait_expert_running
+
+    cfg = ExpertConfig(min_replicas=1, max_replicas=1, num_gpus=1.0)
+    serve.run_many([serve.RunTarget(expert_app(str(TINY_DIR / "expert"), cfg), name="gpu-expert", route_prefix=None)],
+                   wait_for_applications_running=False)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ExpertStartError, match=r"'gpu-expert' not RUNNING after 2 s.*expert.num_gpus"):
+            wait_expert_running("gpu-expert", timeout_s=2.0)
+        assert time.monotonic() - t0 < 10
+        wait_expert_running(serve_app, timeout_s=5.0)  # a running app returns at once
+    finally:
+        serve.delete("gpu-expert")
+
+
 def _replicas(app: str) -> dict:
     from ray import serve
 
