@@ -1,6 +1,6 @@
 """Faults injected into real launches (`python -m eapo_ray.launch` in a subprocess, its own
 local Ray cluster): processes are found by PID among the launch's descendants and killed with
-SIGKILL, or the driver gets SIGINT/SIGTERM. Each test checks the run's outcome: the right step
+SIGKILL, or the driver gets SIGTERM (Ctrl-C: test_e2e's default run). Each test checks the run's outcome: the right step
 count and an accounting block with nothing lost, or a clean shutdown with no process left."""
 import json
 import os
@@ -13,72 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from launching import ROOT, Launch, alive, cmdline, interrupt_and_check_nothing_is_left
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-ROOT = Path(__file__).resolve().parents[2]
-FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2"]
-
-
-class Launch:
-    """A launch in its own session (so a Ctrl-C to its process group does not reach pytest)."""
-
-    def __init__(self, tmp_path: Path, name: str, *overrides: str, ray_address: str = ""):
-        """`ray_address`: join that cluster (RAY_ADDRESS) instead of starting a private one."""
-        self.run_dir, self.out_path = tmp_path / name, tmp_path / f"{name}.out"
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (
-            {"RAY_ADDRESS": ray_address} if ray_address else {})
-        cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST, *overrides]
-        with self.out_path.open("w") as out:
-            self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-
-    @property
-    def log(self) -> str:
-        return self.out_path.read_text()
-
-    def wait_for(self, pattern: str, timeout: float = 300) -> None:
-        t0 = time.time()
-        while not re.search(pattern, self.log, re.M):
-            assert self.p.poll() is None, f"launch exited ({self.p.returncode}) before {pattern!r}:\n{self.log[-4000:]}"
-            assert time.time() - t0 < timeout, f"no {pattern!r} within {timeout}s:\n{self.log[-4000:]}"
-            time.sleep(0.5)
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.p.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def find(self, title: str) -> psutil.Process:
-        """The launch's process whose title (Ray sets ray::<Actor>...) contains `title`."""
-        for proc in self.descendants():
-            try:
-                if title in " ".join(proc.cmdline()):
-                    return proc
-            except psutil.Error:
-                continue
-        raise AssertionError(f"no process {title!r} under the launch: "
-                             f"{[' '.join(p.cmdline())[:60] for p in self.descendants()]}")
-
-    def finish(self, timeout: float = 600) -> int:
-        try:
-            return self.p.wait(timeout=timeout)
-        finally:
-            self.kill_all()
-
-    def kill_all(self) -> None:
-        """Test teardown: nothing of this launch survives a failed test."""
-        procs = self.descendants()
-        if self.p.poll() is None:
-            self.p.kill()
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-
-    def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
 
 
 def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
@@ -153,60 +90,6 @@ def test_learner_killed_before_a_checkpoint_then_with_no_restart_left(tmp_path):
         run.kill_all()
 
 
-def test_ctrl_c_shuts_everything_down(tmp_path):
-    """Ctrl-C (SIGINT to the launch's process group, as a terminal sends it): the run tears down
-    (Serve app, actors, learners), says how to resume, exits 130, and no process of the run is
-    left. (`kill`, SIGTERM to the driver alone, is checked the same way at the end of the
-    scale test below: one launch fewer.)"""
-    run = Launch(tmp_path, "sigint", "steps=100", "checkpoint_every=1")
-    try:
-        run.wait_for(r"^\[eapo\] step 2/100")
-        _interrupt_and_check_nothing_is_left(run, "sigint-group")
-    finally:
-        run.kill_all()
-
-
-def _interrupt_and_check_nothing_is_left(run: Launch, how: str) -> None:
-    """Send Ctrl-C to the launch's process group ("sigint-group") or SIGTERM to the driver
-    ("sigterm"); it must exit 130 naming the resume command, with no teardown error, and
-    every process of the run (listed just before) must be gone within 30 s."""
-    procs = run.descendants()
-    assert any("RolloutWorker" in _cmdline(p) for p in procs)
-    t0 = time.time()
-    if how == "sigint-group":
-        os.killpg(run.p.pid, signal.SIGINT)
-    else:
-        run.p.send_signal(signal.SIGTERM)
-    rc = run.p.wait(timeout=120)
-    took = time.time() - t0
-    log = run.log
-    assert rc == 130, log[-4000:]
-    assert f"resume={run.run_dir}" in log and "teardown of" not in log, log[-4000:]
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        left = [p for p in procs if _alive(p)]
-        if not left:
-            break
-        time.sleep(0.5)
-    assert not left, [(p.pid, _cmdline(p)[:80]) for p in left]
-    print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
-
-
-def _alive(p: psutil.Process) -> bool:
-    """Running and not a zombie; a process that exits while we look is not alive."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _cmdline(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:  # exited (or a zombie) since it was listed
-        return ""
-
-
 def _rows(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r for r in rows if r["step"] > 0}
@@ -236,14 +119,14 @@ def test_kill9_driver_then_resume_continues_exactly(tmp_path):
         run.p.wait(timeout=30)
         deadline = time.time() + 30
         while time.time() < deadline:  # Ray's processes share the driver's fate...
-            left = [p for p in procs if _alive(p)]
+            left = [p for p in procs if alive(p)]
             # ...except, measured on Ray 2.60, the node's dashboard and runtime-env agents, which
             # outlive a SIGKILLed driver (README: Failures and recovery); kill_all ends them here
-            left = [p for p in left if not re.search(r"ray::(DashboardAgent|RuntimeEnvAgent)", _cmdline(p))]
+            left = [p for p in left if not re.search(r"ray::(DashboardAgent|RuntimeEnvAgent)", cmdline(p))]
             if not left:
                 break
             time.sleep(1)
-        assert not left, [(p.pid, _cmdline(p)[:80]) for p in left]
+        assert not left, [(p.pid, cmdline(p)[:80]) for p in left]
     finally:
         run.kill_all()
     # the resume point is the learners' newest checkpoint tag (DeepSpeed's `latest`): the kill can land
@@ -298,7 +181,7 @@ def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path
         assert len([q for q in run.descendants() if "ServeReplica:scale-expert" in " ".join(q.cmdline())]) == 2
         n = len(re.findall(r"^\[eapo\] step \d+/100", run.log, re.M))
         run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on
-        _interrupt_and_check_nothing_is_left(run, "sigterm")
+        interrupt_and_check_nothing_is_left(run, "sigterm")
     finally:
         run.kill_all()
 
@@ -306,7 +189,7 @@ def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path
 def _ray_titles(root: psutil.Process) -> list[str]:
     out = []
     for proc in root.children(recursive=True):
-        title = _cmdline(proc)
+        title = cmdline(proc)
         if title.startswith("ray::"):
             out.append(title.split()[0])
     return out
