@@ -53,8 +53,11 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
     if not resolve_path(load_config(CONFIG).data.train).exists():
         pytest.skip("../shared/data is not beside this checkout")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the suite's time budget: 2 steps of 1 prompt x 2 samples, 64 response tokens (the config's 3 steps of
+    # 1 x 4 and 128 tokens work alike; the fp32 learner step and vLLM decoding scale with them)
     cmd = [sys.executable, "-m", "eapo_ray.launch", "--config", str(CONFIG), "steps=2", "data.num_heldout=2",
-           f"run_root={tmp_path}", "run_name=smollm2"]  # 2 steps: the suite's time budget (the config's 3 work alike)
+           "rollout.group_size=2", "rollout.max_response_tokens=64", "rollout.max_new_tokens_per_turn=32",
+           f"run_root={tmp_path}", "run_name=smollm2"]
     # run from outside the repo: ../shared/data in the config still resolves (against the config's location)
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
@@ -67,6 +70,9 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
         assert 0 <= s["logp_gap_max"] < 1e-3, s["logp_gap_max"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("logp_gap_tokens", 0) > 0 for r in rows), "no on-policy token was compared"
+    # synchronous: the batch for step k came from the vLLM engine after it loaded version k-1's weights
+    assert [r["staleness"] for r in rows if "staleness" in r] == [0, 0]
+    assert [r["rollout_engine_version"] for r in rows if "rollout_engine_version" in r] == [0, 1]  # loaded, not only sent
     assert (run / "final" / "model.safetensors").exists()
 
 
