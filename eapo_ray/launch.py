@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eapo_ray.config import ConfigError, RunConfig, load_config, to_dict
-from eapo_ray.ray_runtime import MetricsLog, init_ray, quiet_console
+from eapo_ray.ray_runtime import MetricsLog, init_ray, quiet_console, raise_if_interrupted
 
 
 @dataclass
@@ -304,6 +304,7 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
 
     rollouts = []
     while True:
+        raise_if_interrupted()  # a Ctrl-C whose KeyboardInterrupt a library swallowed still stops the run
         feed(cfg, s, state, rollout_weights, pending)
         while pending and ray.get(s.buffer.offer.remote(pending[0].box, pending[0].version, pending[0].num_samples)):
             pending.popleft()
@@ -433,6 +434,7 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
     bd = s.breakdown = Breakdown(num_actors=cfg.rollout.num_actors)
     retry = None  # batches to train on again after the learners were rebuilt
     while state.version < cfg.steps:
+        raise_if_interrupted()
         t_step = time.time()
         tm = dict.fromkeys(("wait_data_s", "feed_s", "train_call_s", "publish_s", "eval_s"), 0.0)
         if retry is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 from eapo_ray.config import RunConfig
@@ -56,7 +57,7 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
             ctx = ray.init(**kwargs)
     else:
         ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
-    _sigterm_raises_interrupt()  # after ray.init, which installs its own (aborting) SIGTERM handler
+    install_interrupt_handlers()  # after ray.init, which installs its own (aborting) SIGTERM handler
     url = getattr(ctx, "dashboard_url", "") or ""
     return f"http://{url}" if url and not url.startswith("http") else url
 
@@ -83,17 +84,33 @@ class MetricsLog:
         self.tb.close()
 
 
-def _sigterm_raises_interrupt() -> None:
-    """SIGTERM (a scheduler, `kill`) shuts down like Ctrl-C: the run's actors, learners and Serve
-    app are torn down in `run`'s finally, and Ray's exit hook stops a local cluster."""
+_INTERRUPTED = threading.Event()  # a SIGINT or SIGTERM reached the driver (see install_interrupt_handlers)
+
+
+def install_interrupt_handlers() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler, `kill`) both raise KeyboardInterrupt: the run's
+    actors, learners and Serve app are torn down in `run`'s finally, and Ray's exit hook stops a
+    local cluster. The handler also records the signal, because a KeyboardInterrupt raised while
+    the main thread is inside a library's callback can be swallowed there (a CI run once trained
+    all 100 steps after a Ctrl-C at step 2): the training loop calls `raise_if_interrupted`
+    at every step and every wait, so the signal still stops the run."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
+    _INTERRUPTED.clear()
 
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # teardown runs once
+        _INTERRUPTED.set()
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # teardown runs once
         raise KeyboardInterrupt(f"signal {signum}")
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a SIGINT/SIGTERM arrived (whether or not its own raise got through)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt("interrupted by a signal")
