@@ -40,6 +40,7 @@ ROWS = [
     ("  learner train_step call", ("driver_per_step", "train_call_s")),
     ("  weight publish / sync", ("driver_per_step", "publish_s")),
     ("  evaluation (waited for)", ("driver_per_step", "eval_s")),
+    ("  checkpoint save", ("driver_per_step", "checkpoint_s")),
     ("  driver overhead (rest)", ("driver_per_step", "driver_overhead_s")),
     ("  = step", ("driver_per_step", "step_s")),
     ("learner, per step", None),

@@ -508,11 +508,13 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         show_progress(state.version, cfg.steps, row, ev["accuracy"], stats.get("staleness", 0), eta)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
             # every row up to the checkpoint is on disk before it (a resumed run keeps them)
-            bd.driver["eval_s"] += rows.flush(wait=True)
+            bd.after_row("eval_s", rows.flush(wait=True))
+            t = time.time()
             try:
                 save_checkpoint(s, state, run_dir)
             except LEARNER_DIED as e:
                 rollout_weights = rebuild_learners(cfg, s, state, run_dir, e, rows)
+            bd.after_row("checkpoint_s", time.time() - t)
     bd.loop_seconds = time.time() - t_loop
     bd.final_eval_s = rows.flush(wait=True)  # the last evaluation, outside the training loop's clock
     s.heldout_end_step = rows.last_step
@@ -524,7 +526,8 @@ class Breakdown:
     """Where the training loop's time went, summed over steps: the driver's own clock per step
     (wait for data, feed, learner call, publish, evaluation, overhead), the learner's train_step
     parts and the rollout actors' produce parts; idle fractions of the learner and the actors."""
-    DRIVER = ("wait_data_s", "feed_s", "train_call_s", "publish_s", "eval_s", "driver_overhead_s", "step_s")
+    DRIVER = ("wait_data_s", "feed_s", "train_call_s", "publish_s", "eval_s", "checkpoint_s", "driver_overhead_s",
+              "step_s")
     LEARNER = ("train_seconds", "fetch_s", "prep_s", "old_logp_s", "forward_s", "backward_s", "optim_s")
     ROLLOUT = ("produce_s", "load_weights_s", "engine_s", "expert_wait_s", "expert_busy_s", "reward_s", "pack_s")
 
@@ -550,6 +553,13 @@ class Breakdown:
             self.driver[k] += v
         for k in self.LEARNER:
             self.learner[k] += stats.get(k, 0.0)
+
+    def after_row(self, key: str, seconds: float) -> None:
+        """Time the driver spent for a step after its row was written (the evaluation wait and the
+        save at a checkpoint): in the totals, as part `key` and in step_s, so the parts still sum
+        to step_s (the step's own row does not show it)."""
+        self.driver[key] += seconds
+        self.driver["step_s"] += seconds
 
     def idle(self, elapsed: float) -> dict:
         """Idle fractions over the loop so far: the learner outside train_step, the actors outside

@@ -93,6 +93,19 @@ def test_breakdown_sums_steps_and_idle_fractions():
     assert s["rollout_per_batch"]["engine_s"] == pytest.approx(1.5) and s["driver_per_step"]["step_s"] == 4.0
 
 
+def test_checkpoint_time_is_in_the_breakdown_and_the_parts_sum_to_the_step():
+    """The evaluation wait and the save at a checkpoint come after the step's row is written;
+    they used to land in eval_s only (the save nowhere), so the parts summed to more than step_s
+    (cold review, finding 5)."""
+    bd = Breakdown(num_actors=1)
+    bd.step({"wait_data_s": 1.0, "train_call_s": 2.0}, {}, 3.5)
+    bd.after_row("eval_s", 0.25)
+    bd.after_row("checkpoint_s", 1.25)
+    d = bd.summary()["driver_per_step"]
+    assert d["checkpoint_s"] == 1.25 and d["eval_s"] == 0.25 and d["step_s"] == 5.0
+    assert sum(v for k, v in d.items() if k != "step_s") == pytest.approx(d["step_s"])
+
+
 def test_latency_knob_and_eval_overlap_are_validated():
     cfg = load_config(None, ["expert.added_latency_s=0.2", "eval.overlap=false", "rollout.prune_finished=false",
                              "learner.length_buckets=false"])
