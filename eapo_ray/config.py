@@ -207,6 +207,9 @@ class EvalConfig:
     # weights and goes on training; the step's metrics row is written, with that evaluation, once it
     # is back (rows stay in step order). false: the loop waits for each evaluation (the pre-issue-13 flow)
     overlap: bool = True
+    # seconds an evaluation may take from its submission; past it, it counts as failed (its row gets
+    # heldout_error "GetTimeoutError"; the final one failing stops the run, exit 1): no wait is unbounded
+    timeout_s: float = 3600.0
 
 
 @dataclass

@@ -255,7 +255,12 @@ def run(cfg: RunConfig) -> Path:
         s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else None)
         weights = s.learners.publish()
         if ev is None:
-            ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights))
+            try:
+                ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights), timeout=cfg.eval.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise EvaluationFailed(f"the held-out evaluation at step {version} was not back after "
+                                       f"eval.timeout_s={cfg.eval.timeout_s:g} s (a hung or far too slow evaluator: "
+                                       "check eval.engine / data.num_heldout)") from None
             print(f"[eapo] held-out accuracy (policy alone) at step {version}: {ev0['accuracy']:.3f}", flush=True)
             s.metrics.log(version, {f"heldout_{k}": v for k, v in ev0.items()} | {"heldout_accuracy": ev0["accuracy"]})
             metrics.heldout(run_name, ev0["accuracy"])
@@ -359,15 +364,16 @@ class PendingRows:
     training on the step's published weights). Rows are written in step order, each with the
     evaluation of its own step's weights, once that evaluation is back."""
 
-    def __init__(self, log, run_name: str, ready=None, get=None):
-        """`log(step, row)` writes a row; `ready(ref)` / `get(ref)` (default: ray.wait with no
-        wait, ray.get) look at an evaluation's result."""
+    def __init__(self, log, run_name: str, ready=None, get=None, timeout_s: float = 3600.0):
+        """`log(step, row)` writes a row; `ready(ref)` / `get(ref, timeout=)` (default: ray.wait with
+        no wait, ray.get) look at an evaluation's result; an evaluation not back `timeout_s` after
+        it was added counts as failed (eval.timeout_s)."""
         import ray
 
-        self.log, self.run_name = log, run_name
+        self.log, self.run_name, self.timeout_s = log, run_name, timeout_s
         self.ready = ready or (lambda ref: bool(ray.wait([ref], timeout=0)[0]))
         self.get = get or ray.get
-        self.rows: deque = deque()  # (step, row, eval ObjectRef or None)
+        self.rows: deque = deque()  # (step, row, eval ObjectRef or None, deadline)
         self.last: dict | None = None  # the newest evaluation written
         self.last_step: int | None = None  # the step it evaluated
         self.failed: dict[int, str] = {}  # step -> the error of its evaluation
@@ -375,10 +381,11 @@ class PendingRows:
     @property
     def evaluating(self) -> bool:
         """An evaluation is still out (its row not yet written)."""
-        return any(ref is not None for _, _, ref in self.rows)
+        return any(ref is not None for _, _, ref, _ in self.rows)
 
-    def add(self, step: int, row: dict, ref=None) -> None:
-        self.rows.append((step, row, ref))
+    def add(self, step: int, row: dict, ref=None, deadline: float | None = None) -> None:
+        """`deadline` (time.time()): when the evaluation counts as failed (default: timeout_s from now)."""
+        self.rows.append((step, row, ref, deadline or time.time() + self.timeout_s))
 
     def flush(self, wait: bool = False) -> float:
         """Write the rows whose evaluation is back (all, waiting, if `wait`). Returns the seconds
@@ -389,13 +396,13 @@ class PendingRows:
 
         waited = 0.0
         while self.rows:
-            step, row, ref = self.rows[0]
+            step, row, ref, deadline = self.rows[0]
             if ref is not None:
                 t = time.time()
-                if not wait and not self.ready(ref):
+                if not wait and not self.ready(ref) and t < deadline:
                     break
                 try:
-                    ev = self.get(ref)
+                    ev = self.get(ref, timeout=max(0.0, deadline - t))  # GetTimeoutError past the deadline
                 except ray.exceptions.RayError as e:  # e.g. its weights' owner (a learner) died meanwhile
                     row["heldout_error"] = self.failed[step] = f"{type(e).__name__}"
                     print(f"[eapo] warning: the held-out evaluation of step {step} failed ({type(e).__name__}: "
@@ -430,7 +437,7 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
     rollout_weights = None if nccl else weights
     pending = s.pending  # finished batches the buffer had no room for yet
     t_loop, first, generated0 = time.time(), state.version, state.generated
-    rows = PendingRows(s.metrics.log, s.run_name)
+    rows = PendingRows(s.metrics.log, s.run_name, timeout_s=cfg.eval.timeout_s)
     bd = s.breakdown = Breakdown(num_actors=cfg.rollout.num_actors)
     retry = None  # batches to train on again after the learners were rebuilt
     while state.version < cfg.steps:
@@ -495,13 +502,14 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         if eval_due and rows.evaluating:  # at most one evaluation out: each holds a copy of the weights
             tm["eval_s"] = rows.flush(wait=True)
         ref = s.evaluator.evaluate.remote(weights) if eval_due else None
+        eval_deadline = time.time() + cfg.eval.timeout_s
         if ref is not None and not cfg.eval.overlap:  # wait here (eval.overlap: the evaluator runs beside training)
             t = time.time()
-            ray.wait([ref], num_returns=1, timeout=None)
+            ray.wait([ref], num_returns=1, timeout=cfg.eval.timeout_s)
             tm["eval_s"] += time.time() - t
         bd.step(tm, stats, time.time() - t_step)
         row.update({f"time_{k}": v for k, v in bd.last.items()}, **bd.idle(time.time() - t_loop))
-        rows.add(state.version, row, ref)
+        rows.add(state.version, row, ref, eval_deadline)
         rows.flush()  # the rows whose evaluation is back, in step order
         ev = rows.last or ev
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)

@@ -1,4 +1,6 @@
 """The per-step time breakdown's bookkeeping (issue 13): fake clocks, no Ray."""
+import time
+
 import pytest
 
 from eapo_ray.config import ConfigError, load_config
@@ -41,7 +43,7 @@ def test_overlap_splits_wall_time_by_what_is_in_flight():
 def test_pending_rows_are_written_in_step_order_with_their_own_evaluation():
     written, done = [], set()
     rows = PendingRows(lambda step, row: written.append((step, dict(row))), "t",
-                       ready=lambda ref: ref in done, get=lambda ref: {"accuracy": ref / 10})
+                       ready=lambda ref: ref in done, get=lambda ref, timeout=None: {"accuracy": ref / 10})
     rows.add(1, {"a": 1})
     rows.flush()
     rows.add(2, {"a": 2}, ref=2)  # evaluation of step 2's weights, still running
@@ -64,7 +66,7 @@ def test_a_failed_evaluation_is_said_and_recorded_not_replaced_by_an_older_one(c
     last good evaluation was of."""
     import ray
 
-    def get(ref):
+    def get(ref, timeout=None):
         if ref == 2:
             raise ray.exceptions.RayActorError()
         return {"accuracy": ref / 10}
@@ -91,6 +93,33 @@ def test_breakdown_sums_steps_and_idle_fractions():
     s = bd.summary()
     assert s["learner_idle_frac"] == pytest.approx(1 - 1.5 / 4) and s["rollout_idle_frac"] == pytest.approx(0.5)
     assert s["rollout_per_batch"]["engine_s"] == pytest.approx(1.5) and s["driver_per_step"]["step_s"] == 4.0
+
+
+def test_an_evaluation_that_never_returns_fails_at_its_deadline(capsys):
+    """eval.timeout_s: waiting for an evaluation (at a checkpoint, at the end, or with
+    eval.overlap=false) is bounded; past the deadline the evaluation counts as failed (the final
+    one failing stops the run). The old flush called ray.get(ref) with no timeout: a hung
+    evaluator blocked the driver for good."""
+    import ray
+
+    timeouts = []
+
+    def get(ref, timeout=None):  # a hung evaluator: ray.get's behaviour with a timeout
+        timeouts.append(timeout)
+        assert timeout is not None, "an unbounded wait"
+        raise ray.exceptions.GetTimeoutError("not back")
+
+    written = []
+    rows = PendingRows(lambda step, row: written.append((step, dict(row))), "t", ready=lambda ref: False, get=get,
+                       timeout_s=5.0)
+    rows.add(1, {}, ref="hung")
+    rows.flush()  # not back, not past its deadline: the row waits
+    assert not written and timeouts == []
+    rows.add(2, {}, ref="late", deadline=time.time() - 1)  # already past its deadline
+    rows.flush(wait=True)
+    assert 0 < timeouts[0] <= 5.0 and timeouts[1] == 0.0
+    assert rows.failed == {1: "GetTimeoutError", 2: "GetTimeoutError"} and [w[0] for w in written] == [1, 2]
+    assert "held-out evaluation of step 1 failed (GetTimeoutError" in capsys.readouterr().err
 
 
 def test_checkpoint_time_is_in_the_breakdown_and_the_parts_sum_to_the_step():
