@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from eapo_ray.rollout import fast_llama
 from eapo_ray.rollout.engine import Engine, Generation, StringBan, hits_stop, token_texts
 
 PRUNE_BELOW = 0.75  # the running batch drops its finished rows once at most this fraction is active
@@ -17,7 +18,7 @@ class HFEngine(Engine):
     even if it carries text past the stop string); nothing is returned after it."""
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
-                 prune_finished: bool = True):
+                 prune_finished: bool = True, fast_decode: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
@@ -31,6 +32,28 @@ class HFEngine(Engine):
         self.prune_finished = prune_finished  # drop finished sequences from the running batch (see generate)
         self._texts: list[str] | None = None  # token_texts, computed on the first ban
         self._bans: dict[tuple, StringBan] = {}
+        self._stop_tokens: dict[tuple, frozenset | None] = {}
+        # decoding steps through fast_llama (a plain Llama only; the model's own forward otherwise)
+        self.fast_decode = fast_decode
+        self._fast = fast_llama.FastLlamaDecoder(self.model) if fast_llama.supports(self.model) else None
+
+    def _stop_candidates(self, stop) -> frozenset | None:
+        """The tokens that can complete a stop string: those whose text contains a stop string's
+        last character (checked after every token, a new hit must end inside the new token).
+        None (check every token) when a stop string ends in whitespace or a non-ASCII character,
+        where decoding may rewrite across tokens."""
+        key = tuple(stop)
+        if key not in self._stop_tokens:
+            ends = {s[-1] for s in stop if s}
+            if not ends:
+                self._stop_tokens[key] = frozenset()
+            elif any(not c.isascii() or c.isspace() for c in ends):
+                self._stop_tokens[key] = None
+            else:
+                if self._texts is None:
+                    self._texts = token_texts(self.tokenizer)
+                self._stop_tokens[key] = frozenset(v for v, t in enumerate(self._texts) if any(c in t for c in ends))
+        return self._stop_tokens[key]
 
     def _string_ban(self, ban) -> StringBan:
         key = tuple(ban)
@@ -40,7 +63,7 @@ class HFEngine(Engine):
             self._bans[key] = StringBan(self.tokenizer, key, self._texts)
         return self._bans[key]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
         if not prompts:
             return []
@@ -54,8 +77,13 @@ class HFEngine(Engine):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         greedy = temperature <= 0
         sban = self._string_ban(ban) if ban else None
+        can_stop = self._stop_candidates(stop)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
+        fast = self._fast if self.fast_decode else None
+        if fast is not None:  # the decoding steps run on fast_llama's buffers from here
+            fast.start(past, n + min(max(max_new_tokens), 64))
+            past = None
         toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
         finish, active = ["length"] * B, [m > 0 for m in max_new_tokens]
         rows = list(range(B))  # the sequence each row of the running batch holds
@@ -69,10 +97,13 @@ class HFEngine(Engine):
                         scaled[r, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
             nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            # one transfer per step, not one per row (the same values)
+            chosen = nxt.tolist()
+            chosen_lp = None if greedy or sban is not None else logp.gather(1, nxt.view(-1, 1)).view(-1).tolist()
             for r, i in enumerate(rows):
                 if not active[i]:
                     continue
-                t = int(nxt[r])
+                t = chosen[r]
                 if sban is not None:
                     t = self._recheck_ban(sban, logp, r, t, toks[i], greedy)
                     if t is None:  # every token would spell a banned string: end the turn here
@@ -80,8 +111,8 @@ class HFEngine(Engine):
                         continue
                     nxt[r] = t
                 toks[i].append(t)
-                lps[i].append(0.0 if greedy else float(logp[r, t]))
-                if t in self.eos_ids or hits_stop(self.tokenizer, toks[i], stop):
+                lps[i].append(0.0 if greedy else (chosen_lp[r] if chosen_lp is not None else float(logp[r, t])))
+                if t in self.eos_ids or ((can_stop is None or t in can_stop) and hits_stop(self.tokenizer, toks[i], stop)):
                     finish[i], active[i] = "stop", False
                 elif len(toks[i]) >= max_new_tokens[i]:
                     active[i] = False
@@ -93,13 +124,19 @@ class HFEngine(Engine):
                 # its own row only, so the others' distributions are unchanged
                 keep = torch.tensor(live, dtype=torch.long, device=dev)
                 rows, nxt, attn, pos = [rows[r] for r in live], nxt[keep], attn[keep], pos[keep]
-                past.batch_select_indices(keep)
+                if fast is not None:
+                    fast.select(keep)
+                else:
+                    past.batch_select_indices(keep)
             step_ids = nxt.view(len(rows), 1).to(dev)
             attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
-            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
-                             use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+            if fast is not None:
+                logits = fast.step(step_ids, pos, attn)
+            else:
+                out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                                 use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
         return [Generation(t, lp, f) for t, lp, f in zip(toks, lps, finish)]
 
     @staticmethod

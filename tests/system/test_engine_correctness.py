@@ -151,6 +151,84 @@ def test_hf_engine_ignores_generation_config_and_records_full_softmax(tmp_path):
     assert _full_softmax_gap(gens, prompt, engine.model, 0.7) < 1e-5
 
 
+def _random_llama(tmp_path, **overrides):
+    """A random Llama on the tiny policy's tokenizer (grouped heads by default: 4 query heads
+    share 2 key/value heads, as SmolLM2's do)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_DIR / "policy"))
+    args = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    args.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**args))
+    out = tmp_path / "random_llama"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _generate_both_ways(engine, prompts, max_new, temperature, stop, seed=0):
+    out = {}
+    try:
+        for flag in (False, True):
+            engine.fast_decode = flag
+            torch.manual_seed(seed)
+            out[flag] = engine.generate(prompts, max_new, temperature, stop)
+    finally:
+        engine.fast_decode = True
+    return out[False], out[True]
+
+
+@pytest.mark.parametrize("which", ["tiny", "grouped_heads"])
+def test_hf_fast_decode_gives_the_models_own_tokens_and_logprobs(tmp_path, which):
+    """Issue 13: decoding steps through rollout/fast_llama.py (in-place key/value buffers, fused
+    matmuls) against the model's own forward, the path before it: the same greedy tokens, and
+    with the same seed the same sampled tokens with log-probs equal to float rounding, through
+    pruning (rows finish at different steps) and a buffer that has to grow (> 64 new tokens).
+    The random model with grouped heads never stops early, so its rows run the whole budget."""
+    from eapo_ray.rollout import fast_llama
+
+    path = TINY_DIR / "policy" if which == "tiny" else _random_llama(tmp_path)
+    engine = HFEngine(str(path))
+    assert fast_llama.supports(engine.model) and engine._fast is not None
+    tok = engine.tokenizer
+    prompts = [tok(f"Q:{e}\nA:")["input_ids"] for e in ("(3+4)*5", "7-2", "8*(9-6)+1", "2+2")] * 6
+    max_new = [100, 40, 70, 20] * 6  # different budgets: rows leave at different steps
+    for temperature in (0.0, 1.0, 0.7):
+        slow, fast = _generate_both_ways(engine, prompts, max_new, temperature, STOP, seed=5)
+        assert [g.tokens for g in fast] == [g.tokens for g in slow]
+        assert [g.finish for g in fast] == [g.finish for g in slow]
+        gap = max(abs(a - b) for f, s in zip(fast, slow) for a, b in zip(f.logprobs, s.logprobs))
+        assert gap < 1e-5, gap
+    assert len({len(g.tokens) for g in fast}) > 1
+    if which == "grouped_heads":
+        assert max(len(g.tokens) for g in fast) > 64  # past the buffer's first capacity
+    # the recorded log-probs are the teacher-forced ones of the model
+    for p, g in zip(prompts[:4], fast[:4]):
+        ids = torch.tensor([p + g.tokens])
+        with torch.no_grad():
+            ref = token_logprobs(engine.model(input_ids=ids).logits.float(), ids, 0.7)[0, len(p) - 1:]
+        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+    # new weights (load_weights, as the rollout actor does) reach the fast path's fused matmuls
+    state = {k: v * 0.5 if k.endswith("q_proj.weight") or k.endswith("up_proj.weight") else v
+             for k, v in engine.model.state_dict().items()}
+    engine.load_weights(state, 1)
+    slow, fast = _generate_both_ways(engine, prompts[:8], [30] * 8, 0.0, STOP)
+    assert [g.tokens for g in fast] == [g.tokens for g in slow]
+
+
+def test_hf_fast_decode_is_off_for_models_it_does_not_reproduce(tmp_path):
+    from eapo_ray.rollout import fast_llama
+
+    engine = HFEngine(str(_random_llama(tmp_path, attention_bias=True)))
+    assert not fast_llama.supports(engine.model) and engine._fast is None
+    prompt = engine.tokenizer("Q:1+2\nA:")["input_ids"]
+    assert len(engine.generate([prompt] * 2, [5, 5], 0.0, STOP)[0].tokens) >= 1
+
+
 # ---- 2. stop strings that end inside a token ----
 
 def test_stop_detection_on_smollm2_ids(smollm2_tokenizer):
