@@ -101,6 +101,12 @@ class RolloutConfig:
     # per-step mask and rotary rebuilds): the same logits (bitwise on the tiny policy), ~1.3-1.4x cheaper
     # steps on small batches; other models always use their own forward. false: the model's forward
     fast_decode: bool = True
+    # transformers engine with fast_decode: requests that arrive while a batch decodes (an episode's
+    # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,
+    # and each request is answered when its own sequence ends (continuous batching). Greedy tokens and
+    # every recorded log-prob are those of the request run alone (to float rounding); sampled draws come
+    # from the same distributions in a different order. false: a batch runs to its end, then the next
+    join_running: bool = True
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size

@@ -99,6 +99,23 @@ class FastLlamaDecoder:
         self.k = [x.index_select(0, keep) for x in self.k]
         self.v = [x.index_select(0, keep) for x in self.v]
 
+    def append(self, past):
+        """Add the rows of another prefill's cache (requests joining the running batch): both sets
+        of rows right-aligned at the longer length, the positions before a row's own start zero
+        (and masked out by its attention mask)."""
+        t, n2 = self.length, past.layers[0].keys.shape[2]
+        T = max(t, n2)
+        cap = T + max(self.k[0].shape[2] - t, 16)
+        for i in range(self.n_layers):
+            for buf, new in ((self.k, past.layers[i].keys), (self.v, past.layers[i].values)):
+                old = buf[i]
+                R, H, _, D = old.shape
+                y = old.new_zeros((R + new.shape[0], H, cap, D))
+                y[:R, :, T - t:T] = old[:, :, :t]
+                y[R:, :, T - n2:T] = new
+                buf[i] = y
+        self.length = T
+
     def _grow(self):
         cap = self.k[0].shape[2]
         if self.length < cap:

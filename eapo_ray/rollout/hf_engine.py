@@ -18,7 +18,7 @@ class HFEngine(Engine):
     even if it carries text past the stop string); nothing is returned after it."""
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
-                 prune_finished: bool = True, fast_decode: bool = True):
+                 prune_finished: bool = True, fast_decode: bool = True, join_running: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
@@ -36,6 +36,7 @@ class HFEngine(Engine):
         # decoding steps through fast_llama (a plain Llama only; the model's own forward otherwise)
         self.fast_decode = fast_decode
         self._fast = fast_llama.FastLlamaDecoder(self.model) if fast_llama.supports(self.model) else None
+        self.join_running = join_running  # requests join a running batch (see generate's `more`)
 
     def _stop_candidates(self, stop) -> frozenset | None:
         """The tokens that can complete a stop string: those whose text contains a stop string's
@@ -63,33 +64,63 @@ class HFEngine(Engine):
             self._bans[key] = StringBan(self.tokenizer, key, self._texts)
         return self._bans[key]
 
-    @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
-        if not prompts:
-            return []
+    @property
+    def joins_running_batch(self) -> bool:
+        """Whether `generate` takes requests that arrive while it decodes (`more`): with the fast
+        decoding path only, whose key/value buffers can take new rows."""
+        return self.join_running and self.fast_decode and self._fast is not None
+
+    def _prefill(self, prompts):
+        """The model's own forward over the left-padded prompts: (attention mask, last position
+        [B, 1], cache, last logits)."""
         B, n = len(prompts), max(len(p) for p in prompts)
-        dev = self.device
         ids = torch.full((B, n), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, n - len(p):], attn[i, n - len(p):] = torch.tensor(p), 1
-        ids, attn = ids.to(dev), attn.to(dev)
+        ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        return attn, pos[:, -1:], out.past_key_values, out.logits[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), more=None, on_done=None):
+        """`more` (optional, with `joins_running_batch`): called between decoding steps, returns
+        [(prompt, max_new_tokens)] to add to the running batch (the same sampling settings); they
+        are prefilled, join the batch and its buffers, and get the next indices after those
+        already in it. `on_done(i, generation)` (optional) is called as soon as sequence i ends.
+        Returns every sequence's Generation, the added ones last, in the order they came."""
+        if not prompts:
+            return []
         greedy = temperature <= 0
         sban = self._string_ban(ban) if ban else None
         can_stop = self._stop_candidates(stop)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
         fast = self._fast if self.fast_decode else None
-        if fast is not None:  # the decoding steps run on fast_llama's buffers from here
-            fast.start(past, n + min(max(max_new_tokens), 64))
-            past = None
-        toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
-        finish, active = ["length"] * B, [m > 0 for m in max_new_tokens]
-        rows = list(range(B))  # the sequence each row of the running batch holds
-        for _ in range(max(max_new_tokens)):
-            if not any(active):
-                break
+        if not self.joins_running_batch:
+            more = None
+        toks, lps, finish, active, budget = [], [], [], [], []
+
+        def end(i, why):
+            finish[i], active[i] = why, False
+            if on_done is not None:
+                on_done(i, Generation(toks[i], lps[i], why))
+
+        def register(mnt):
+            base = len(toks)
+            for m in mnt:
+                toks.append([])
+                lps.append([])
+                finish.append("length")
+                active.append(True)
+                budget.append(m)
+            new = list(range(base, base + len(mnt)))
+            for i in new:
+                if budget[i] <= 0:
+                    end(i, "length")
+            return new
+
+        def sample(logits, rows):
+            """Draw each running row's next token, record it, end the rows that finish."""
             scaled = logits.float() / (1.0 if greedy else temperature)
             if sban is not None:  # mask every token that would complete a banned string
                 for r, i in enumerate(rows):
@@ -107,30 +138,47 @@ class HFEngine(Engine):
                 if sban is not None:
                     t = self._recheck_ban(sban, logp, r, t, toks[i], greedy)
                     if t is None:  # every token would spell a banned string: end the turn here
-                        finish[i], active[i] = "stop", False
+                        end(i, "stop")
                         continue
                     nxt[r] = t
                 toks[i].append(t)
                 lps[i].append(0.0 if greedy else (chosen_lp[r] if chosen_lp is not None else float(logp[r, t])))
                 if t in self.eos_ids or ((can_stop is None or t in can_stop) and hits_stop(self.tokenizer, toks[i], stop)):
-                    finish[i], active[i] = "stop", False
-                elif len(toks[i]) >= max_new_tokens[i]:
-                    active[i] = False
-            if not any(active):
+                    end(i, "stop")
+                elif len(toks[i]) >= budget[i]:
+                    end(i, "length")
+            return nxt
+
+        rows = register(max_new_tokens)  # the sequence each row of the running batch holds
+        attn, pos, past, logits = self._prefill(prompts)
+        if fast is not None:  # the decoding steps run on fast_llama's buffers from here
+            fast.start(past, attn.shape[1] + min(max(max_new_tokens), 64))
+            past = None
+        while any(active[i] for i in rows):
+            nxt = sample(logits, rows)
+            extra = more() if more is not None else None
+            if extra:  # requests that arrived meanwhile join the batch (continuous batching)
+                new = register([m for _, m in extra])
+                a2, p2, past2, lg2 = self._prefill([p for p, _ in extra])
+                nxt = torch.cat([nxt, sample(lg2, new)])
+                attn = _left_pad_cat(attn, a2, fast.length)
+                fast.append(past2)
+                rows, pos = rows + new, torch.cat([pos, p2])
+            if not any(active[i] for i in rows):
                 break
             live = [r for r, i in enumerate(rows) if active[i]]
             if self.prune_finished and len(live) <= PRUNE_BELOW * len(rows):
                 # drop the finished rows from the batch and its KV cache: each row's logits depend on
                 # its own row only, so the others' distributions are unchanged
-                keep = torch.tensor(live, dtype=torch.long, device=dev)
+                keep = torch.tensor(live, dtype=torch.long, device=self.device)
                 rows, nxt, attn, pos = [rows[r] for r in live], nxt[keep], attn[keep], pos[keep]
                 if fast is not None:
                     fast.select(keep)
                 else:
                     past.batch_select_indices(keep)
-            step_ids = nxt.view(len(rows), 1).to(dev)
-            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=dev)], dim=1)
-            pos = pos[:, -1:] + 1
+            step_ids = nxt.view(len(rows), 1).to(self.device)
+            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=self.device)], dim=1)
+            pos = pos + 1
             if fast is not None:
                 logits = fast.step(step_ids, pos, attn)
             else:
@@ -155,3 +203,10 @@ class HFEngine(Engine):
     def load_weights(self, state_dict, version):
         self.model.load_state_dict(state_dict)
         self.version = version
+
+
+def _left_pad_cat(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
+    """Stack two left-padded masks row-wise, both left-padded to the longer one (`length` = a's)."""
+    T = max(length, b.shape[1])
+    pad = lambda x: torch.cat([x.new_zeros((x.shape[0], T - x.shape[1])), x], dim=1) if x.shape[1] < T else x  # noqa: E731
+    return torch.cat([pad(a), pad(b)])

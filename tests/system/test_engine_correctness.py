@@ -229,6 +229,54 @@ def test_hf_fast_decode_is_off_for_models_it_does_not_reproduce(tmp_path):
     assert len(engine.generate([prompt] * 2, [5, 5], 0.0, STOP)[0].tokens) >= 1
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hf_requests_join_a_running_batch_and_return_when_they_end(tmp_path, temperature):
+    """Issue 13 (rollout.join_running): requests that arrive while a batch decodes join it at the
+    next step (one `generate` call, not two), are answered when their own sequence ends (before
+    the long one), and keep their own results: greedy tokens those of the requests run without
+    joining, every recorded log-prob the model's teacher-forced one, with prompts both shorter
+    and longer than the running batch's cache."""
+    engine = HFEngine(str(_random_llama(tmp_path)))  # never stops early: the first batch runs 150 steps
+    assert engine.joins_running_batch
+    tok = engine.tokenizer
+    first = tok("Q:1+1\nA:")["input_ids"]
+    later = [tok(f"Q:{e}\nA:")["input_ids"] for e in ("2*3", "(1+2)*(3+4)-5*6+7*8-9+(8*7-6)*5+4*3-2*1+9*9-8", "4-1")]
+    budgets = [5, 12, 30]
+    calls, steps = [], []
+    gen, step = engine.generate, engine._fast.step
+    engine.generate = lambda *a, **k: calls.append(len(a[0])) or gen(*a, **k)
+    engine._fast.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+
+    async def scenario():
+        long = asyncio.create_task(engine.agenerate(first, 150, temperature, STOP))
+        while len(steps) < 20 and not long.done():  # the first batch is decoding
+            await asyncio.sleep(0.001)
+        short = await _within(engine.agenerate(later[0], budgets[0], temperature, STOP))
+        if temperature == 0.0:  # (sampling may draw EOS early)
+            assert not long.done(), "a joined request is answered when it ends, not with the batch"
+        rest = await _within(asyncio.gather(*[engine.agenerate(p, m, temperature, STOP)
+                                              for p, m in zip(later[1:], budgets[1:])]))
+        return await _within(long), [short, *rest]
+
+    try:
+        torch.manual_seed(0)
+        g_long, g_later = asyncio.run(scenario())
+    finally:
+        engine.generate, engine._fast.step = gen, step
+    if temperature == 0.0:
+        assert calls == [1], calls  # every later request joined the first call
+        assert len(g_long.tokens) == 150 and [len(g.tokens) for g in g_later] == budgets
+        engine.join_running = False
+        alone = [engine.generate([p], [m], 0.0, STOP)[0].tokens for p, m in zip([first, *later], [150, *budgets])]
+        assert [g.tokens for g in [g_long, *g_later]] == alone
+    else:
+        for p, g in zip([first, *later], [g_long, *g_later]):
+            ids = torch.tensor([p + g.tokens])
+            with torch.no_grad():
+                ref = token_logprobs(engine.model(input_ids=ids).logits.float(), ids, 1.0)[0, len(p) - 1:]
+            assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+
+
 # ---- 2. stop strings that end inside a token ----
 
 def test_stop_detection_on_smollm2_ids(smollm2_tokenizer):
