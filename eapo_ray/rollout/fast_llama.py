@@ -46,6 +46,7 @@ class FastLlamaDecoder:
         self._key = None
         self._weights = None
         self._rope = None  # (cos, sin) tables [positions, head_dim]
+        self._current = None  # weights() at start()
 
     # ---- weights -------------------------------------------------------------------------------
     def _weights_key(self):
@@ -82,7 +83,10 @@ class FastLlamaDecoder:
 
     # ---- cache ---------------------------------------------------------------------------------
     def start(self, past, capacity: int):
-        """Copy the prefill's cache (a transformers Cache) into buffers with room for `capacity` positions."""
+        """Copy the prefill's cache (a transformers Cache) into buffers with room for `capacity` positions,
+        and take the model's current weights for this call's steps (its weights do not change during
+        one `generate` call)."""
+        self._current = self.weights()
         self.k, self.v = [], []
         for i in range(self.n_layers):
             k, v = past.layers[i].keys, past.layers[i].values
@@ -96,8 +100,15 @@ class FastLlamaDecoder:
 
     def select(self, keep: torch.Tensor):
         """Keep only the rows `keep` (finished sequences leave the batch)."""
-        self.k = [x.index_select(0, keep) for x in self.k]
-        self.v = [x.index_select(0, keep) for x in self.v]
+        t = self.length
+
+        def pick(x):  # the filled positions only, into a buffer of the same capacity
+            y = x.new_empty((keep.shape[0], *x.shape[1:]))
+            y[:, :, :t] = x[:, :, :t].index_select(0, keep)
+            return y
+
+        self.k = [pick(x) for x in self.k]
+        self.v = [pick(x) for x in self.v]
 
     def append(self, past):
         """Add the rows of another prefill's cache (requests joining the running batch): both sets
@@ -131,7 +142,7 @@ class FastLlamaDecoder:
     def step(self, ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one new token per row. ids, pos: [B, 1]; attn: [B, length + 1]
         (the padding mask including the new token). Writes the new keys/values into the buffers."""
-        layers, norm_w, emb_w, head_w = self.weights()
+        layers, norm_w, emb_w, head_w = self._current
         self._grow()
         B = ids.shape[0]
         H, KV, D, t = self.n_heads, self.n_kv, self.head_dim, self.length
