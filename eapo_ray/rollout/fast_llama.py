@@ -157,9 +157,9 @@ class FastLlamaDecoder:
         for li, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(layers):
             h = _rms(x, ln1, self.eps)
             qkv = F.linear(h, wqkv).view(B, H + 2 * KV, 1, D)  # [B, heads, 1, D]
-            q, k, v = qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:]
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            qk, v = qkv[:, :H + KV], qkv[:, H + KV:]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE on q and k at once
+            q, k = qk[:, :H], qk[:, H:]
             kb, vb = self.k[li], self.v[li]
             kb[:, :, t:t + 1] = k
             vb[:, :, t:t + 1] = v
