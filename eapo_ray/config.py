@@ -98,8 +98,9 @@ class RolloutConfig:
     prune_finished: bool = True
     # transformers engine: decoding steps of a plain Llama (the tiny policies, SmolLM2) through
     # rollout/fast_llama.py (key/value buffers written in place, fused q/k/v and gate/up matmuls, no
-    # per-step mask and rotary rebuilds): the same logits (bitwise on the tiny policy), ~1.3-1.4x cheaper
-    # steps on small batches; other models always use their own forward. false: the model's forward
+    # per-step mask and rotary rebuilds), and a prompt repeated in a batch (a group's samples) prefilled
+    # once: the same logits (bitwise on the tiny policy), ~1.3-1.4x cheaper steps on small batches, a
+    # group-of-8 batch's prefill ~1/8; other models always use their own forward. false: the model's forward
     fast_decode: bool = True
     # transformers engine with fast_decode: requests that arrive while a batch decodes (an episode's
     # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,

@@ -72,16 +72,26 @@ class HFEngine(Engine):
 
     def _prefill(self, prompts):
         """The model's own forward over the left-padded prompts: (attention mask, last position
-        [B, 1], cache, last logits)."""
-        B, n = len(prompts), max(len(p) for p in prompts)
+        [B, 1], cache, last logits). With fast_decode, a prompt that appears several times (a
+        group's samples) is run once and its rows copied (the same values, to float rounding)."""
+        uniq, where, rows = prompts, None, {}
+        if self.fast_decode:
+            where = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+            uniq = [list(p) for p in rows] if len(rows) < len(prompts) else prompts
+        B, n = len(uniq), max(len(p) for p in uniq)
         ids = torch.full((B, n), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(uniq):
             ids[i, n - len(p):], attn[i, n - len(p):] = torch.tensor(p), 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        return attn, pos[:, -1:], out.past_key_values, out.logits[:, -1]
+        past, logits = out.past_key_values, out.logits[:, -1]
+        if uniq is not prompts:
+            sel = torch.tensor(where, dtype=torch.long, device=self.device)
+            attn, pos, logits = attn[sel], pos[sel], logits[sel]
+            past.batch_select_indices(sel)
+        return attn, pos[:, -1:], past, logits
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), more=None, on_done=None):
