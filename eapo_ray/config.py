@@ -105,9 +105,11 @@ class RolloutConfig:
     # transformers engine with fast_decode: requests that arrive while a batch decodes (an episode's
     # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,
     # and each request is answered when its own sequence ends (continuous batching). Greedy tokens and
-    # every recorded log-prob are those of the request run alone (to float rounding); sampled draws come
-    # from the same distributions in a different order. false: a batch runs to its end, then the next
-    join_running: bool = True
+    # every recorded log-prob are those of the request run alone (to float rounding), but which step a
+    # request joins at depends on thread timing, so sampled episodes are no longer reproducible for a
+    # fixed seed even with a deterministic expert. Off by default: it saves little at expert latency ~0
+    # (benchmarks/components.py: ~1.04x per rollout batch, 1.2x at 0.2 s); false: each batch to its end
+    join_running: bool = False
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size

@@ -18,7 +18,7 @@ class HFEngine(Engine):
     even if it carries text past the stop string); nothing is returned after it."""
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
-                 prune_finished: bool = True, fast_decode: bool = True, join_running: bool = True):
+                 prune_finished: bool = True, fast_decode: bool = True, join_running: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)

@@ -236,7 +236,7 @@ def test_hf_requests_join_a_running_batch_and_return_when_they_end(tmp_path, tem
     the long one), and keep their own results: greedy tokens those of the requests run without
     joining, every recorded log-prob the model's teacher-forced one, with prompts both shorter
     and longer than the running batch's cache."""
-    engine = HFEngine(str(_random_llama(tmp_path)))  # never stops early: the first batch runs 150 steps
+    engine = HFEngine(str(_random_llama(tmp_path)), join_running=True)  # never stops early: 150 steps
     assert engine.joins_running_batch
     tok = engine.tokenizer
     first = tok("Q:1+1\nA:")["input_ids"]
