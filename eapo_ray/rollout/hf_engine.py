@@ -1,6 +1,8 @@
 """The transformers engine: exact sampling on CPU (or one GPU) with our own KV-cache loop."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from eapo_ray.rollout import fast_llama
@@ -37,6 +39,7 @@ class HFEngine(Engine):
         self.fast_decode = fast_decode
         self._fast = fast_llama.FastLlamaDecoder(self.model) if fast_llama.supports(self.model) else None
         self.join_running = join_running  # requests join a running batch (see generate's `more`)
+        self._fast_lock = threading.Lock()
 
     def _stop_candidates(self, stop) -> frozenset | None:
         """The tokens that can complete a stop string: those whose text contains a stop string's
@@ -93,8 +96,18 @@ class HFEngine(Engine):
             past.batch_select_indices(sel)
         return attn, pos[:, -1:], past, logits
 
-    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), more=None, on_done=None):
+        # the fast path's buffers belong to one call at a time: a call that overlaps another
+        # (two threads on one engine) takes the model's own forward instead of waiting
+        use_fast = self.fast_decode and self._fast is not None and self._fast_lock.acquire(blocking=False)
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast)
+        finally:
+            if use_fast:
+                self._fast_lock.release()
+
+    @torch.inference_mode()
+    def _generate(self, prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast):
         """`more` (optional, with `joins_running_batch`): called between decoding steps, returns
         [(prompt, max_new_tokens)] to add to the running batch (the same sampling settings); they
         are prefilled, join the batch and its buffers, and get the next indices after those
@@ -105,8 +118,8 @@ class HFEngine(Engine):
         greedy = temperature <= 0
         sban = self._string_ban(ban) if ban else None
         can_stop = self._stop_candidates(stop)
-        fast = self._fast if self.fast_decode else None
-        if not self.joins_running_batch:
+        fast = self._fast if use_fast else None
+        if not self.joins_running_batch or fast is None:
             more = None
         toks, lps, finish, active, budget = [], [], [], [], []
 

@@ -220,6 +220,21 @@ def test_hf_fast_decode_gives_the_models_own_tokens_and_logprobs(tmp_path, which
     assert [g.tokens for g in fast] == [g.tokens for g in slow]
 
 
+def test_hf_fast_decode_calls_from_two_threads_keep_their_own_state():
+    """The fast path's buffers serve one call at a time; an overlapping call (two threads on one
+    engine) takes the model's own forward, so both get the tokens they get alone."""
+    import concurrent.futures
+
+    engine = HFEngine(str(TINY_DIR / "policy"))
+    tok = engine.tokenizer
+    sets = [[tok(f"Q:{e}\nA:")["input_ids"] for e in es] * 4 for es in (("(3+4)*5", "7-2"), ("8*(9-6)+1", "2+2+2"))]
+    alone = [[g.tokens for g in engine.generate(p, [40] * len(p), 0.0, STOP)] for p in sets]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            futs = [pool.submit(engine.generate, p, [40] * len(p), 0.0, STOP) for p in sets]
+            assert [[g.tokens for g in f.result()] for f in futs] == alone
+
+
 def test_hf_fast_decode_is_off_for_models_it_does_not_reproduce(tmp_path):
     from eapo_ray.rollout import fast_llama
 
