@@ -5,13 +5,14 @@
 Runs `python -m eapo_ray.launch steps=N` (the embedded default: expert on, one rollout actor)
 twice per repeat, alternating:
 
-- before: `eval.overlap=false learner.length_buckets=false rollout.prune_finished=false` (the
-  loop waits for each evaluation, inside its clock; the learner trains on one padded batch; the
-  transformers engine runs every sequence until the batch's longest ends), i.e. the flow before
-  issue 13;
+- before (`--before`, default): `eval.overlap=false learner.length_buckets=false
+  rollout.prune_finished=false rollout.fast_decode=false rollout.join_running=false` (the loop
+  waits for each evaluation, inside its clock; the learner trains on one padded batch; the
+  transformers engine runs every sequence until the batch's longest ends, every step through the
+  model's own forward, each batch to its end before the next), i.e. the flow before issue 13;
 - after: the defaults (evaluation beside training on the published weights, the final one
   after the loop's clock; length-bucketed micro-batches with pi_old reused; finished sequences
-  dropped from the running batch).
+  dropped from the running batch; fast decoding steps; requests join a running batch).
 
 Prints samples/s of the training loop (generated samples / loop seconds, as the launcher's
 console line), held-out accuracy, and both breakdowns (benchmarks/breakdown.py).
@@ -26,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false"]
+BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false",
+          "rollout.fast_decode=false", "rollout.join_running=false"]
 
 
 def run(name: str, extra: list[str], args, root: str) -> dict:
@@ -41,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--before", nargs="+", default=BEFORE, metavar="KEY=VALUE",
+                    help="the 'before' run's overrides (default: every issue-13 switch off; e.g. only "
+                         "rollout.fast_decode=false rollout.join_running=false for the engine's last two)")
     ap.add_argument("overrides", nargs="*", help="extra key=value launcher overrides (both)")
     args = ap.parse_args(argv)
     from breakdown import table
@@ -49,9 +54,9 @@ def main(argv=None) -> int:
     res = []
     with tempfile.TemporaryDirectory() as root:
         for i in range(args.repeats):
-            res.append((run(f"before{i}", BEFORE, args, root), run(f"after{i}", [], args, root)))
+            res.append((run(f"before{i}", args.before, args, root), run(f"after{i}", [], args, root)))
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"\ndefault demo, steps={args.steps} {' '.join(args.overrides)}")
+    print(f"\ndefault demo, steps={args.steps} {' '.join(args.overrides)}; before: {' '.join(args.before)}")
     print(f"{'repeat':>6s} {'before samples/s':>16s} {'after samples/s':>15s} {'after/before':>12s} "
           f"{'held-out before':>15s} {'held-out after':>14s}")
     for i, (b, a) in enumerate(res):

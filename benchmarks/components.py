@@ -1,13 +1,22 @@
-"""Issue 13's two compute optimisations, each timed on/off alternately in one process (1 thread).
+"""Issue 13's compute optimisations, each timed on/off alternately in one process (1 thread).
 
-    python benchmarks/components.py [--repeats 5] [--prompts 16] [--group 8]
+    python benchmarks/components.py [--repeats 5] [--prompts 16] [--group 8] [--parts gen learner rollout]
 
 - generation: the transformers engine on one rollout batch of the bundled task (16 prompts x 8
   samples, T=1, one turn, up to 64 new tokens), with `prune_finished` off (every sequence runs
   until the batch's longest ends) and on (finished sequences leave the batch and its KV cache);
 - learner: forward + backward of the token log-prob loss on that batch, as one padded batch
   and as length buckets (`algo.batching.split_by_length`, the learner's `learner.length_buckets`),
-  with the gradients compared.
+  with the gradients compared;
+- rollout: whole rollout batches of the default config through the rollout actor's own `produce`
+  (EAPO episodes, up to 4 turns, dynamic-sampling redraws), the expert answered by an in-process
+  oracle after `--expert-latency` seconds (the Serve expert's round trip, no CPU), in three
+  modes alternating per repeat on the same batch serials: `before` (the model's own forward for
+  every step, each `generate` call runs to its end: rollout.fast_decode=false
+  rollout.join_running=false), `fast` (fast_decode) and `fast+join` (the defaults: a request that
+  arrives while a batch decodes, e.g. an episode's next turn after its expert reply, joins it).
+  Prints wall and CPU (process) milliseconds per generated sample and forward calls per batch;
+  CPU time is the steadier number on a shared machine.
 
 Alternating on/off per repeat keeps a shared machine's load drift out of the ratio. Prints
 seconds per call, padded vs real tokens, and the ratios.
@@ -30,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--parts", nargs="+", default=["gen", "learner", "rollout"], choices=["gen", "learner", "rollout"])
+    ap.add_argument("--expert-latency", type=float, default=0.02)
     args = ap.parse_args(argv)
     import torch
 
@@ -48,6 +59,12 @@ def main(argv=None) -> int:
     prompts = [encode_prompt(tok, cfg.data, e.problem) for e in ex for _ in range(args.group)]
     stop = [cfg.protocol.consult_close, cfg.protocol.answer_close]
     n = len(prompts)
+    if "rollout" in args.parts:
+        rollout_batches(cfg, args)
+    if "gen" not in args.parts and "learner" not in args.parts:
+        print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
+    engine.fast_decode = engine.join_running = False  # the parts below time prune_finished and the learner alone
     gen_t = {False: [], True: []}
     gens = None
     for rep in range(args.repeats):
@@ -103,6 +120,63 @@ def main(argv=None) -> int:
     print(f"  gradients: max |difference| {diff:.2e} (max |grad| {scale:.2e})")
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+ROLLOUT_MODES = {"before": (False, False), "fast": (True, False), "fast+join": (True, True)}
+
+
+def rollout_batches(cfg, args) -> None:
+    """The rollout part (see the module docstring)."""
+    import asyncio
+
+    from eapo_ray.rollout.actor import RolloutWorker
+
+    worker = RolloutWorker(cfg, 0, None)
+
+    async def oracle(queries):  # the right answer after a fixed latency, None where it cannot
+        await asyncio.sleep(args.expert_latency)
+        out = []
+        for q in queries:
+            try:
+                out.append(f"{q}={int(eval(q, {'__builtins__': {}}, {}))}")  # noqa: S307 -- arithmetic queries only
+            except Exception:  # noqa: BLE001 -- a malformed query reads "unavailable"
+                out.append(None)
+        return out
+
+    worker.expert = oracle
+    eng, calls = worker.engine, {"forward": 0, "fast": 0}
+    fwd, fast_step = eng.model.forward, eng._fast.step if eng._fast is not None else None
+
+    def count_forward(*a, **k):
+        calls["forward"] += 1
+        return fwd(*a, **k)
+
+    def count_fast(*a, **k):
+        calls["fast"] += 1
+        return fast_step(*a, **k)
+
+    eng.model.forward = count_forward
+    if eng._fast is not None:
+        eng._fast.step = count_fast
+    for serial in (1000, 1001):  # warm-up: the grading pool, the token texts
+        worker.produce(0, None, serial)
+    res = {m: [] for m in ROLLOUT_MODES}
+    for rep in range(args.repeats):
+        for mode, (fast, join) in ROLLOUT_MODES.items():
+            eng.fast_decode, eng.join_running = fast, join
+            calls.update(forward=0, fast=0)
+            c0, t0 = time.process_time(), time.perf_counter()
+            stats, _ = worker.produce(rep % 3, None, rep)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            res[mode].append((wall, cpu, stats["samples"], calls["forward"] + calls["fast"], stats["engine_s"]))
+    print(f"\nrollout batches (default config, expert latency {args.expert_latency} s, {args.repeats} repeats):")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    base = {k: med([x[k] / x[2] for x in res["before"]]) for k in (0, 1)}
+    for mode, rows in res.items():
+        w, c = med([x[0] / x[2] for x in rows]), med([x[1] / x[2] for x in rows])
+        print(f"  {mode:10s} wall {w * 1e3:6.2f} ms/sample ({base[0] / w:.2f}x)  CPU {c * 1e3:6.2f} ms/sample "
+              f"({base[1] / c:.2f}x)  forward calls/batch {med([x[3] for x in rows])}  samples/batch "
+              f"{med([x[2] for x in rows])}  wall s/batch {' '.join(f'{x[0]:.2f}' for x in rows)}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,20 @@ class RolloutConfig:
     # batch and its KV cache, so a batch's cost follows its mean length, not its longest; the same tokens
     # and log-probs per sequence. false: the pre-issue-13 loop (for before/after benchmarks)
     prune_finished: bool = True
+    # transformers engine: decoding steps of a plain Llama (the tiny policies, SmolLM2) through
+    # rollout/fast_llama.py (key/value buffers written in place, fused q/k/v and gate/up matmuls, no
+    # per-step mask and rotary rebuilds), and a prompt repeated in a batch (a group's samples) prefilled
+    # once: the same logits (bitwise on the tiny policy), ~1.3-1.4x cheaper steps on small batches, a
+    # group-of-8 batch's prefill ~1/8; other models always use their own forward. false: the model's forward
+    fast_decode: bool = True
+    # transformers engine with fast_decode: requests that arrive while a batch decodes (an episode's
+    # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,
+    # and each request is answered when its own sequence ends (continuous batching). Greedy tokens and
+    # every recorded log-prob are those of the request run alone (to float rounding), but which step a
+    # request joins at depends on thread timing, so sampled episodes are no longer reproducible for a
+    # fixed seed even with a deterministic expert. Off by default: it saves little at expert latency ~0
+    # (benchmarks/components.py: ~1.04x per rollout batch, 1.2x at 0.2 s); false: each batch to its end
+    join_running: bool = False
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
     sync_bucket_mb: int = 512  # NCCL weight sync sends tensors in buckets of about this size

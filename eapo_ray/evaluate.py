@@ -28,7 +28,7 @@ from eapo_ray.config import ConfigError, RunConfig, load_config
 from eapo_ray.data import DataError, Example, encode_prompt, heldout_examples, render_prompt
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, ExpertFn, run_episodes
-from eapo_ray.rollout.factory import make_engine
+from eapo_ray.rollout.factory import hf_options, make_engine
 from eapo_ray.weight_sync import load_published
 
 
@@ -88,7 +88,7 @@ class Evaluator:
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
         self.engine = make_engine(cfg.eval.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed,
-                                  **({"prune_finished": cfg.rollout.prune_finished} if cfg.eval.engine == "hf" else {}))
+                                  **(hf_options(cfg.rollout) if cfg.eval.engine == "hf" else {}))
         self.examples = heldout_examples(cfg)
 
     def evaluate(self, weights=None) -> dict:

@@ -26,7 +26,7 @@ from eapo_ray.config import RunConfig
 from eapo_ray.data import encode_prompt, train_examples
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
-from eapo_ray.rollout.factory import make_engine
+from eapo_ray.rollout.factory import hf_options, make_engine
 from eapo_ray.timing import Overlap
 from eapo_ray.weight_sync import load_published
 
@@ -144,7 +144,7 @@ class RolloutWorker:
         self.cfg, self.index = cfg, index
         self.engine = make_engine(cfg.rollout.engine, cfg.model.policy, cfg.rollout.vllm, seed=cfg.seed * 1000 + index,
                                   **({"weight_transfer": True} if cfg.rollout.weight_sync == "nccl" else {}),
-                                  **({"prune_finished": cfg.rollout.prune_finished} if cfg.rollout.engine == "hf" else {}))
+                                  **(hf_options(cfg.rollout) if cfg.rollout.engine == "hf" else {}))
         self.gen = PausableEngine(self.engine)
         self.tok = self.engine.tokenizer
         d = cfg.data

@@ -4,6 +4,7 @@ the learner trains on, never re-tokenized text."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -65,16 +66,22 @@ class _MicroBatcher:
     """Collects the requests that arrive while the engine is busy (or within a few ms of
     each other) and runs them as one `generate` call; requests with different sampling
     settings go into different batches. Bound to one event loop. A request whose caller
-    was cancelled is skipped; if the drain task itself dies, every waiter gets the error."""
+    was cancelled is skipped; if the drain task itself dies, every waiter gets the error.
+
+    With an engine that `joins_running_batch` (the transformers engine's fast path), requests
+    with the batch's settings that arrive while it decodes join it at its next step, and each
+    request is answered as soon as its own sequence ends, not when the whole batch does."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, settle_s: float = 0.002):
         self.engine, self.loop, self.settle_s = engine, loop, settle_s
         self.pending: list = []  # (key, prompt, max_new_tokens, future)
         self.task: asyncio.Task | None = None
+        self.lock = threading.Lock()  # `pending` is also taken from the engine's thread (joins)
 
     async def submit(self, prompt, max_new_tokens, key):
         fut = self.loop.create_future()
-        self.pending.append((key, prompt, max_new_tokens, fut))
+        with self.lock:
+            self.pending.append((key, prompt, max_new_tokens, fut))
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._drain())
         return await fut
@@ -87,15 +94,21 @@ class _MicroBatcher:
                 while n != len(self.pending):  # wait until no more requests are arriving
                     n = len(self.pending)
                     await asyncio.sleep(self.settle_s)
-                self.pending = [x for x in self.pending if not x[3].done()]  # callers that gave up
-                if not self.pending:
-                    return
-                key = self.pending[0][0]
-                batch = [x for x in self.pending if x[0] == key]
-                self.pending = [x for x in self.pending if x[0] != key]
+                with self.lock:
+                    self.pending = [x for x in self.pending if not x[3].done()]  # callers that gave up
+                    if not self.pending:
+                        return
+                    key = self.pending[0][0]
+                    batch = [x for x in self.pending if x[0] == key]
+                    self.pending = [x for x in self.pending if x[0] != key]
+                joins = getattr(self.engine, "joins_running_batch", False)
+                kwargs = {}
+                if joins:
+                    kwargs = {"more": lambda k=key, b=batch: self._take(k, b), "on_done": lambda i, g, b=batch:
+                              self.loop.call_soon_threadsafe(_settle_one, b[i], g)}
                 try:
                     gens = await asyncio.to_thread(self.engine.generate, [x[1] for x in batch], [x[2] for x in batch],
-                                                   key[0], list(key[1]), list(key[2]))
+                                                   key[0], list(key[1]), list(key[2]), **kwargs)
                 except Exception as e:  # noqa: BLE001 -- handed to every waiting request
                     _settle(batch, error=e)
                 else:
@@ -103,9 +116,27 @@ class _MicroBatcher:
                 batch = []
         except BaseException as e:  # cancelled (the loop is closing) or a bug: no waiter may hang
             err = e if isinstance(e, Exception) else RuntimeError("engine batcher stopped")
-            _settle(batch + self.pending, error=err)
-            self.pending = []
+            with self.lock:
+                rest, self.pending = self.pending, []
+            _settle(batch + rest, error=err)
             raise
+
+    def _take(self, key, batch: list) -> list:
+        """From the engine's thread, between decoding steps: the waiting requests with `key`,
+        moved into the running `batch` (their indices follow its current ones)."""
+        if not self.pending:
+            return []
+        with self.lock:
+            took = [x for x in self.pending if x[0] == key and not x[3].done()]
+            if took:
+                self.pending = [x for x in self.pending if x[0] != key or x[3].done()]
+        batch.extend(took)
+        return [(x[1], x[2]) for x in took]
+
+
+def _settle_one(entry, result) -> None:
+    if not entry[3].done():
+        entry[3].set_result(result)
 
 
 def _settle(entries, results=None, error=None) -> None:

@@ -1,8 +1,11 @@
 """The transformers engine: exact sampling on CPU (or one GPU) with our own KV-cache loop."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from eapo_ray.rollout import fast_llama
 from eapo_ray.rollout.engine import Engine, Generation, StringBan, hits_stop, token_texts
 
 PRUNE_BELOW = 0.75  # the running batch drops its finished rows once at most this fraction is active
@@ -17,7 +20,7 @@ class HFEngine(Engine):
     even if it carries text past the stop string); nothing is returned after it."""
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
-                 prune_finished: bool = True):
+                 prune_finished: bool = True, fast_decode: bool = True, join_running: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
@@ -31,6 +34,30 @@ class HFEngine(Engine):
         self.prune_finished = prune_finished  # drop finished sequences from the running batch (see generate)
         self._texts: list[str] | None = None  # token_texts, computed on the first ban
         self._bans: dict[tuple, StringBan] = {}
+        self._stop_tokens: dict[tuple, frozenset | None] = {}
+        # decoding steps through fast_llama (a plain Llama only; the model's own forward otherwise)
+        self.fast_decode = fast_decode
+        self._fast = fast_llama.FastLlamaDecoder(self.model) if fast_llama.supports(self.model) else None
+        self.join_running = join_running  # requests join a running batch (see generate's `more`)
+        self._fast_lock = threading.Lock()
+
+    def _stop_candidates(self, stop) -> frozenset | None:
+        """The tokens that can complete a stop string: those whose text contains a stop string's
+        last character (checked after every token, a new hit must end inside the new token).
+        None (check every token) when a stop string ends in whitespace or a non-ASCII character,
+        where decoding may rewrite across tokens."""
+        key = tuple(stop)
+        if key not in self._stop_tokens:
+            ends = {s[-1] for s in stop if s}
+            if not ends:
+                self._stop_tokens[key] = frozenset()
+            elif any(not c.isascii() or c.isspace() for c in ends):
+                self._stop_tokens[key] = None
+            else:
+                if self._texts is None:
+                    self._texts = token_texts(self.tokenizer)
+                self._stop_tokens[key] = frozenset(v for v, t in enumerate(self._texts) if any(c in t for c in ends))
+        return self._stop_tokens[key]
 
     def _string_ban(self, ban) -> StringBan:
         key = tuple(ban)
@@ -40,28 +67,83 @@ class HFEngine(Engine):
             self._bans[key] = StringBan(self.tokenizer, key, self._texts)
         return self._bans[key]
 
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
-        if not prompts:
-            return []
-        B, n = len(prompts), max(len(p) for p in prompts)
-        dev = self.device
+    @property
+    def joins_running_batch(self) -> bool:
+        """Whether `generate` takes requests that arrive while it decodes (`more`): with the fast
+        decoding path only, whose key/value buffers can take new rows."""
+        return self.join_running and self.fast_decode and self._fast is not None
+
+    def _prefill(self, prompts):
+        """The model's own forward over the left-padded prompts: (attention mask, last position
+        [B, 1], cache, last logits). With fast_decode, a prompt that appears several times (a
+        group's samples) is run once and its rows copied (the same values, to float rounding)."""
+        uniq, where, rows = prompts, None, {}
+        if self.fast_decode:
+            where = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+            uniq = [list(p) for p in rows] if len(rows) < len(prompts) else prompts
+        B, n = len(uniq), max(len(p) for p in uniq)
         ids = torch.full((B, n), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(uniq):
             ids[i, n - len(p):], attn[i, n - len(p):] = torch.tensor(p), 1
-        ids, attn = ids.to(dev), attn.to(dev)
+        ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        greedy = temperature <= 0
-        sban = self._string_ban(ban) if ban else None
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
-        toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
-        finish, active = ["length"] * B, [m > 0 for m in max_new_tokens]
-        rows = list(range(B))  # the sequence each row of the running batch holds
-        for _ in range(max(max_new_tokens)):
-            if not any(active):
-                break
+        if uniq is not prompts:
+            sel = torch.tensor(where, dtype=torch.long, device=self.device)
+            attn, pos, logits = attn[sel], pos[sel], logits[sel]
+            past.batch_select_indices(sel)
+        return attn, pos[:, -1:], past, logits
+
+    def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), more=None, on_done=None):
+        # the fast path's buffers belong to one call at a time: a call that overlaps another
+        # (two threads on one engine) takes the model's own forward instead of waiting
+        use_fast = self.fast_decode and self._fast is not None and self._fast_lock.acquire(blocking=False)
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast)
+        finally:
+            if use_fast:
+                self._fast_lock.release()
+
+    @torch.inference_mode()
+    def _generate(self, prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast):
+        """`more` (optional, with `joins_running_batch`): called between decoding steps, returns
+        [(prompt, max_new_tokens)] to add to the running batch (the same sampling settings); they
+        are prefilled, join the batch and its buffers, and get the next indices after those
+        already in it. `on_done(i, generation)` (optional) is called as soon as sequence i ends.
+        Returns every sequence's Generation, the added ones last, in the order they came."""
+        if not prompts:
+            return []
+        greedy = temperature <= 0
+        sban = self._string_ban(ban) if ban else None
+        can_stop = self._stop_candidates(stop)
+        fast = self._fast if use_fast else None
+        if not self.joins_running_batch or fast is None:
+            more = None
+        toks, lps, finish, active, budget = [], [], [], [], []
+
+        def end(i, why):
+            finish[i], active[i] = why, False
+            if on_done is not None:
+                on_done(i, Generation(toks[i], lps[i], why))
+
+        def register(mnt):
+            base = len(toks)
+            for m in mnt:
+                toks.append([])
+                lps.append([])
+                finish.append("length")
+                active.append(True)
+                budget.append(m)
+            new = list(range(base, base + len(mnt)))
+            for i in new:
+                if budget[i] <= 0:
+                    end(i, "length")
+            return new
+
+        def sample(logits, rows):
+            """Draw each running row's next token, record it, end the rows that finish."""
             scaled = logits.float() / (1.0 if greedy else temperature)
             if sban is not None:  # mask every token that would complete a banned string
                 for r, i in enumerate(rows):
@@ -69,37 +151,63 @@ class HFEngine(Engine):
                         scaled[r, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
             nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            # one transfer per step, not one per row (the same values)
+            chosen = nxt.tolist()
+            chosen_lp = None if greedy or sban is not None else logp.gather(1, nxt.view(-1, 1)).view(-1).tolist()
             for r, i in enumerate(rows):
                 if not active[i]:
                     continue
-                t = int(nxt[r])
+                t = chosen[r]
                 if sban is not None:
                     t = self._recheck_ban(sban, logp, r, t, toks[i], greedy)
                     if t is None:  # every token would spell a banned string: end the turn here
-                        finish[i], active[i] = "stop", False
+                        end(i, "stop")
                         continue
                     nxt[r] = t
                 toks[i].append(t)
-                lps[i].append(0.0 if greedy else float(logp[r, t]))
-                if t in self.eos_ids or hits_stop(self.tokenizer, toks[i], stop):
-                    finish[i], active[i] = "stop", False
-                elif len(toks[i]) >= max_new_tokens[i]:
-                    active[i] = False
-            if not any(active):
+                lps[i].append(0.0 if greedy else (chosen_lp[r] if chosen_lp is not None else float(logp[r, t])))
+                if t in self.eos_ids or ((can_stop is None or t in can_stop) and hits_stop(self.tokenizer, toks[i], stop)):
+                    end(i, "stop")
+                elif len(toks[i]) >= budget[i]:
+                    end(i, "length")
+            return nxt
+
+        rows = register(max_new_tokens)  # the sequence each row of the running batch holds
+        attn, pos, past, logits = self._prefill(prompts)
+        if fast is not None:  # the decoding steps run on fast_llama's buffers from here
+            fast.start(past, attn.shape[1] + min(max(max_new_tokens), 64))
+            past = None
+        while any(active[i] for i in rows):
+            nxt = sample(logits, rows)
+            extra = more() if more is not None else None
+            if extra:  # requests that arrived meanwhile join the batch (continuous batching)
+                new = register([m for _, m in extra])
+                a2, p2, past2, lg2 = self._prefill([p for p, _ in extra])
+                nxt = torch.cat([nxt, sample(lg2, new)])
+                attn = _left_pad_cat(attn, a2, fast.length)
+                fast.append(past2)
+                rows, pos = rows + new, torch.cat([pos, p2])
+            if not any(active[i] for i in rows):
                 break
             live = [r for r, i in enumerate(rows) if active[i]]
             if self.prune_finished and len(live) <= PRUNE_BELOW * len(rows):
                 # drop the finished rows from the batch and its KV cache: each row's logits depend on
                 # its own row only, so the others' distributions are unchanged
-                keep = torch.tensor(live, dtype=torch.long, device=dev)
+                keep = torch.tensor(live, dtype=torch.long, device=self.device)
                 rows, nxt, attn, pos = [rows[r] for r in live], nxt[keep], attn[keep], pos[keep]
-                past.batch_select_indices(keep)
-            step_ids = nxt.view(len(rows), 1).to(dev)
-            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=dev)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
-                             use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                if fast is not None:
+                    fast.select(keep)
+                else:
+                    past.batch_select_indices(keep)
+            step_ids = nxt.view(len(rows), 1).to(self.device)
+            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=self.device)], dim=1)
+            pos = pos + 1
+            if fast is not None:
+                logits = fast.step(step_ids, pos, attn)
+            else:
+                out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                                 use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
         return [Generation(t, lp, f) for t, lp, f in zip(toks, lps, finish)]
 
     @staticmethod
@@ -118,3 +226,10 @@ class HFEngine(Engine):
     def load_weights(self, state_dict, version):
         self.model.load_state_dict(state_dict)
         self.version = version
+
+
+def _left_pad_cat(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
+    """Stack two left-padded masks row-wise, both left-padded to the longer one (`length` = a's)."""
+    T = max(length, b.shape[1])
+    pad = lambda x: torch.cat([x.new_zeros((x.shape[0], T - x.shape[1])), x], dim=1) if x.shape[1] < T else x  # noqa: E731
+    return torch.cat([pad(a), pad(b)])

@@ -151,6 +151,147 @@ def test_hf_engine_ignores_generation_config_and_records_full_softmax(tmp_path):
     assert _full_softmax_gap(gens, prompt, engine.model, 0.7) < 1e-5
 
 
+def _random_llama(tmp_path, **overrides):
+    """A random Llama on the tiny policy's tokenizer (grouped heads by default: 4 query heads
+    share 2 key/value heads, as SmolLM2's do)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_DIR / "policy"))
+    args = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    args.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**args))
+    out = tmp_path / "random_llama"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _generate_both_ways(engine, prompts, max_new, temperature, stop, seed=0):
+    out = {}
+    try:
+        for flag in (False, True):
+            engine.fast_decode = flag
+            torch.manual_seed(seed)
+            out[flag] = engine.generate(prompts, max_new, temperature, stop)
+    finally:
+        engine.fast_decode = True
+    return out[False], out[True]
+
+
+@pytest.mark.parametrize("which", ["tiny", "grouped_heads"])
+def test_hf_fast_decode_gives_the_models_own_tokens_and_logprobs(tmp_path, which):
+    """Issue 13: decoding steps through rollout/fast_llama.py (in-place key/value buffers, fused
+    matmuls) against the model's own forward, the path before it: the same greedy tokens, and
+    with the same seed the same sampled tokens with log-probs equal to float rounding, through
+    pruning (rows finish at different steps) and a buffer that has to grow (> 64 new tokens).
+    The random model with grouped heads never stops early, so its rows run the whole budget."""
+    from eapo_ray.rollout import fast_llama
+
+    path = TINY_DIR / "policy" if which == "tiny" else _random_llama(tmp_path)
+    engine = HFEngine(str(path))
+    assert fast_llama.supports(engine.model) and engine._fast is not None
+    tok = engine.tokenizer
+    prompts = [tok(f"Q:{e}\nA:")["input_ids"] for e in ("(3+4)*5", "7-2", "8*(9-6)+1", "2+2")] * 6
+    max_new = [100, 40, 70, 20] * 6  # different budgets: rows leave at different steps
+    for temperature in (0.0, 1.0, 0.7):
+        slow, fast = _generate_both_ways(engine, prompts, max_new, temperature, STOP, seed=5)
+        assert [g.tokens for g in fast] == [g.tokens for g in slow]
+        assert [g.finish for g in fast] == [g.finish for g in slow]
+        gap = max(abs(a - b) for f, s in zip(fast, slow) for a, b in zip(f.logprobs, s.logprobs))
+        assert gap < 1e-5, gap
+    assert len({len(g.tokens) for g in fast}) > 1
+    if which == "grouped_heads":
+        assert max(len(g.tokens) for g in fast) > 64  # past the buffer's first capacity
+    # the recorded log-probs are the teacher-forced ones of the model
+    for p, g in zip(prompts[:4], fast[:4]):
+        ids = torch.tensor([p + g.tokens])
+        with torch.no_grad():
+            ref = token_logprobs(engine.model(input_ids=ids).logits.float(), ids, 0.7)[0, len(p) - 1:]
+        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+    # new weights (load_weights, as the rollout actor does) reach the fast path's fused matmuls
+    state = {k: v * 0.5 if k.endswith("q_proj.weight") or k.endswith("up_proj.weight") else v
+             for k, v in engine.model.state_dict().items()}
+    engine.load_weights(state, 1)
+    slow, fast = _generate_both_ways(engine, prompts[:8], [30] * 8, 0.0, STOP)
+    assert [g.tokens for g in fast] == [g.tokens for g in slow]
+
+
+def test_hf_fast_decode_calls_from_two_threads_keep_their_own_state():
+    """The fast path's buffers serve one call at a time; an overlapping call (two threads on one
+    engine) takes the model's own forward, so both get the tokens they get alone."""
+    import concurrent.futures
+
+    engine = HFEngine(str(TINY_DIR / "policy"))
+    tok = engine.tokenizer
+    sets = [[tok(f"Q:{e}\nA:")["input_ids"] for e in es] * 4 for es in (("(3+4)*5", "7-2"), ("8*(9-6)+1", "2+2+2"))]
+    alone = [[g.tokens for g in engine.generate(p, [40] * len(p), 0.0, STOP)] for p in sets]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            futs = [pool.submit(engine.generate, p, [40] * len(p), 0.0, STOP) for p in sets]
+            assert [[g.tokens for g in f.result()] for f in futs] == alone
+
+
+def test_hf_fast_decode_is_off_for_models_it_does_not_reproduce(tmp_path):
+    from eapo_ray.rollout import fast_llama
+
+    engine = HFEngine(str(_random_llama(tmp_path, attention_bias=True)))
+    assert not fast_llama.supports(engine.model) and engine._fast is None
+    prompt = engine.tokenizer("Q:1+2\nA:")["input_ids"]
+    assert len(engine.generate([prompt] * 2, [5, 5], 0.0, STOP)[0].tokens) >= 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hf_requests_join_a_running_batch_and_return_when_they_end(tmp_path, temperature):
+    """Issue 13 (rollout.join_running): requests that arrive while a batch decodes join it at the
+    next step (one `generate` call, not two), are answered when their own sequence ends (before
+    the long one), and keep their own results: greedy tokens those of the requests run without
+    joining, every recorded log-prob the model's teacher-forced one, with prompts both shorter
+    and longer than the running batch's cache."""
+    engine = HFEngine(str(_random_llama(tmp_path)), join_running=True)  # never stops early: 150 steps
+    assert engine.joins_running_batch
+    tok = engine.tokenizer
+    first = tok("Q:1+1\nA:")["input_ids"]
+    later = [tok(f"Q:{e}\nA:")["input_ids"] for e in ("2*3", "(1+2)*(3+4)-5*6+7*8-9+(8*7-6)*5+4*3-2*1+9*9-8", "4-1")]
+    budgets = [5, 12, 30]
+    calls, steps = [], []
+    gen, step = engine.generate, engine._fast.step
+    engine.generate = lambda *a, **k: calls.append(len(a[0])) or gen(*a, **k)
+    engine._fast.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+
+    async def scenario():
+        long = asyncio.create_task(engine.agenerate(first, 150, temperature, STOP))
+        while len(steps) < 20 and not long.done():  # the first batch is decoding
+            await asyncio.sleep(0.001)
+        short = await _within(engine.agenerate(later[0], budgets[0], temperature, STOP))
+        if temperature == 0.0:  # (sampling may draw EOS early)
+            assert not long.done(), "a joined request is answered when it ends, not with the batch"
+        rest = await _within(asyncio.gather(*[engine.agenerate(p, m, temperature, STOP)
+                                              for p, m in zip(later[1:], budgets[1:])]))
+        return await _within(long), [short, *rest]
+
+    try:
+        torch.manual_seed(0)
+        g_long, g_later = asyncio.run(scenario())
+    finally:
+        engine.generate, engine._fast.step = gen, step
+    if temperature == 0.0:
+        assert calls == [1], calls  # every later request joined the first call
+        assert len(g_long.tokens) == 150 and [len(g.tokens) for g in g_later] == budgets
+        engine.join_running = False
+        alone = [engine.generate([p], [m], 0.0, STOP)[0].tokens for p, m in zip([first, *later], [150, *budgets])]
+        assert [g.tokens for g in [g_long, *g_later]] == alone
+    else:
+        for p, g in zip([first, *later], [g_long, *g_later]):
+            ids = torch.tensor([p + g.tokens])
+            with torch.no_grad():
+                ref = token_logprobs(engine.model(input_ids=ids).logits.float(), ids, 1.0)[0, len(p) - 1:]
+            assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+
+
 # ---- 2. stop strings that end inside a token ----
 
 def test_stop_detection_on_smollm2_ids(smollm2_tokenizer):
