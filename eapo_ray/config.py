@@ -100,7 +100,8 @@ class RolloutConfig:
     # rollout/fast_llama.py (key/value buffers written in place, fused q/k/v and gate/up matmuls, no
     # per-step mask and rotary rebuilds), and a prompt repeated in a batch (a group's samples) prefilled
     # once: the same logits (bitwise on the tiny policy), ~1.3-1.4x cheaper steps on small batches, a
-    # group-of-8 batch's prefill ~1/8; other models always use their own forward. false: the model's forward
+    # group-of-8 batch's prefill ~1/8; other models use their own forward for every step (the prompt
+    # dedup still applies to them: it only selects cache rows). false: the model's forward, no dedup
     fast_decode: bool = True
     # transformers engine with fast_decode: requests that arrive while a batch decodes (an episode's
     # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,
@@ -108,7 +109,8 @@ class RolloutConfig:
     # every recorded log-prob are those of the request run alone (to float rounding), but which step a
     # request joins at depends on thread timing, so sampled episodes are no longer reproducible for a
     # fixed seed even with a deterministic expert. Off by default: it saves little at expert latency ~0
-    # (benchmarks/components.py: ~1.04x per rollout batch, 1.2x at 0.2 s); false: each batch to its end
+    # (BENCHMARKS.md, components.py: 1.05-1.11x wall per rollout batch over fast_decode alone, no CPU
+    # saved; 1.2x at 0.2 s); false: each batch to its end
     join_running: bool = False
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"
@@ -392,6 +394,8 @@ def validate(cfg: RunConfig) -> None:
         (1 <= cfg.expert.min_replicas <= cfg.expert.max_replicas, "expert.min_replicas",
          "must satisfy 1 <= min_replicas <= max_replicas"),
         (cfg.expert.timeout_s > 0, "expert.timeout_s", "must be > 0"),
+        (cfg.expert.start_timeout_s > 0, "expert.start_timeout_s", "must be > 0"),
+        (cfg.eval.timeout_s > 0, "eval.timeout_s", "must be > 0"),
         (0 <= cfg.expert.added_latency_s < cfg.expert.timeout_s, "expert.added_latency_s",
          "must be >= 0 and below expert.timeout_s (a reply later than the timeout reads 'unavailable')"),
         (cfg.expert.upscale_delay_s >= 0, "expert.upscale_delay_s", "must be >= 0"),

@@ -30,6 +30,7 @@ class System:
     workers: list = field(default_factory=list)  # rollout actors
     fleet: object = None  # rollout.fleet.RolloutFleet
     evaluator: object = None
+    evaluator_restarts: int = 0  # hung evaluators replaced (replace_hung_evaluator)
     metrics: MetricsLog | None = None
     accounting: object = None  # accounting.Accounting of this launch
     learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
@@ -128,7 +129,6 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     from ray import serve
 
     from eapo_ray.buffer import TrajectoryBuffer
-    from eapo_ray.evaluate import Evaluator
     from eapo_ray.expert import expert_app
     from eapo_ray.learner import LearnerGroup
     from eapo_ray.models import resolve_models
@@ -166,10 +166,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
                                              # a restarted engine cannot rejoin the NCCL weight group
                                              max_restarts=0 if r.weight_sync == "nccl" else 3)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
-    s.evaluator = ray.remote(Evaluator).options(name=f"{run_name}-evaluator", num_cpus=cfg.eval.num_cpus,
-                                                num_gpus=cfg.eval.num_gpus,
-                                                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-                                                ).remote(cfg)
+    s.evaluator = start_evaluator(cfg, run_name)
     s.learners = LearnerGroup(cfg, run_name)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
     if s.app_name:
@@ -180,6 +177,33 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     if r.weight_sync == "nccl":
         start_nccl_weight_sync(s.learners, s.workers)
     return version
+
+
+def start_evaluator(cfg: RunConfig, name: str):
+    """The held-out evaluator actor (its own policy copy), preferring the driver's node (soft: a GPU
+    evaluator may go elsewhere)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from eapo_ray.evaluate import Evaluator
+
+    here = ray.get_runtime_context().get_node_id()
+    return ray.remote(Evaluator).options(name=f"{name}-evaluator", num_cpus=cfg.eval.num_cpus,
+                                         num_gpus=cfg.eval.num_gpus,
+                                         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+                                         ).remote(cfg)
+
+
+def replace_hung_evaluator(cfg: RunConfig, s: System) -> None:
+    """An evaluation ran past eval.timeout_s: kill the evaluator (the calls queued behind the hung
+    one fail at once instead of each waiting out its own deadline) and start a fresh one."""
+    import ray
+
+    s.evaluator_restarts += 1
+    print(f"[eapo] warning: the evaluator hung (an evaluation ran past eval.timeout_s={cfg.eval.timeout_s:g} s): "
+          "replacing it", file=sys.stderr, flush=True)
+    ray.kill(s.evaluator, no_restart=True)
+    s.evaluator = start_evaluator(cfg, f"{s.run_name}-r{s.evaluator_restarts}")
 
 
 class ExpertStartError(RuntimeError):
@@ -194,12 +218,14 @@ def wait_expert_running(app_name: str, timeout_s: float, poll_s: float = 0.25) -
 
     deadline = time.monotonic() + timeout_s
     while True:
+        raise_if_interrupted()
         app = serve.status().applications.get(app_name)
         status = app.status if app else "NOT_STARTED"
         if status == ApplicationStatus.RUNNING:
             return
-        if status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY) or time.monotonic() > deadline:
-            why = "failed to deploy" if status != ApplicationStatus.DEPLOYING else f"not RUNNING after {timeout_s:.0f} s"
+        failed = status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        if failed or time.monotonic() > deadline:
+            why = "failed to deploy" if failed else f"not RUNNING after {timeout_s:.0f} s"
             msg = (app.message if app else "") or "no message from Serve"
             raise ExpertStartError(f"the expert Serve app '{app_name}' {why} (status {status}): {msg}. Check "
                                    "expert.num_cpus / expert.num_gpus against the cluster, model.expert, and "
@@ -364,13 +390,15 @@ class PendingRows:
     training on the step's published weights). Rows are written in step order, each with the
     evaluation of its own step's weights, once that evaluation is back."""
 
-    def __init__(self, log, run_name: str, ready=None, get=None, timeout_s: float = 3600.0):
+    def __init__(self, log, run_name: str, ready=None, get=None, timeout_s: float = 3600.0, on_timeout=None):
         """`log(step, row)` writes a row; `ready(ref)` / `get(ref, timeout=)` (default: ray.wait with
         no wait, ray.get) look at an evaluation's result; an evaluation not back `timeout_s` after
-        it was added counts as failed (eval.timeout_s)."""
+        it was added counts as failed (eval.timeout_s) and `on_timeout()` is called (the launcher
+        replaces the hung evaluator)."""
         import ray
 
         self.log, self.run_name, self.timeout_s = log, run_name, timeout_s
+        self.on_timeout = on_timeout
         self.ready = ready or (lambda ref: bool(ray.wait([ref], timeout=0)[0]))
         self.get = get or ray.get
         self.rows: deque = deque()  # (step, row, eval ObjectRef or None, deadline)
@@ -404,6 +432,8 @@ class PendingRows:
                 try:
                     ev = self.get(ref, timeout=max(0.0, deadline - t))  # GetTimeoutError past the deadline
                 except ray.exceptions.RayError as e:  # e.g. its weights' owner (a learner) died meanwhile
+                    if isinstance(e, ray.exceptions.GetTimeoutError) and self.on_timeout is not None:
+                        self.on_timeout()
                     row["heldout_error"] = self.failed[step] = f"{type(e).__name__}"
                     print(f"[eapo] warning: the held-out evaluation of step {step} failed ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); its row has no accuracy",
@@ -437,7 +467,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
     rollout_weights = None if nccl else weights
     pending = s.pending  # finished batches the buffer had no room for yet
     t_loop, first, generated0 = time.time(), state.version, state.generated
-    rows = PendingRows(s.metrics.log, s.run_name, timeout_s=cfg.eval.timeout_s)
+    rows = PendingRows(s.metrics.log, s.run_name, timeout_s=cfg.eval.timeout_s,
+                       on_timeout=lambda: replace_hung_evaluator(cfg, s))
     bd = s.breakdown = Breakdown(num_actors=cfg.rollout.num_actors)
     retry = None  # batches to train on again after the learners were rebuilt
     while state.version < cfg.steps:

@@ -106,7 +106,8 @@ def install_interrupt_handlers() -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # teardown runs once
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGINT, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job started with SIGINT ignored keeps it so
+        signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 

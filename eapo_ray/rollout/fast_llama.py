@@ -75,13 +75,18 @@ class FastLlamaDecoder:
         """cos/sin for positions 0..max_pos-1, computed exactly as LlamaRotaryEmbedding does."""
         if self._rope is None or self._rope[0].shape[0] < max_pos or self._rope[0].dtype != dtype:
             inv_freq = self.model.model.rotary_emb.inv_freq.to(device=device, dtype=torch.float)
-            n = max(max_pos, 256)
+            n = max(2 * max_pos, 256)  # grown by doubling: not rebuilt at every later step
             freqs = torch.arange(n, device=device).float()[:, None] * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             self._rope = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self._rope
 
     # ---- cache ---------------------------------------------------------------------------------
+    def release(self):
+        """Drop the call's K/V buffers (they would otherwise stay allocated between calls)."""
+        self.k = self.v = None
+        self._current = None
+
     def start(self, past, capacity: int):
         """Copy the prefill's cache (a transformers Cache) into buffers with room for `capacity` positions,
         and take the model's current weights for this call's steps (its weights do not change during

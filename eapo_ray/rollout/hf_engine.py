@@ -104,6 +104,7 @@ class HFEngine(Engine):
             return self._generate(prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast)
         finally:
             if use_fast:
+                self._fast.release()  # the K/V buffers go with the call (the old path freed its cache too)
                 self._fast_lock.release()
 
     @torch.inference_mode()

@@ -109,9 +109,9 @@ def test_an_evaluation_that_never_returns_fails_at_its_deadline(capsys):
         assert timeout is not None, "an unbounded wait"
         raise ray.exceptions.GetTimeoutError("not back")
 
-    written = []
+    written, replaced = [], []
     rows = PendingRows(lambda step, row: written.append((step, dict(row))), "t", ready=lambda ref: False, get=get,
-                       timeout_s=5.0)
+                       timeout_s=5.0, on_timeout=lambda: replaced.append(1))
     rows.add(1, {}, ref="hung")
     rows.flush()  # not back, not past its deadline: the row waits
     assert not written and timeouts == []
@@ -119,6 +119,7 @@ def test_an_evaluation_that_never_returns_fails_at_its_deadline(capsys):
     rows.flush(wait=True)
     assert 0 < timeouts[0] <= 5.0 and timeouts[1] == 0.0
     assert rows.failed == {1: "GetTimeoutError", 2: "GetTimeoutError"} and [w[0] for w in written] == [1, 2]
+    assert len(replaced) == 2  # the launcher replaces the hung evaluator (calls queued behind it fail at once)
     assert "held-out evaluation of step 1 failed (GetTimeoutError" in capsys.readouterr().err
 
 
