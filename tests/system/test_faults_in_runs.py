@@ -213,10 +213,13 @@ def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
     run = None
     try:
         node2 = cluster.add_node(num_cpus=0, resources={"rollout": 1})
-        run = Launch(tmp_path, "twonode", "steps=12", "rollout.num_actors=2", "rollout.node_resource=rollout",
+        # 40 steps: the run must outlast the node's detection (3 missed 1 s health checks) plus
+        # rollout.restart_timeout_s; with 12, a CI run on the faster engine finished in 3 s after
+        # the kill, before the dead actor was due for retirement
+        run = Launch(tmp_path, "twonode", "steps=40", "rollout.num_actors=2", "rollout.node_resource=rollout",
                      "rollout.num_cpus=0", "rollout.restart_timeout_s=5", "acceptance.kind=constant",
                      "acceptance.start=0.0", ray_address=cluster.address)
-        run.wait_for(r"^\[eapo\] step 2/12")
+        run.wait_for(r"^\[eapo\] step 2/40")
         raylet2 = psutil.Process(node2.all_processes["raylet"][0].process.pid)
         on_node2 = _ray_titles(raylet2)
         others = [t for t in on_node2 if re.search(r"Learner|Evaluator|TrajectoryBuffer", t)]
@@ -228,7 +231,7 @@ def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
         assert rc == 0, log[-5000:]
         s = run.summary()
         a = s["accounting"]
-        assert s["steps"] == 12 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
+        assert s["steps"] == 40 and a["closes"] and a["batches"]["lost"] == 0 and a["samples"]["lost"] == 0, a
         assert len(s["rollout_actors_retired"]) == 1, s
         assert "did not come back within rollout.restart_timeout_s=5s" in log, log[-5000:]
         print(f"two nodes: the second node (one rollout actor) killed after step 2; actor "
