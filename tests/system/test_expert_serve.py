@@ -79,7 +79,7 @@ def test_an_expert_that_cannot_start_stops_the_launch_in_time(serve_app):
         assert time.monotonic() - t0 < 10
         wait_expert_running(serve_app, timeout_s=5.0)  # a running app returns at once
     finally:
-        serve.delete("gpu-expert")
+        serve.delete("gpu-expert", _blocking=False)  # a blocking delete of the never-placed replica took ~20 s
 
 
 def _replicas(app: str) -> dict:
