@@ -91,9 +91,10 @@ def install_interrupt_handlers() -> None:
     """Ctrl-C (SIGINT) and SIGTERM (a scheduler, `kill`) both raise KeyboardInterrupt: the run's
     actors, learners and Serve app are torn down in `run`'s finally, and Ray's exit hook stops a
     local cluster. The handler also records the signal, because a KeyboardInterrupt raised while
-    the main thread is inside a library's callback can be swallowed there (a CI run once trained
-    all 100 steps after a Ctrl-C at step 2): the training loop calls `raise_if_interrupted`
-    at every step and every wait, so the signal still stops the run."""
+    the main thread is inside a library's callback can be swallowed there (a test run once trained
+    all 100 steps after a Ctrl-C at step 2): the launcher calls `raise_if_interrupted` at every
+    training step, every poll for data and every poll for the expert at start-up, so the signal
+    still stops the run (a single long wait, e.g. for an evaluation, is not sliced)."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM in the driver: the handler raises KeyboardInterrupt and also records the
 signal, so a KeyboardInterrupt that a library swallows (raised inside its callback) still stops
-the training loop at its next step or wait. (A CI run of the Ctrl-C test once trained all 100
+the training loop at its next step or wait. (A full-suite run of the Ctrl-C test once trained all 100
 steps after a SIGINT at step 2, with nothing printed.)"""
 import os
 import signal
