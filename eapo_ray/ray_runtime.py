@@ -11,7 +11,8 @@ from pathlib import Path
 from eapo_ray.config import RunConfig
 
 # no weight-loading bars; EAPO_QUIET: actors keep Serve's client INFO lines off the console
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "EAPO_QUIET": "1"}
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "EAPO_QUIET": "1",
+             "VLLM_LOGGING_LEVEL": "WARNING"}  # vLLM engines print ~40 INFO lines each at start-up and shutdown
 
 
 def quiet_console(verbose: bool) -> None:

@@ -12,7 +12,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2"]
+# expert.max_replicas=1: a second replica (its start-up ~7 s of CPU on 2 cores) only where a test asks for it
+FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2",
+        "expert.max_replicas=1"]
 
 
 class Launch:

@@ -14,13 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from launching import Launch, interrupt_and_check_nothing_is_left
+from launching import FAST, Launch, interrupt_and_check_nothing_is_left
 
 from eapo_ray import metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2"]
 
 
 def launch(tmp_path, name, *overrides, timeout=600):

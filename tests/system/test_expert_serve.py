@@ -91,7 +91,7 @@ def _replicas(app: str) -> dict:
 
 def test_serve_autoscales_the_expert_1_to_2_and_back_under_load(ray_local):
     """Ray Serve's own autoscaler on the expert app, configured from ExpertConfig: concurrent
-    queries through DeploymentHandles (12 clients in Ray tasks) take it from 1 to 2 RUNNING
+    queries through DeploymentHandles (12 in flight from 2 Ray tasks) take it from 1 to 2 RUNNING
     replicas; once they stop, it goes back to 1 (short delays and look-back window so the test
     sees both within a minute)."""
     import time
@@ -100,28 +100,31 @@ def test_serve_autoscales_the_expert_1_to_2_and_back_under_load(ray_local):
 
     ray = ray_local
 
-    def load(app: str) -> int:
-        """One client, in a Ray task: a query at a time, as fast as the replica answers, until
-        cancelled. (The handles live in Ray workers: a DeploymentHandle made in the pytest process
-        keeps a metrics thread that outlives Ray's shutdown; in a CI run it started a stray Ray
-        cluster that broke the next test module's ray.init. Defined here so it pickles by value.)"""
+    def load(app: str, in_flight: int) -> int:
+        """One client, in a Ray task: `in_flight` queries at once, each replaced as soon as it is
+        answered, until cancelled (a task per client would start a worker process each). The
+        handles live in Ray workers: a DeploymentHandle made in the pytest process keeps a
+        metrics thread that outlives Ray's shutdown; in a CI run it started a stray Ray cluster
+        that broke the next test module's ray.init. Defined here so it pickles by value."""
         from ray import serve as _serve
 
-        handle, n = _serve.get_app_handle(app), 0
+        handle = _serve.get_app_handle(app)
+        pending = [handle.remote("12*7") for _ in range(in_flight)]
         while True:
-            handle.remote("12*7").result(timeout_s=30)
-            n += 1
+            for i, response in enumerate(pending):
+                response.result(timeout_s=30)
+                pending[i] = handle.remote("12*7")
 
     serve.start(proxy_location="Disabled")
     cfg = ExpertConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
-                       downscale_delay_s=2.0, look_back_period_s=15.0, reply_template="{answer}")
+                       downscale_delay_s=2.0, look_back_period_s=5.0, reply_template="{answer}")
     app = "autoscale-expert"
     serve.run(expert_app(str(TINY_DIR / "expert"), cfg), name=app, route_prefix=None)
     seen, clients = [], []
     t0 = time.time()
     try:
         assert _replicas(app) == {"RUNNING": 1}
-        clients = [ray.remote(num_cpus=0, max_retries=0)(load).remote(app) for _ in range(12)]
+        clients = [ray.remote(num_cpus=0, max_retries=0)(load).remote(app, 6) for _ in range(2)]
         while (n := _replicas(app)).get("RUNNING", 0) < 2:
             seen.append(n)
             done, _ = ray.wait(clients, timeout=0)

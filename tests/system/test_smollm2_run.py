@@ -61,6 +61,8 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
     # run from outside the repo: ../shared/data in the config still resolves (against the config's location)
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    # a quiet console (no --verbose): vLLM's engine start-up and shutdown print no INFO lines
+    assert not [line for line in (p.stdout + p.stderr).splitlines() if " INFO " in line], p.stdout[-3000:]
     run = tmp_path / "smollm2"
     s = json.loads((run / "summary.json").read_text())
     assert s["steps"] == 2 and s["samples"] > 0
