@@ -524,9 +524,12 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
                **stats, "samples": state.samples, "generated": state.generated,
                "samples_per_s": (state.generated - generated0) / max(elapsed, 1e-9),  # this attempt
                **_buffer_stats(s.buffer)}
+        acc = s.accounting
         metrics.train_step(s.run_name, state.version, stats,
-                           {"size": row["buffer_size"], "dropped_stale": row["buffer_dropped_stale"]},
-                           s.accounting.lost_batches if s.accounting is not None else stats.get("lost_batches", 0))
+                           {"size": row["buffer_size"], "dropped_stale": row["buffer_dropped_stale"],
+                            "dropped_discarded": row.get("buffer_dropped_discarded", 0)},
+                           acc.lost_batches if acc is not None else stats.get("lost_batches", 0),
+                           acc.rolled_back_batches if acc is not None else 0, acc.discarded_batches if acc is not None else 0)
         if state.last_rollout:  # the newest finished rollout batch
             row.update(reward=state.last_rollout["reward"], consult_rate=state.last_rollout["consult_rate"],
                        acceptance_prob=state.last_rollout["acceptance_prob"])

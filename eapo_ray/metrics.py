@@ -37,6 +37,8 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list | None]] = {
     "eapo_staleness": ("histogram", "Policy versions between a trained batch and the learner", (), STALENESS),
     "eapo_dropped_stale_batches": ("gauge", "Batches dropped by the buffer as too stale so far", (), None),
     "eapo_lost_batches": ("gauge", "Batches the learner could not read (object lost) so far", (), None),
+    "eapo_rolled_back_batches": ("gauge", "Batches trained on, then thrown away by a learner rebuild from an older checkpoint, so far", (), None),
+    "eapo_dropped_discarded_batches": ("gauge", "Batches made by a policy a learner rebuild discarded, dropped so far", (), None),
     "eapo_learner_step_s": ("histogram", "Learner train step time, s", (), STEP_S),
     "eapo_learner_version": ("gauge", "Policy version of the learner (steps done)", (), None),
     "eapo_heldout_accuracy": ("gauge", "Held-out accuracy of the policy alone", (), None),
@@ -93,10 +95,14 @@ def rollout_failure(run: str, worker: int) -> None:
     record("eapo_rollout_failures", _rollout_failures[(run, worker)], run, actor=worker)
 
 
-def train_step(run: str, version: int, stats: dict, buffer_stats: dict, lost_batches: int) -> None:
-    """One learner step done (LearnerGroup.train_step's stats, TrajectoryBuffer.stats(), the
-    batches lost so far)."""
+def train_step(run: str, version: int, stats: dict, buffer_stats: dict, lost_batches: int,
+               rolled_back_batches: int = 0, discarded_batches: int = 0) -> None:
+    """One learner step done (LearnerGroup.train_step's stats, TrajectoryBuffer.stats(), and so
+    far: the batches lost, rolled back, and dropped by the driver as made by a discarded policy;
+    the buffer's own such drops are added from `buffer_stats`)."""
     record("eapo_learner_version", version, run)
+    record("eapo_rolled_back_batches", rolled_back_batches, run)
+    record("eapo_dropped_discarded_batches", discarded_batches + buffer_stats.get("dropped_discarded", 0), run)
     record("eapo_learner_step_s", stats.get("train_seconds", 0.0), run)
     record("eapo_staleness", stats.get("staleness", 0), run)
     record("eapo_lost_batches", lost_batches, run)
