@@ -25,3 +25,16 @@ def ray_local():
             time.sleep(5)  # let the previous module's processes finish dying
     yield ray
     ray.shutdown()
+
+
+# `make test` runs the suite on 2 pytest-xdist workers, a file at a time per worker (module
+# fixtures such as a module's Ray cluster or vLLM engine are made once). Files start longest
+# first (measured durations, serial, CI machine) so the two workers finish together.
+LONG_FIRST = ["test_faults_in_runs.py", "test_smollm2_run.py", "test_e2e.py", "test_engine_correctness.py",
+              "test_expert_serve.py", "test_vllm.py", "test_paper_table_run.py", "test_real_benchmarks.py",
+              "test_learner_correctness.py", "test_fault_tolerance.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept otherwise

@@ -53,10 +53,12 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
     if not resolve_path(load_config(CONFIG).data.train).exists():
         pytest.skip("../shared/data is not beside this checkout")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # the suite's time budget: 2 steps of 1 prompt x 2 samples, 64 response tokens (the config's 3 steps of
-    # 1 x 4 and 128 tokens work alike; the fp32 learner step and vLLM decoding scale with them)
+    # the suite's time budget: 2 steps of 1 prompt x 2 samples, 64 response tokens, and a one-line prompt
+    # instead of the config's ~230-token few-shot one (the config's 3 steps of 1 x 4, 128 tokens and its
+    # prompt work alike; the fp32 learner step and vLLM decoding scale with them)
     cmd = [sys.executable, "-m", "eapo_ray.launch", "--config", str(CONFIG), "steps=2", "data.num_heldout=2",
            "rollout.group_size=2", "rollout.max_response_tokens=64", "rollout.max_new_tokens_per_turn=32",
+           'data.template="Problem: {problem} Reply with <answer>number</answer> or <consult>question</consult>."',
            f"run_root={tmp_path}", "run_name=smollm2"]
     # run from outside the repo: ../shared/data in the config still resolves (against the config's location)
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
