@@ -240,6 +240,7 @@ class RunConfig:
     verbose: bool = False  # show Serve access logs and Ray/transformers INFO lines on the console (--verbose)
     dashboard_host: str = "127.0.0.1"  # the Ray dashboard of a local cluster listens here only (0.0.0.0: everywhere)
     metrics_export_port: int = 0  # a local cluster's Prometheus endpoint (http://127.0.0.1:<port>/metrics); 0: Ray picks
+    dashboard_port: int = 0  # a local cluster's dashboard port; 0: Ray's default, 8265 or the next free one
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

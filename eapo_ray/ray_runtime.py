@@ -47,7 +47,8 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
         # A private local cluster; never attach to a stray one on this machine.
         kwargs = dict(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus)),
                       runtime_env=env, include_dashboard=True, dashboard_host=cfg.dashboard_host, log_to_driver=True,
-                      **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}), **quiet)
+                      **({"_metrics_export_port": cfg.metrics_export_port} if cfg.metrics_export_port else {}),
+                      **({"dashboard_port": cfg.dashboard_port} if cfg.dashboard_port else {}), **quiet)
         try:
             ctx = ray.init(**kwargs)
         except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception for this one

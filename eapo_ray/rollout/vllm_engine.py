@@ -3,11 +3,12 @@ Engine interface as the transformers backend, plus the two weight-sync paths.
 
 - Object store (any device, the CPU path tested in CI): the rollout actor `ray.get`s the
   learner's published state dict, writes it once as a safetensors file in shared memory
-  (/dev/shm; the engine's workers are on the actor's node) and `collective_rpc`s its path to
+  (/dev/shm when it has room, else the temp dir) and `collective_rpc`s its path to
   `WeightSyncExtension.eapo_load_file`, which memory-maps it and reloads the weights in place
-  (vLLM's layerwise reload); the file is removed and the prefix cache dropped. (The weights
-  used to travel as pickled bytes through vLLM's message queues: SmolLM2-135M took 7.7-12 s
-  per load on 2 cores, the file 0.9 s: /tmp/prof-style script in BENCHMARKS.md.)
+  (vLLM's layerwise reload); the file is removed and the prefix cache dropped. With
+  tensor_parallel_size > 1 the workers may sit on other nodes, so the weights go as bytes
+  through `collective_rpc` instead (`eapo_load_bytes`, the old path: SmolLM2-135M 6.6 s per load
+  on 2 cores against 0.86 s for the file, `python benchmarks/vllm_weight_load.py`).
 - NCCL (GPU): vLLM's weight-transfer API (`vllm.distributed.weight_transfer`, backend
   "nccl", packed buckets). The rollout actor exposes the inference side
   (`init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
@@ -54,6 +55,14 @@ def check_vllm_version(version: str | None = None) -> str:
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); called via collective_rpc."""
+
+    def eapo_load_bytes(self, blob: bytes) -> int:
+        """Reload every weight from `torch.save` bytes; returns the tensor count."""
+        import io
+
+        state_dict = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+        return len(state_dict)
 
     def eapo_load_file(self, path: str) -> int:
         """Reload every weight from a safetensors file (memory-mapped); returns the tensor count."""
@@ -128,9 +137,62 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _shared_dir() -> str:
-    """Where the weight file goes: /dev/shm (memory) when it exists and is writable, else the temp dir."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+WEIGHT_FILE_PREFIX = "eapo-weights-"
+
+
+def _shared_dir(nbytes: int = 0) -> str:
+    """Where a weight file of `nbytes` goes: /dev/shm (memory) when it is writable and keeps at
+    least twice that free (Docker's default is 64 MiB; Ray's object store lives there too), else
+    the temp dir."""
+    import shutil
+
+    shm = "/dev/shm"
+    try:
+        if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 2 * nbytes:
+            return shm
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def remove_orphan_weight_files() -> list[str]:
+    """Remove weight files whose writer process is gone (an actor killed mid-load); returns them."""
+    import glob
+
+    gone = []
+    for d in {"/dev/shm", tempfile.gettempdir()}:
+        for path in glob.glob(os.path.join(d, f"{WEIGHT_FILE_PREFIX}*-*.safetensors")):
+            pid = os.path.basename(path)[len(WEIGHT_FILE_PREFIX):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            try:
+                os.unlink(path)
+                gone.append(path)
+            except OSError:
+                pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unaliased(state_dict: dict) -> dict:
+    """Contiguous tensors, none sharing memory with another (safetensors refuses aliases, e.g. a
+    tied embedding and lm_head from a raw state_dict()): a repeat is cloned."""
+    out, storages = {}, set()
+    for k, v in state_dict.items():
+        t = v.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in storages else t
+        storages.add(ptr)
+    return out
 
 
 def _device_kind() -> str:
@@ -154,6 +216,8 @@ class VLLMEngine(Engine):
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.version = 0
+        self.tensor_parallel_size = vcfg.tensor_parallel_size
+        remove_orphan_weight_files()
         cpu = _device_kind() == "cpu"
         args = dict(
             model=model_path, seed=seed, enforce_eager=vcfg.enforce_eager or cpu,
@@ -236,17 +300,31 @@ class VLLMEngine(Engine):
         return self._run(all_()) if prompts else []
 
     def load_weights(self, state_dict, version):
-        """Object-store path: one safetensors file in shared memory that every worker reloads
-        from, removed afterwards; then the stale prefix cache is dropped."""
-        from safetensors.torch import save_file
+        """Object-store path: one safetensors file (shared memory when it has room) that every
+        worker reloads from, removed afterwards; bytes through vLLM's queues when the workers may
+        be on other nodes (tensor parallel). Then the stale prefix cache is dropped."""
+        tensors = _unaliased(state_dict)
+        if self.tensor_parallel_size > 1:
+            import io
 
-        fd, path = tempfile.mkstemp(prefix="eapo-weights-", suffix=".safetensors", dir=_shared_dir())
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, path)
-            self._run(self.llm.collective_rpc("eapo_load_file", args=(path,)))
-        finally:
-            os.unlink(path)
+            buf = io.BytesIO()
+            torch.save(tensors, buf)
+            counts = self._run(self.llm.collective_rpc("eapo_load_bytes", args=(buf.getvalue(),)))
+        else:
+            from safetensors.torch import save_file
+
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            # the pid in the name: a file left by a killed actor is removed by the next engine to start
+            fd, path = tempfile.mkstemp(prefix=f"{WEIGHT_FILE_PREFIX}{os.getpid()}-", suffix=".safetensors",
+                                        dir=_shared_dir(nbytes))
+            os.close(fd)
+            try:
+                save_file(tensors, path)
+                counts = self._run(self.llm.collective_rpc("eapo_load_file", args=(path,)))
+            finally:
+                os.unlink(path)
+        if any(c != len(tensors) for c in counts):
+            raise RuntimeError(f"vLLM workers reloaded {counts} tensors of {len(tensors)}")
         self._run(self.llm.reset_prefix_cache())
         self.version = version
 

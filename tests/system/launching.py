@@ -27,7 +27,9 @@ class Launch:
         self.run_dir, self.out_path = tmp_path / name, tmp_path / (out_name or f"{name}.out")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (
             {"RAY_ADDRESS": ray_address} if ray_address else {}) | (env or {})
-        cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST, *overrides]
+        # a free dashboard port of its own: two launches starting at once (pytest-xdist) can race for 8265
+        cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST,
+               f"dashboard_port={free_port()}", *overrides]
         with self.out_path.open("w") as out:
             self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -105,6 +107,14 @@ def interrupt_and_check_nothing_is_left(run: Launch, how: str) -> None:
         time.sleep(0.5)
     assert not left, [(p.pid, cmdline(p)[:80]) for p in left]
     print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def alive(p: psutil.Process) -> bool:

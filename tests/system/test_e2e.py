@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from launching import FAST, Launch, interrupt_and_check_nothing_is_left
+from launching import FAST, Launch, free_port, interrupt_and_check_nothing_is_left
 
 from eapo_ray import metrics
 
@@ -24,16 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def launch(tmp_path, name, *overrides, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST, *overrides]
+    cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST,
+           f"dashboard_port={free_port()}", *overrides]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p.stdout, tmp_path / name
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _scrape(port: int) -> str:
@@ -58,7 +52,7 @@ def test_default_run_console_metrics_accounting_checkpoint_then_resume_and_ctrl_
        prompts, no re-evaluation of the start), then Ctrl-C (SIGINT to the process group, as a
        terminal sends it): teardown, the resume command named, exit 130, no process of the
        run left."""
-    port, name = _free_port(), "e2e"
+    port, name = free_port(), "e2e"
     run = Launch(tmp_path, name, "steps=5", "checkpoint_every=1", f"metrics_export_port={port}",
                  "buffer.max_staleness=0",  # batches made during a step go stale: every accounting term in play
                  env={"RAY_metrics_report_interval_ms": "1000"})  # export every second (default 10 s)

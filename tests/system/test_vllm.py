@@ -59,6 +59,26 @@ def test_weight_sync_makes_vllm_greedy_equal_transformers(engines):
     assert after_v == after_h, "vLLM greedy output after the sync differs from transformers with the same weights"
     assert after_v != before, "the sync did not change vLLM's output (weights not loaded?)"
 
+    def greedy(engine):
+        return [g.tokens for g in engine.generate(prompts, [60] * len(prompts), 0.0, STOP)]
+
+    # the bytes path, which tensor-parallel engines take (their workers may be on other nodes), forced on tp=1
+    newer = _perturbed(h.model.state_dict(), seed=1)
+    v.tensor_parallel_size = 2
+    try:
+        v.load_weights(newer, version=8)
+    finally:
+        v.tensor_parallel_size = 1
+    h.load_weights(newer, version=8)
+    assert greedy(v) == greedy(h) != after_v
+    # a raw state_dict() of the tied model (embed_tokens and lm_head share memory; safetensors refuses
+    # aliases) loads through the file path too; then both engines hold `new` again for the next tests
+    h.load_weights(new, version=9)
+    raw = h.model.state_dict()
+    assert raw["lm_head.weight"].data_ptr() == raw["model.embed_tokens.weight"].data_ptr()
+    v.load_weights(raw, version=9)
+    assert greedy(v) == after_h
+
 
 @needs_vllm
 @pytest.mark.slow
