@@ -21,6 +21,7 @@ Set EAPO_ALLOW_UNTESTED_VLLM=1 to try anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -155,17 +156,20 @@ def _shared_dir(nbytes: int = 0) -> str:
     return tempfile.gettempdir()
 
 
-def remove_orphan_weight_files() -> list[str]:
-    """Remove weight files whose writer process is gone (an actor killed mid-load); returns them."""
+def remove_orphan_weight_files(min_age_s: float = 600.0) -> list[str]:
+    """Remove weight files left by a writer that is gone (an actor killed mid-load): its pid is not
+    alive here and the file is older than `min_age_s` (a load takes seconds; the age also spares a
+    live writer in another pid namespace that shares /dev/shm, e.g. docker --ipc=host). Returns them."""
     import glob
+    import time
 
     gone = []
     for d in {"/dev/shm", tempfile.gettempdir()}:
         for path in glob.glob(os.path.join(d, f"{WEIGHT_FILE_PREFIX}*-*.safetensors")):
             pid = os.path.basename(path)[len(WEIGHT_FILE_PREFIX):].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
             try:
+                if not pid.isdigit() or _alive(int(pid)) or time.time() - os.path.getmtime(path) < min_age_s:
+                    continue
                 os.unlink(path)
                 gone.append(path)
             except OSError:
@@ -322,7 +326,8 @@ class VLLMEngine(Engine):
                 save_file(tensors, path)
                 counts = self._run(self.llm.collective_rpc("eapo_load_file", args=(path,)))
             finally:
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if any(c != len(tensors) for c in counts):
             raise RuntimeError(f"vLLM workers reloaded {counts} tensors of {len(tensors)}")
         self._run(self.llm.reset_prefix_cache())

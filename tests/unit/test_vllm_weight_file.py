@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -38,7 +39,11 @@ def test_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, monkeypa
     orphan = tmp_path / f"{V.WEIGHT_FILE_PREFIX}{dead_pid}-abc.safetensors"
     mine = tmp_path / f"{V.WEIGHT_FILE_PREFIX}{os.getpid()}-def.safetensors"
     other = tmp_path / "unrelated.safetensors"
-    for f in (orphan, mine, other):
+    young = tmp_path / f"{V.WEIGHT_FILE_PREFIX}{dead_pid}-young.safetensors"  # e.g. a writer in another pid namespace
+    for f in (orphan, mine, other, young):
         f.write_bytes(b"x")
+    old = time.time() - 3600
+    for f in (orphan, mine, other):
+        os.utime(f, (old, old))
     assert str(orphan) in V.remove_orphan_weight_files()
-    assert not orphan.exists() and mine.exists() and other.exists()
+    assert not orphan.exists() and mine.exists() and other.exists() and young.exists()
