@@ -213,6 +213,9 @@ class LearnerConfig:
 
 @dataclass
 class EvalConfig:
+    # false: no held-out evaluation at all (no evaluator actor; summary.json's heldout_* are null), for
+    # quick runs; evaluate the saved model afterwards with python -m eapo_ray.evaluate --checkpoint <run>/final
+    enabled: bool = True
     every: int = 10  # steps between held-out evaluations (0: only at start and end)
     engine: Engine = "hf"  # the evaluator's own policy copy: "hf" or "vllm" (uses rollout.vllm)
     num_cpus: float = 0.5  # the evaluator actor's CPUs (was rollout.num_cpus; the same default)

@@ -138,7 +138,8 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     resolve_models(cfg)  # model names (e.g. smollm2-135m) -> directories, built on first use
     r, lc, ec = cfg.rollout, cfg.learner, cfg.expert
     s.run_name = run_name
-    required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + cfg.eval.num_cpus
+    required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + (
+        cfg.eval.num_cpus if cfg.eval.enabled else 0)
     url = init_ray(cfg, required)
     print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
     # where tools find this run's cluster (python -m eapo_ray.expert scale --run-dir ...)
@@ -166,7 +167,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
                                              # a restarted engine cannot rejoin the NCCL weight group
                                              max_restarts=0 if r.weight_sync == "nccl" else 3)
                  .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
-    s.evaluator = start_evaluator(cfg, run_name)
+    s.evaluator = start_evaluator(cfg, run_name) if cfg.eval.enabled else None
     s.learners = LearnerGroup(cfg, run_name)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
     if s.app_name:
@@ -280,7 +281,7 @@ def run(cfg: RunConfig) -> Path:
             ev0, ev = resume_metrics(run_dir, version)
         s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else None)
         weights = s.learners.publish()
-        if ev is None:
+        if ev is None and cfg.eval.enabled:
             try:
                 ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights), timeout=cfg.eval.timeout_s)
             except ray.exceptions.GetTimeoutError:
@@ -318,8 +319,9 @@ def run(cfg: RunConfig) -> Path:
         raise
     finally:
         s.teardown()
-    print(f"[eapo] done in {summary['wall_seconds']:.0f}s: held-out accuracy {ev0['accuracy']:.3f} -> "
-          f"{ev['accuracy']:.3f}", flush=True)
+    acc = (f"held-out accuracy {ev0['accuracy']:.3f} -> {ev['accuracy']:.3f}" if ev0 and ev
+           else "no held-out evaluation (eval.enabled=false)")
+    print(f"[eapo] done in {summary['wall_seconds']:.0f}s: {acc}", flush=True)
     print(f"[eapo] run directory: {run_dir}", flush=True)
     return run_dir
 
@@ -449,7 +451,7 @@ class PendingRows:
         return waited
 
 
-def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, run_dir: Path) -> dict:
+def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict | None, run_dir: Path) -> dict | None:
     """Policy versions state.version .. cfg.steps: take a batch from the buffer, train, send
     the new weights, evaluate and checkpoint on schedule. Returns the last evaluation.
 
@@ -506,7 +508,7 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
                               version=state.version + 1)
         state.version += 1
         done = state.version >= cfg.steps
-        eval_due = done or (cfg.eval.every and state.version % cfg.eval.every == 0)
+        eval_due = cfg.eval.enabled and (done or (cfg.eval.every and state.version % cfg.eval.every == 0))
         try:
             t = time.time()
             if nccl:
@@ -547,7 +549,8 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict, r
         rows.flush()  # the rows whose evaluation is back, in step order
         ev = rows.last or ev
         eta = elapsed / (state.version - first) * (cfg.steps - state.version)
-        show_progress(state.version, cfg.steps, row, ev["accuracy"], stats.get("staleness", 0), eta)
+        show_progress(state.version, cfg.steps, row, ev["accuracy"] if ev else float("nan"), stats.get("staleness", 0),
+                      eta)
         if cfg.checkpoint_every and state.version % cfg.checkpoint_every == 0 and not done:
             # every row up to the checkpoint is on disk before it (a resumed run keeps them)
             bd.after_row("eval_s", rows.flush(wait=True))
@@ -709,10 +712,10 @@ def load_driver_state(run_dir: Path, version: int) -> LoopState:
     return LoopState()
 
 
-def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev0: dict, ev: dict,
+def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev0: dict | None, ev: dict | None,
                   wall_seconds: float, loop_seconds: float) -> dict:
     summary = {
-        "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev["accuracy"],
+        "heldout_accuracy_start": (ev0 or {}).get("accuracy"), "heldout_accuracy_end": (ev or {}).get("accuracy"),
         "heldout_start": ev0, "heldout_end": ev, "heldout_end_step": s.heldout_end_step,
         "heldout_end_error": s.final_eval_error, "steps": state.version, "samples": state.samples,
         "generated_samples": state.generated, "wall_seconds": wall_seconds, "loop_seconds": loop_seconds,

@@ -3,7 +3,7 @@
     python -m experiments.distill --config configs/paper/distill.yaml --out DIR
         [--steps 160] [--batch-size 32] [--lr 5e-4] [--max-seconds 0] [key=value ...]
 
-1. Expert data: for N training problems of the bundled task, every step's result comes
+1. Expert data: for N training problems of the task (tiny:arith or tiny:arith-mul), every step's result comes
    from the expert. Step k's query is "<left><op><b>" where <left> is the expert's own
    answer to step k-1, so an expert error propagates down the chain, exactly as it would
    if the policy copied the expert. The response is the task's solution format built
@@ -16,7 +16,7 @@
 3. Saves an HF directory (`final/`) and evaluates it alone (greedy, expert off) on the
    held-out split, as the launcher does; writes `summary.json`.
 
-Only the bundled task (`tiny:arith`) has step-by-step problems to ask the expert about.
+Only the built-in task families (`tiny:arith`, `tiny:arith-mul`) have step-by-step problems to ask the expert about.
 The RunConfig (--config) gives the models, the data split, the expert's decoding and the
 prompt template; SFT settings live in `DistillConfig` (CLI flags), not in the RunConfig.
 """
@@ -175,7 +175,8 @@ def distill(cfg: RunConfig, dc: DistillConfig, out_dir: str | Path, log=print) -
     from eapo_ray.rollout.hf_engine import HFEngine
 
     if cfg.data.train not in task.FAMILIES:
-        raise ConfigError("distill: only the bundled task (data.train: tiny:arith) has steps to ask the expert about")
+        raise ConfigError("distill: only the built-in task families (data.train: tiny:arith or tiny:arith-mul) "
+                          "have steps to ask the expert about")
     t_start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,24 +7,63 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A private local Ray cluster for one test module (never a stray one on the machine)."""
+_OURS: dict = {}  # the local cluster ray_local started in this pytest process: {"gcs": address}
+
+
+def _start_local_ray():
     import ray
 
     if ray.is_initialized():  # a stray connection (e.g. a library thread's auto-init) must not fail this module
         ray.shutdown()
     for attempt in range(3):  # a loaded machine can miss Ray's start-up deadline once
         try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-            break
+            ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            _OURS["gcs"] = ctx.address_info["gcs_address"]
+            return
         except Exception:  # Ray raises a bare Exception when the raylet misses its 30 s registration
             ray.shutdown()
             if attempt == 2:
                 raise
             time.sleep(5)  # let the previous module's processes finish dying
+
+
+def _left_clean(ray, wait_s: float = 10.0) -> bool:
+    """Every CPU free again and no named actor left (Serve's controller included): what a
+    module's actors leave when their handles go. Actor deaths are asynchronous, hence the wait."""
+    deadline = time.time() + wait_s
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        if (all(free.get(k, 0) == total[k] for k in ("CPU", "GPU") if k in total)
+                and not ray.util.list_named_actors(all_namespaces=True)):
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray cluster for test modules (never a stray one on the machine): started
+    by the first module that asks for it and kept for the next ones in this pytest process
+    (each cluster costs ~6 s of CPU to start and stop) as long as a module leaves it clean
+    (`_left_clean`); otherwise, or when something shut Ray down or connected elsewhere
+    meanwhile, the next module gets a fresh one. Shut down when the session ends."""
+    import ray
+
+    if not (ray.is_initialized() and _OURS.get("gcs") == ray.get_runtime_context().gcs_address):
+        _start_local_ray()
     yield ray
-    ray.shutdown()
+    if ray.is_initialized() and not _left_clean(ray):
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_the_end():
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 # `make test` runs the suite on 2 pytest-xdist workers, a file at a time per worker (module

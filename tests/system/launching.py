@@ -12,9 +12,11 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
-# expert.max_replicas=1: a second replica (its start-up ~7 s of CPU on 2 cores) only where a test asks for it
+# expert.max_replicas=1: a second replica (its start-up ~7 s of CPU on 2 cores) only where a test asks for it;
+# eval.enabled=false: no evaluator actor (~6 s of CPU to start) where a test does not look at held-out
+# accuracy (those launches add eval.enabled=true, evaluating at the start and the end: eval.every=0)
 FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2",
-        "expert.max_replicas=1"]
+        "expert.max_replicas=1", "eval.enabled=false"]
 
 
 class Launch:

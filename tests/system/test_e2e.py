@@ -39,7 +39,7 @@ def test_default_run_console_metrics_accounting_checkpoint_then_resume_and_ctrl_
        terminal sends it): teardown, the resume command named, exit 130, no process of the
        run left."""
     port, name = free_port(), "e2e"
-    run = Launch(tmp_path, name, "steps=5", "checkpoint_every=1", f"metrics_export_port={port}",
+    run = Launch(tmp_path, name, "steps=5", "checkpoint_every=1", f"metrics_export_port={port}", "eval.enabled=true",
                  "buffer.max_staleness=0",  # batches made during a step go stale: every accounting term in play
                  env={"RAY_metrics_report_interval_ms": "1000"})  # export every second (default 10 s)
     wanted, seen = set(metrics.SPECS), set()
@@ -103,7 +103,8 @@ def test_default_run_console_metrics_accounting_checkpoint_then_resume_and_ctrl_
 
     # resume continues from the saved version: counters, batch serials (no replayed prompts or
     # acceptance coins), one metrics row per step, no re-evaluation of the start; then Ctrl-C
-    again = Launch(tmp_path, name, "steps=100", "checkpoint_every=1", f"resume={run_dir}", out_name="resume.out")
+    again = Launch(tmp_path, name, "steps=100", "checkpoint_every=1", f"resume={run_dir}", "eval.enabled=true",
+                   out_name="resume.out")
     try:
         again.wait_for(r"^\[eapo\] step 7/100")
         interrupt_and_check_nothing_is_left(again, "sigint-group")
@@ -128,6 +129,10 @@ def test_two_learners_three_rollout_actors_small_buffer_zero3(tmp_path):
     run_dir = run.run_dir
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["steps"] == 5 and s["samples"] > 0
+    # eval.enabled=false (tests/system/launching.FAST): no evaluation, none pretended
+    assert s["heldout_accuracy_start"] is None and s["heldout_accuracy_end"] is None
+    assert "held-out accuracy" not in run.log and "heldout_acc nan" in run.log, run.log[-3000:]
+    assert "no held-out evaluation (eval.enabled=false)" in run.log, run.log[-3000:]
     assert len(s["rollout_batches_by_worker"]) >= 2  # several rollout actors delivered batches
     from transformers import AutoModelForCausalLM  # ZeRO-3 shards were gathered for the HF checkpoint
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")

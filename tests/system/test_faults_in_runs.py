@@ -31,7 +31,8 @@ def test_kill9_rollout_actor_expert_replica_and_learner_mid_run(tmp_path):
     The run reaches its step count and the accounting closes with nothing lost."""
     run = Launch(tmp_path, "faults", "steps=7", "rollout.num_actors=1", "expert.timeout_s=3",
                  "acceptance.kind=constant", "acceptance.start=1.0", "checkpoint_every=2",
-                 "learner.num_learners=2")  # the surviving rank blocks in a collective: must not hang
+                 "learner.num_learners=2",  # the surviving rank blocks in a collective: must not hang
+                 "eval.enabled=true")  # evaluations of a dead learner's weights are part of the fault
     try:
         run.wait_for(r"^\[eapo\] step 1/7")
         t_kill = time.time()

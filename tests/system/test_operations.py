@@ -10,7 +10,6 @@ from eapo_ray import metrics
 from eapo_ray.accounting import Accounting, AccountingError, check
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["eval.every=0", "data.num_heldout=24", "rollout.prompts_per_batch=4", "buffer.capacity=2"]
 
 
 def _stats(worker, samples, kept):
