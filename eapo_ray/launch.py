@@ -17,7 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eapo_ray.config import ConfigError, RunConfig, load_config, to_dict
-from eapo_ray.ray_runtime import MetricsLog, init_ray, quiet_console, raise_if_interrupted
+from eapo_ray.ray_runtime import MetricsLog, bounded_call, init_ray, quiet_console, raise_if_interrupted, wait_get
+
+# The buffer's methods never block (offer refuses when full, get takes timeout_s=0), so a call
+# not back in this time means its actor is stuck: fail (GetTimeoutError) rather than hang.
+BUFFER_CALL_S = 60.0
 
 
 @dataclass
@@ -220,7 +224,12 @@ def wait_expert_running(app_name: str, timeout_s: float, poll_s: float = 0.25) -
     deadline = time.monotonic() + timeout_s
     while True:
         raise_if_interrupted()
-        app = serve.status().applications.get(app_name)
+        try:  # a ray.get on Serve's controller with no timeout of its own
+            app = bounded_call(serve.status, max(1.0, deadline - time.monotonic()), "serve.status()")
+        except TimeoutError as e:
+            raise ExpertStartError(f"the expert Serve app '{app_name}' did not come up: Serve's controller did not "
+                                   f"answer ({e}; expert.start_timeout_s={timeout_s:g})") from None
+        app = app.applications.get(app_name)
         status = app.status if app else "NOT_STARTED"
         if status == ApplicationStatus.RUNNING:
             return
@@ -283,7 +292,7 @@ def run(cfg: RunConfig) -> Path:
         weights = s.learners.publish()
         if ev is None and cfg.eval.enabled:
             try:
-                ev0 = ev = ray.get(s.evaluator.evaluate.remote(weights), timeout=cfg.eval.timeout_s)
+                ev0 = ev = wait_get(s.evaluator.evaluate.remote(weights), cfg.eval.timeout_s)
             except ray.exceptions.GetTimeoutError:
                 raise EvaluationFailed(f"the held-out evaluation at step {version} was not back after "
                                        f"eval.timeout_s={cfg.eval.timeout_s:g} s (a hung or far too slow evaluator: "
@@ -339,9 +348,10 @@ def next_batches(cfg: RunConfig, s: System, state: LoopState, rollout_weights, p
     while True:
         raise_if_interrupted()  # a Ctrl-C whose KeyboardInterrupt a library swallowed still stops the run
         feed(cfg, s, state, rollout_weights, pending)
-        while pending and ray.get(s.buffer.offer.remote(pending[0].box, pending[0].version, pending[0].num_samples)):
+        while pending and ray.get(s.buffer.offer.remote(pending[0].box, pending[0].version, pending[0].num_samples),
+                                       timeout=BUFFER_CALL_S):
             pending.popleft()
-        items = ray.get(s.buffer.get.remote(1, state.version, timeout_s=0))
+        items = ray.get(s.buffer.get.remote(1, state.version, timeout_s=0), timeout=BUFFER_CALL_S)
         if items:
             return items, rollouts
         for res in s.fleet.wait(timeout_s=5.0):
@@ -379,7 +389,8 @@ def feed(cfg: RunConfig, s: System, state: LoopState, rollout_weights, pending: 
     idle = s.fleet.idle()
     if not idle:
         return
-    ahead = ray.get(s.buffer.stats.remote())["size"] + len(pending)  # + in flight, which grows as we submit
+    # + in flight, which grows as we submit
+    ahead = ray.get(s.buffer.stats.remote(), timeout=BUFFER_CALL_S)["size"] + len(pending)
     for i in idle:
         if ahead + s.fleet.num_inflight >= room:
             return
@@ -394,7 +405,7 @@ class PendingRows:
 
     def __init__(self, log, run_name: str, ready=None, get=None, timeout_s: float = 3600.0, on_timeout=None):
         """`log(step, row)` writes a row; `ready(ref)` / `get(ref, timeout=)` (default: ray.wait with
-        no wait, ray.get) look at an evaluation's result; an evaluation not back `timeout_s` after
+        no wait, a sliced ray.get (wait_get)) look at an evaluation's result; an evaluation not back `timeout_s` after
         it was added counts as failed (eval.timeout_s) and `on_timeout()` is called (the launcher
         replaces the hung evaluator)."""
         import ray
@@ -402,7 +413,7 @@ class PendingRows:
         self.log, self.run_name, self.timeout_s = log, run_name, timeout_s
         self.on_timeout = on_timeout
         self.ready = ready or (lambda ref: bool(ray.wait([ref], timeout=0)[0]))
-        self.get = get or ray.get
+        self.get = get or (lambda ref, timeout: wait_get(ref, timeout))  # sliced: a Ctrl-C is not held up
         self.rows: deque = deque()  # (step, row, eval ObjectRef or None, deadline)
         self.last: dict | None = None  # the newest evaluation written
         self.last_step: int | None = None  # the step it evaluated
@@ -541,7 +552,10 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict | 
         eval_deadline = time.time() + cfg.eval.timeout_s
         if ref is not None and not cfg.eval.overlap:  # wait here (eval.overlap: the evaluator runs beside training)
             t = time.time()
-            ray.wait([ref], num_returns=1, timeout=cfg.eval.timeout_s)
+            try:
+                wait_get(ref, cfg.eval.timeout_s, fetch=False)
+            except ray.exceptions.GetTimeoutError:
+                pass  # PendingRows counts it as failed at its deadline
             tm["eval_s"] += time.time() - t
         bd.step(tm, stats, time.time() - t_step)
         row.update({f"time_{k}": v for k, v in bd.last.items()}, **bd.idle(time.time() - t_loop))
@@ -674,7 +688,7 @@ def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path,
     s.rollbacks.append(version)
     import ray
 
-    ray.get(s.buffer.rollback.remote(version), timeout=60)
+    ray.get(s.buffer.rollback.remote(version), timeout=BUFFER_CALL_S)
     for it in [it for it in s.pending if it.version > version]:
         s.pending.remove(it)
         if s.accounting is not None:
@@ -732,7 +746,7 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
     if s.accounting is not None:
         import ray
 
-        summary["accounting"] = s.accounting.close(ray.get(s.buffer.stats.remote()),
+        summary["accounting"] = s.accounting.close(ray.get(s.buffer.stats.remote(), timeout=BUFFER_CALL_S),
                                                    [p.num_samples for p in s.pending], s.fleet.num_inflight)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -741,7 +755,7 @@ def write_summary(cfg: RunConfig, s: System, state: LoopState, run_dir: Path, ev
 def _buffer_stats(buffer) -> dict:
     import ray
 
-    return {f"buffer_{k}": v for k, v in ray.get(buffer.stats.remote()).items()}
+    return {f"buffer_{k}": v for k, v in ray.get(buffer.stats.remote(), timeout=BUFFER_CALL_S).items()}
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import threading
+import time
 from pathlib import Path
 
 from eapo_ray.config import RunConfig
@@ -96,7 +97,8 @@ def install_interrupt_handlers() -> None:
     the main thread is inside a library's callback can be swallowed there (a test run once trained
     all 100 steps after a Ctrl-C at step 2): the launcher calls `raise_if_interrupted` at every
     training step, every poll for data and every poll for the expert at start-up, so the signal
-    still stops the run (a single long wait, e.g. for an evaluation, is not sliced)."""
+    still stops the run; long waits (an evaluation, Serve's status) go through `wait_get` /
+    `bounded_call`, which check for it every half second."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -118,3 +120,49 @@ def raise_if_interrupted() -> None:
     """Raise KeyboardInterrupt if a SIGINT/SIGTERM arrived (whether or not its own raise got through)."""
     if _INTERRUPTED.is_set():
         raise KeyboardInterrupt("interrupted by a signal")
+
+
+def wait_get(ref, timeout_s: float, slice_s: float = 0.5, fetch: bool = True, wait=None, get=None):
+    """`ray.get(ref, timeout=timeout_s)` in slices of `slice_s` seconds with `raise_if_interrupted`
+    between them, so a Ctrl-C whose KeyboardInterrupt a library swallowed does not wait out a long
+    wait (an evaluation may take eval.timeout_s). Raises ray's GetTimeoutError past `timeout_s`.
+    `fetch=False`: only wait until it is ready (returns None). `wait` / `get`: ray.wait / ray.get."""
+    import ray
+
+    wait, get = wait or ray.wait, get or ray.get
+    deadline = time.monotonic() + timeout_s
+    while True:
+        raise_if_interrupted()
+        left = deadline - time.monotonic()
+        ready, _ = wait([ref], num_returns=1, timeout=max(0.0, min(slice_s, left)))
+        if ready:
+            return get(ref) if fetch else None
+        if left <= 0:
+            raise ray.exceptions.GetTimeoutError(f"not ready after {timeout_s:g} s")
+
+
+def bounded_call(fn, timeout_s: float, what: str, slice_s: float = 0.5):
+    """fn() for a library call that has no timeout of its own (serve.status() is a ray.get on
+    Serve's controller, unbounded), waited for at most `timeout_s` seconds with
+    `raise_if_interrupted` every `slice_s`. Raises TimeoutError naming `what`. A call that never
+    returns is left in its daemon thread (it does not hold up the process's exit)."""
+    box: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"bounded:{what}", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(max(0.0, min(slice_s, deadline - time.monotonic()))):
+        raise_if_interrupted()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} did not return within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -198,6 +198,14 @@ class Runner:
         return run_result(row, summary, ev, _read_metrics(rd) if row.kind == "train" else None), timing
 
 
+def expert_key(cfg: RunConfig, eapo_cfg: RunConfig) -> str:
+    """The key of a row's expert in results.json's expert_accuracy: "T=<temperature>" for eapo.yaml's
+    expert model, "T=<temperature> <model path>" for another (a weak expert is a different model on
+    configs/mul, not a hotter one: it must not be reported with the strong expert's accuracy)."""
+    same = (cfg.model.expert, cfg.expert.reverse_answer) == (eapo_cfg.model.expert, eapo_cfg.expert.reverse_answer)
+    return f"T={cfg.expert.temperature:g}" + ("" if same else f" {cfg.model.expert}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.paper_table", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,13 +254,14 @@ def main(argv=None) -> int:
               f"{used_before / 60:.1f} min of the budget were used before", flush=True)
     print(format_plan(plan, timing), flush=True)
 
-    # The experts' single-operation accuracy (the rows' expert decoding), measured once.
+    # The experts' single-operation accuracy (each row's expert model and decoding), measured once
+    # each; keyed "T=<temperature>" for eapo.yaml's expert, with the model path added for another one
     expert_acc = {}
     from experiments.distill import expert_accuracy
     for r in rows:
         if r.name in plan.rows and r.kind in ("train", "distill", "workflow") and r.name != "rl":
             c = load_config(config_path(r), args.sets)
-            key = f"T={c.expert.temperature:g}"
+            key = expert_key(c, cfg0)
             if key not in expert_acc:
                 expert_acc[key] = expert_accuracy(c)
                 a = expert_acc[key]

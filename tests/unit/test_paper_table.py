@@ -215,3 +215,16 @@ def test_mul_rows_take_their_labels_from_their_config_files(monkeypatch):
     assert "LUFFY" in mul["eapo_luffy"].label
     monkeypatch.setattr(R, "CONFIG_DIR", root / "configs" / "paper")
     assert R.labelled(R.ROW_BY_NAME["eapo_weak_expert"]).label == "ablation: weak expert (T=2.0)"
+
+
+def test_a_weaker_expert_model_gets_its_own_accuracy_key():
+    """configs/mul's weak expert is another model at the same temperature: keyed by temperature
+    alone it was reported with the strong expert's accuracy (results.json, 2026-12-02)."""
+    mul = Path(__file__).resolve().parents[2] / "configs" / "mul"
+    eapo, weak = load_config(mul / "eapo.yaml"), load_config(mul / "eapo_weak_expert.yaml")
+    sft = load_config(mul / "eapo_sft.yaml")
+    assert P.expert_key(eapo, eapo) == P.expert_key(sft, eapo) == "T=0"
+    assert P.expert_key(weak, eapo) != "T=0" and "weak_expert" in P.expert_key(weak, eapo)
+    paper = Path(__file__).resolve().parents[2] / "configs" / "paper"
+    hot = load_config(paper / "eapo_weak_expert.yaml")
+    assert P.expert_key(hot, load_config(paper / "eapo.yaml")) == f"T={hot.expert.temperature:g}"
