@@ -58,11 +58,22 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
                 raise
             ray.shutdown()
             ctx = ray.init(**kwargs)
+        start_reaper()  # nothing of this cluster outlives the driver, even a kill -9 of it
     else:
         ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
     install_interrupt_handlers()  # after ray.init, which installs its own (aborting) SIGTERM handler
     url = getattr(ctx, "dashboard_url", "") or ""
     return f"http://{url}" if url and not url.startswith("http") else url
+
+
+def start_reaper():
+    """Start eapo_ray.reaper for this (driver) process: in its own session, so a Ctrl-C to the
+    driver's process group leaves it watching until the teardown is over."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "eapo_ray.reaper", str(os.getpid())], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class MetricsLog:
