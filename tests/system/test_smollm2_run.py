@@ -58,7 +58,9 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
     # the suite's time budget: 2 steps of 1 prompt x 2 samples, 64 response tokens, and a one-line prompt
     # instead of the config's ~230-token few-shot one (the config's 3 steps of 1 x 4, 128 tokens and its
     # prompt work alike; the fp32 learner step and vLLM decoding scale with them)
-    cmd = [sys.executable, "-m", "eapo_ray.launch", "--config", str(CONFIG), "steps=2", "data.num_heldout=2",
+    # no evaluator (eval.enabled=false): SmolLM2's held-out evaluation is test_real_benchmarks' and
+    # test_evaluate_takes_a_model_name's; here it cost a third SmolLM2 copy and ~4 generations
+    cmd = [sys.executable, "-m", "eapo_ray.launch", "--config", str(CONFIG), "steps=2", "eval.enabled=false",
            "rollout.group_size=2", "rollout.max_response_tokens=64", "rollout.max_new_tokens_per_turn=32",
            'data.template="Problem: {problem} Reply with <answer>number</answer> or <consult>question</consult>."',
            f"run_root={tmp_path}", "run_name=smollm2", f"dashboard_port={free_port()}"]
