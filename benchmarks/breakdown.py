@@ -93,7 +93,8 @@ def table(summaries: list[dict], names: list[str]) -> str:
     extra = [("samples/s (generated / loop s)", lambda s: s["generated_samples"] / max(s["loop_seconds"], 1e-9)),
              ("held-out accuracy end", lambda s: s["heldout_accuracy_end"])]
     for label, fn in extra:
-        lines.append(f"{label:36s}" + "".join(f"{fn(s):>{w}.3f}" for s in summaries))
+        vals = [fn(s) for s in summaries]  # held-out accuracy is None for a run with eval.enabled=false
+        lines.append(f"{label:36s}" + "".join(f"{'-':>{w}s}" if v is None else f"{v:>{w}.3f}" for v in vals))
     return "\n".join(lines)
 
 

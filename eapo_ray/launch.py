@@ -22,6 +22,7 @@ from eapo_ray.ray_runtime import MetricsLog, bounded_call, init_ray, quiet_conso
 # The buffer's methods never block (offer refuses when full, get takes timeout_s=0), so a call
 # not back in this time means its actor is stuck: fail (GetTimeoutError) rather than hang.
 BUFFER_CALL_S = 60.0
+TEARDOWN_SERVE_S = 60.0  # the expert app's deletion at teardown (normally ~1 s)
 
 
 @dataclass
@@ -60,7 +61,10 @@ class System:
         if self.app_name:
             from ray import serve
 
-            steps.append(("expert", lambda: serve.delete(self.app_name)))
+            # serve.delete waits on Serve's controller with no timeout of its own: a hung controller
+            # must not hold the driver (signals are ignored during teardown)
+            steps.append(("expert", lambda: bounded_call(lambda: serve.delete(self.app_name), TEARDOWN_SERVE_S,
+                                                         "serve.delete", check_interrupt=False)))
         # A second Ctrl-C or a SIGTERM while tearing down must not skip the rest (the Serve app
         # and its GPUs would outlive the driver on a joined cluster): both are ignored until done.
         held = _hold_signals()
@@ -144,7 +148,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     s.run_name = run_name
     required = r.num_actors * r.num_cpus + lc.num_learners * lc.num_cpus + ec.max_replicas * ec.num_cpus + (
         cfg.eval.num_cpus if cfg.eval.enabled else 0)
-    url = init_ray(cfg, required)
+    url = init_ray(cfg, required, reaper=True)
     print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
     # where tools find this run's cluster (python -m eapo_ray.expert scale --run-dir ...)
     (run_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address + "\n")
@@ -288,6 +292,8 @@ def run(cfg: RunConfig) -> Path:
         ev0 = ev = None
         if cfg.resume:
             ev0, ev = resume_metrics(run_dir, version)
+            if not cfg.eval.enabled:  # an earlier attempt's evaluations must not pass for this one's
+                ev0 = ev = None
         s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else None)
         weights = s.learners.publish()
         if ev is None and cfg.eval.enabled:

@@ -429,9 +429,12 @@ def get_all(refs: list) -> list:
     """ray.get of every rank's result, raising as soon as ANY rank fails: a plain ray.get of the
     list would first wait on a surviving rank, which blocks in a collective with the dead one
     (gloo's timeout is 30 min)."""
+    from eapo_ray.ray_runtime import raise_if_interrupted
+
     pending = list(refs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        raise_if_interrupted()  # a recorded Ctrl-C is not held up by a long learner call
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
         ray.get(ready)  # a dead rank's error is raised here, at once
     return ray.get(refs)
 

@@ -31,8 +31,10 @@ def quiet_console(verbose: bool) -> None:
         os.environ.setdefault(k, v)
 
 
-def init_ray(cfg: RunConfig, required_cpus: float) -> str:
-    """Start (or join) Ray; returns the dashboard URL ("" when there is none)."""
+def init_ray(cfg: RunConfig, required_cpus: float, reaper: bool = False) -> str:
+    """Start (or join) Ray; returns the dashboard URL ("" when there is none). `reaper`: when this
+    starts a private local cluster, also start eapo_ray.reaper for this process (the launcher's
+    driver: every process under it is the run's)."""
     import logging
 
     import ray
@@ -58,7 +60,8 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
                 raise
             ray.shutdown()
             ctx = ray.init(**kwargs)
-        start_reaper()  # nothing of this cluster outlives the driver, even a kill -9 of it
+        if reaper:
+            start_reaper()  # nothing of this cluster outlives the driver, even a kill -9 of it
     else:
         ctx = ray.init(address=None if cfg.ray_address == "auto-local" else cfg.ray_address, runtime_env=env, **quiet)
     install_interrupt_handlers()  # after ray.init, which installs its own (aborting) SIGTERM handler
@@ -66,14 +69,19 @@ def init_ray(cfg: RunConfig, required_cpus: float) -> str:
     return f"http://{url}" if url and not url.startswith("http") else url
 
 
-def start_reaper():
+def start_reaper(*args: str):
     """Start eapo_ray.reaper for this (driver) process: in its own session, so a Ctrl-C to the
-    driver's process group leaves it watching until the teardown is over."""
+    driver's process group leaves it watching until the teardown is over. `args`: more of its
+    command line (e.g. --ready FILE)."""
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "eapo_ray.reaper", str(os.getpid())], start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import psutil
+
+    me = psutil.Process()
+    return subprocess.Popen([sys.executable, "-m", "eapo_ray.reaper", str(me.pid), repr(me.create_time()), *args],
+                            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 class MetricsLog:
@@ -147,16 +155,17 @@ def wait_get(ref, timeout_s: float, slice_s: float = 0.5, fetch: bool = True, wa
         left = deadline - time.monotonic()
         ready, _ = wait([ref], num_returns=1, timeout=max(0.0, min(slice_s, left)))
         if ready:
-            return get(ref) if fetch else None
+            return get(ref, timeout=max(1.0, deadline - time.monotonic())) if fetch else None
         if left <= 0:
             raise ray.exceptions.GetTimeoutError(f"not ready after {timeout_s:g} s")
 
 
-def bounded_call(fn, timeout_s: float, what: str, slice_s: float = 0.5):
-    """fn() for a library call that has no timeout of its own (serve.status() is a ray.get on
-    Serve's controller, unbounded), waited for at most `timeout_s` seconds with
-    `raise_if_interrupted` every `slice_s`. Raises TimeoutError naming `what`. A call that never
-    returns is left in its daemon thread (it does not hold up the process's exit)."""
+def bounded_call(fn, timeout_s: float, what: str, slice_s: float = 0.5, check_interrupt: bool = True):
+    """fn() for a library call that has no timeout of its own (serve.status() and serve.delete()
+    are ray.gets on Serve's controller, unbounded), waited for at most `timeout_s` seconds with
+    `raise_if_interrupted` every `slice_s` (unless `check_interrupt` is false: the teardown after
+    a Ctrl-C). Raises TimeoutError naming `what`. A call that never returns is left in its daemon
+    thread (it does not hold up the process's exit)."""
     box: dict = {}
     done = threading.Event()
 
@@ -171,8 +180,9 @@ def bounded_call(fn, timeout_s: float, what: str, slice_s: float = 0.5):
     threading.Thread(target=target, name=f"bounded:{what}", daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while not done.wait(max(0.0, min(slice_s, deadline - time.monotonic()))):
-        raise_if_interrupted()
-        if time.monotonic() >= deadline:
+        if check_interrupt:
+            raise_if_interrupted()
+        if time.monotonic() >= deadline and not done.is_set():
             raise TimeoutError(f"{what} did not return within {timeout_s:g} s")
     if "error" in box:
         raise box["error"]

@@ -28,13 +28,23 @@ def _start_local_ray():
 
 
 def _left_clean(ray, wait_s: float = 10.0) -> bool:
-    """Every CPU free again and no named actor left (Serve's controller included): what a
-    module's actors leave when their handles go. Actor deaths are asynchronous, hence the wait."""
+    """Every CPU/GPU free again, no actor alive or pending (0-CPU ones included, read from the
+    GCS's actor table: Ray's state API needs the dashboard), no placement group left and no named
+    actor (Serve's controller included): what a module's actors leave when their handles go.
+    Actor deaths are asynchronous, hence the wait; any error counts as not clean."""
+    from ray._private import state
+
     deadline = time.time() + wait_s
     while True:
-        total, free = ray.cluster_resources(), ray.available_resources()
-        if (all(free.get(k, 0) == total[k] for k in ("CPU", "GPU") if k in total)
-                and not ray.util.list_named_actors(all_namespaces=True)):
+        try:
+            total, free = ray.cluster_resources(), ray.available_resources()
+            clean = (all(free.get(k, 0) == total[k] for k in ("CPU", "GPU") if k in total)
+                     and not [a for a in state.actors().values() if a["State"] != "DEAD"]
+                     and not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+                     and not ray.util.list_named_actors(all_namespaces=True))
+        except Exception:  # noqa: BLE001 -- e.g. the cluster is already gone
+            return False
+        if clean:
             return True
         if time.time() > deadline:
             return False
@@ -67,7 +77,8 @@ def _ray_down_at_the_end():
 
 
 # `make test` runs the suite on 2 pytest-xdist workers, a file at a time per worker (module
-# fixtures such as a module's Ray cluster or vLLM engine are made once). Files start longest
+# fixtures such as a module's vLLM engine are made once; ray_local's cluster serves every module of
+# a worker that leaves it clean). Files start longest
 # first (measured durations, serial, CI machine) so the two workers finish together.
 LONG_FIRST = ["test_faults_in_runs.py", "test_smollm2_run.py", "test_e2e.py", "test_engine_correctness.py",
               "test_expert_serve.py", "test_vllm.py", "test_paper_table_run.py", "test_real_benchmarks.py",

@@ -218,7 +218,8 @@ def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
         # the kill, before the dead actor was due for retirement
         run = Launch(tmp_path, "twonode", "steps=40", "rollout.num_actors=2", "rollout.node_resource=rollout",
                      "rollout.num_cpus=0", "rollout.restart_timeout_s=5", "acceptance.kind=constant",
-                     "acceptance.start=0.0", ray_address=cluster.address)
+                     "acceptance.start=0.0", "eval.enabled=true",  # the evaluator must not land on node 2
+                     ray_address=cluster.address)
         run.wait_for(r"^\[eapo\] step 2/40")
         raylet2 = psutil.Process(node2.all_processes["raylet"][0].process.pid)
         on_node2 = _ray_titles(raylet2)

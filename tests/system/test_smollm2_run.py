@@ -75,6 +75,7 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
     assert s["steps"] == 2 and s["samples"] > 0
     used = json.loads((run / "config.json").read_text())
     assert used["data"]["chat_template"] and Path(used["data"]["train"]).is_absolute()  # resolved at load
+    assert Path(used["data"]["heldout"]).is_absolute() and Path(used["data"]["heldout"]).exists()
     if "logp_gap_max" in s:  # vLLM (fp32) and the DeepSpeed learner (fp32) score the sampled tokens alike
         assert 0 <= s["logp_gap_max"] < 1e-3, s["logp_gap_max"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """The per-step time breakdown's bookkeeping (issue 13): fake clocks, no Ray."""
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,18 @@ def test_latency_knob_and_eval_overlap_are_validated():
     for bad in ("expert.added_latency_s=-1", "expert.added_latency_s=10"):  # timeout_s is 10
         with pytest.raises(ConfigError, match=r"expert\.added_latency_s"):
             load_config(None, [bad])
+
+
+def test_breakdown_table_prints_a_run_without_evaluation():
+    """benchmarks/breakdown.py on a run with eval.enabled=false (heldout_accuracy_end null)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "breakdown.py"
+    spec = importlib.util.spec_from_file_location("breakdown_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = [{"generated_samples": 64, "loop_seconds": 2.0, "heldout_accuracy_end": None, "breakdown": {}},
+            {"generated_samples": 64, "loop_seconds": 4.0, "heldout_accuracy_end": 0.25, "breakdown": {}}]
+    text = mod.table(runs, ["off", "on"])
+    last = text.splitlines()[-1]
+    assert last.startswith("held-out accuracy end") and last.split()[-2:] == ["-", "0.250"], last
