@@ -255,9 +255,10 @@ def start_nccl_weight_sync(learners, workers) -> float:
     return learners.sync_weights()
 
 
-def resume_metrics(run_dir: Path, version: int) -> tuple[dict | None, dict | None]:
+def resume_metrics(run_dir: Path, version: int, evaluations: bool = True) -> tuple[dict | None, dict | None]:
     """On resume: drop metric rows logged after the checkpoint (they are redone), and return
-    the first and last held-out evaluations already logged (None when there are none)."""
+    the first and last held-out evaluations already logged (None when there are none, or when
+    not `evaluations`: a run resumed with eval.enabled=false must not report an earlier attempt's)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None, None
@@ -266,7 +267,7 @@ def resume_metrics(run_dir: Path, version: int) -> tuple[dict | None, dict | Non
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     evals = [{k[len("heldout_"):]: v for k, v in row.items() if k.startswith("heldout_")}
              for row in rows if "heldout_accuracy" in row]
-    return (evals[0], evals[-1]) if evals else (None, None)
+    return (evals[0], evals[-1]) if evals and evaluations else (None, None)
 
 
 def run(cfg: RunConfig) -> Path:
@@ -291,9 +292,7 @@ def run(cfg: RunConfig) -> Path:
             state = LoopState(version=version, serial=state.serial)  # never replay batch serials
         ev0 = ev = None
         if cfg.resume:
-            ev0, ev = resume_metrics(run_dir, version)
-            if not cfg.eval.enabled:  # an earlier attempt's evaluations must not pass for this one's
-                ev0 = ev = None
+            ev0, ev = resume_metrics(run_dir, version, evaluations=cfg.eval.enabled)
         s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else None)
         weights = s.learners.publish()
         if ev is None and cfg.eval.enabled:

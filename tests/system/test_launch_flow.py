@@ -39,6 +39,8 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path):
     kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == [0, 1, 2, 3]
     assert first == last == {"accuracy": 0.1, "formatted": 0.5}  # the step-4 evaluation was after it
+    # resumed with eval.enabled=false: the earlier attempt's evaluations are not this run's
+    assert launch.resume_metrics(tmp_path, 3, evaluations=False) == (None, None)
 
 
 def test_loop_state_round_trips(tmp_path):
