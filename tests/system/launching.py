@@ -111,12 +111,25 @@ def interrupt_and_check_nothing_is_left(run: Launch, how: str) -> None:
     print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
 
 
-def free_port() -> int:
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port for a launch's dashboard or metrics endpoint, drawn at random from
+    [low, high): above Ray's worker ports (10002-19999) and below Linux's ephemeral range (from
+    32768). A port the kernel hands out (bind to 0) is an ephemeral one, which any outgoing
+    connection (Ray opens many) can take before the launch binds it: a 3-worker suite run lost a
+    launch that way ("Failed to bind to 127.0.0.1:45775 because it's already occupied")."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
 
 
 def alive(p: psutil.Process) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -245,13 +246,26 @@ def test_hf_requests_join_a_running_batch_and_return_when_they_end(tmp_path, tem
     calls, steps = [], []
     gen, step = engine.generate, engine._fast.step
     engine.generate = lambda *a, **k: calls.append(len(a[0])) or gen(*a, **k)
-    engine._fast.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+    queued = threading.Event()  # the short request is in the batcher's queue
+
+    def stepping(*a, **k):
+        steps.append(1)
+        if len(steps) == 20:  # hold the running batch here until the short request is queued: on a
+            queued.wait(60)   # loaded machine the decode thread once ran all 150 steps before it was
+        return step(*a, **k)
+    engine._fast.step = stepping
 
     async def scenario():
         long = asyncio.create_task(engine.agenerate(first, 150, temperature, STOP))
         while len(steps) < 20 and not long.done():  # the first batch is decoding
             await asyncio.sleep(0.001)
-        short = await _within(engine.agenerate(later[0], budgets[0], temperature, STOP))
+        short_task = asyncio.ensure_future(_within(engine.agenerate(later[0], budgets[0], temperature, STOP)))
+        for _ in range(5000):
+            if engine._batcher.pending or short_task.done():
+                break
+            await asyncio.sleep(0.001)
+        queued.set()
+        short = await short_task
         if temperature == 0.0:  # (sampling may draw EOS early)
             assert not long.done(), "a joined request is answered when it ends, not with the batch"
         rest = await _within(asyncio.gather(*[engine.agenerate(p, m, temperature, STOP)
