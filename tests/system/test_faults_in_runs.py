@@ -226,7 +226,13 @@ def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
         others = [t for t in on_node2 if re.search(r"Learner|Evaluator|TrajectoryBuffer", t)]
         assert any(t.startswith("ray::RolloutWorker") for t in on_node2) and not others, on_node2
         t_kill = time.time()
+        node2_procs = raylet2.children(recursive=True)  # its workers: a dead node's processes all die
         cluster.remove_node(node2, allow_graceful=False)
+        for proc in node2_procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
         rc = run.finish(timeout=400)
         log = run.log
         assert rc == 0, log[-5000:]
