@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 # Two pytest-xdist workers, a test file at a time each, the longest files first (tests/conftest.py;
 # --no-loadscope-reorder keeps that order): the suite's launches wait on Ray, Serve and restarts
-# part of the time, so two overlap (fresh clone: 17 min 21 s of tests serial, 13 min 22 s on two
+# part of the time, so two overlap (fresh clone: 17 min 21 s of tests serial, 12-14 min on two
 # workers). TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP)
