@@ -228,3 +228,21 @@ def test_a_weaker_expert_model_gets_its_own_accuracy_key():
     paper = Path(__file__).resolve().parents[2] / "configs" / "paper"
     hot = load_config(paper / "eapo_weak_expert.yaml")
     assert P.expert_key(hot, load_config(paper / "eapo.yaml")) == f"T={hot.expert.temperature:g}"
+
+
+def test_help_plot_reads_help_and_accuracy_per_row(tmp_path):
+    """experiments.help_plot: help = answered queries per sample over the first 75% of steps
+    (steps 1-3 of 4 here), accuracy = greedy pass@1, both averaged over seeds."""
+    import json
+
+    from experiments import help_plot
+
+    for seed, (helps, acc) in enumerate([([1.0, 0.5, 0.0, 9.0], 0.2), ([0.5, 0.5, 0.5, 9.0], 0.4)]):
+        run = tmp_path / "runs" / f"eapo-s{seed}"
+        run.mkdir(parents=True)
+        rows = [{"step": 0}] + [{"step": i + 1, "rollout_accuracy": 0.1, "rollout_accepted_per_sample": h}
+                                for i, h in enumerate(helps)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "eval.json").write_text(json.dumps({"greedy": {"pass@1": acc}}))
+    h, g, sd = help_plot.points(tmp_path)["eapo"]
+    assert h == pytest.approx((0.5 + 0.5) / 2) and g == pytest.approx(0.3) and sd == pytest.approx(0.1414, abs=1e-3)
