@@ -33,7 +33,9 @@ def watch(driver_pid: int, driver_created: float | None = None, poll_s: float = 
     me = os.getpid()
     try:
         driver = psutil.Process(driver_pid)
-        if driver_created is not None and abs(driver.create_time() - driver_created) > 0.01:
+        # creation times can differ by ~1 s between two reads (psutil derives them from the boot
+        # time, which it rereads); a pid reused within 2 s is not a practical concern
+        if driver_created is not None and abs(driver.create_time() - driver_created) > 2.0:
             return 0  # that pid is another process now: the driver is long gone, nothing is ours
     except psutil.Error:
         return 0

@@ -3,8 +3,10 @@ paper_table output directory (docs/results.md, issue 11):
 
     python -m experiments.help_plot --out runs/mul_s19 [--png FILE]
 
-x: answered expert queries per training sample over the helped steps (1 .. 75% of the run; the
-mean of `rollout_accepted_per_sample` in each run's metrics.jsonl, then over seeds); y: greedy
+x: answered expert queries per training sample over the helped steps (1 .. acceptance.total_steps
+of the run's config.json, else 75% of its steps; the mean over those steps' metrics rows of
+`rollout_accepted_per_sample`, which is the newest rollout batch's before each step, then over
+seeds); y: greedy
 held-out accuracy with the policy alone (eval.json), mean ± std over seeds. Prints the numbers."""
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ def points(out: Path) -> dict[str, tuple[float, float, float]]:
         if not (metrics.exists() and ev.exists()):
             continue
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        steps = max(r["step"] for r in rows)
-        helped = [r.get("rollout_accepted_per_sample", 0.0) for r in rows if 0 < r["step"] <= 0.75 * steps
+        cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        last = cfg.get("acceptance", {}).get("total_steps") or 0.75 * max([r["step"] for r in rows] or [0])
+        helped = [r.get("rollout_accepted_per_sample", 0.0) for r in rows if 0 < r["step"] <= last
                   and "rollout_accuracy" in r]
+        if not helped:  # an incomplete run
+            continue
         greedy = json.loads(ev.read_text())["greedy"]["pass@1"]  # one greedy sample per problem
         by_row.setdefault(run.name.rsplit("-s", 1)[0], []).append((statistics.mean(helped), greedy))
     return {k: (statistics.mean(h for h, _ in v), statistics.mean(g for _, g in v),

@@ -68,7 +68,9 @@ def ray_local():
 
 
 # Every process this pytest process starts (Ray clusters in-process, launches) inherits this mark.
-os.environ.setdefault("EAPO_TEST_SESSION", f"{os.getpid()}-{time.time():.0f}")
+# One mark per pytest process (xdist sets PYTEST_XDIST_WORKER before importing this): one worker's
+# end-of-session sweep must not touch another's processes.
+os.environ["EAPO_TEST_SESSION"] = f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}-{time.time():.0f}"
 
 
 def _leftover_ray_processes() -> list:
@@ -94,13 +96,20 @@ def _ray_down_at_the_end():
     yield
     import sys
 
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    if "ray" not in sys.modules:
+        return
+    if sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
+    import psutil
+
     time.sleep(1)
     for p in _leftover_ray_processes():  # said, then ended: nothing of the suite outlives it
         print(f"\n[conftest] killing a leftover Ray process of this test session: {p.pid} {p.info['cmdline'][0]}",
               file=sys.stderr, flush=True)
-        p.kill()
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 # `make test` runs the suite on 2 pytest-xdist workers, a file at a time per worker (module

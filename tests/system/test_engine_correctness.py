@@ -256,6 +256,12 @@ def test_hf_requests_join_a_running_batch_and_return_when_they_end(tmp_path, tem
     engine._fast.step = stepping
 
     async def scenario():
+        try:
+            return await _scenario()
+        finally:
+            queued.set()  # a scenario that failed early must not leave the decode thread held
+
+    async def _scenario():
         long = asyncio.create_task(engine.agenerate(first, 150, temperature, STOP))
         while len(steps) < 20 and not long.done():  # the first batch is decoding
             await asyncio.sleep(0.001)

@@ -231,8 +231,9 @@ def test_a_weaker_expert_model_gets_its_own_accuracy_key():
 
 
 def test_help_plot_reads_help_and_accuracy_per_row(tmp_path):
-    """experiments.help_plot: help = answered queries per sample over the first 75% of steps
-    (steps 1-3 of 4 here), accuracy = greedy pass@1, both averaged over seeds."""
+    """experiments.help_plot: help = answered queries per sample over the helped steps (no
+    config.json here: the first 75%, steps 1-3 of 4), accuracy = greedy pass@1, both averaged
+    over seeds; a run without metrics rows is skipped."""
     import json
 
     from experiments import help_plot
@@ -244,5 +245,10 @@ def test_help_plot_reads_help_and_accuracy_per_row(tmp_path):
                                 for i, h in enumerate(helps)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "eval.json").write_text(json.dumps({"greedy": {"pass@1": acc}}))
-    h, g, sd = help_plot.points(tmp_path)["eapo"]
+    (tmp_path / "runs" / "rl-s0").mkdir()
+    (tmp_path / "runs" / "rl-s0" / "metrics.jsonl").write_text("")
+    (tmp_path / "runs" / "rl-s0" / "eval.json").write_text(json.dumps({"greedy": {"pass@1": 0.1}}))
+    pts = help_plot.points(tmp_path)
+    assert "rl" not in pts
+    h, g, sd = pts["eapo"]
     assert h == pytest.approx((0.5 + 0.5) / 2) and g == pytest.approx(0.3) and sd == pytest.approx(0.1414, abs=1e-3)
