@@ -11,29 +11,27 @@ held-out accuracy with the policy alone (eval.json), mean ± std over seeds. Pri
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
+
+from experiments.report import _read_json, _read_metrics, mean_std
 
 
 def points(out: Path) -> dict[str, tuple[float, float, float]]:
     """row -> (help per sample, greedy mean, greedy std) for the rows with training metrics."""
     by_row: dict[str, list[tuple[float, float]]] = {}
     for run in sorted((out / "runs").glob("*-s*")):
-        metrics, ev = run / "metrics.jsonl", run / "eval.json"
-        if not (metrics.exists() and ev.exists()):
+        rows, ev = _read_metrics(run), _read_json(run / "eval.json")
+        if not (rows and ev):
             continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-        last = cfg.get("acceptance", {}).get("total_steps") or 0.75 * max([r["step"] for r in rows] or [0])
+        cfg = _read_json(run / "config.json") or {}
+        last = cfg.get("acceptance", {}).get("total_steps") or 0.75 * max(r["step"] for r in rows)
         helped = [r.get("rollout_accepted_per_sample", 0.0) for r in rows if 0 < r["step"] <= last
                   and "rollout_accuracy" in r]
         if not helped:  # an incomplete run
             continue
-        greedy = json.loads(ev.read_text())["greedy"]["pass@1"]  # one greedy sample per problem
-        by_row.setdefault(run.name.rsplit("-s", 1)[0], []).append((statistics.mean(helped), greedy))
-    return {k: (statistics.mean(h for h, _ in v), statistics.mean(g for _, g in v),
-                statistics.stdev([g for _, g in v]) if len(v) > 1 else 0.0) for k, v in by_row.items()}
+        greedy = ev["greedy"]["pass@1"]  # one greedy sample per problem
+        by_row.setdefault(run.name.rsplit("-s", 1)[0], []).append((mean_std(helped)[0], greedy))
+    return {k: (mean_std([h for h, _ in v])[0], *mean_std([g for _, g in v])) for k, v in by_row.items()}
 
 
 def main(argv=None) -> int:
