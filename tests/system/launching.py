@@ -75,11 +75,7 @@ class Launch:
         procs = self.descendants()
         if self.p.poll() is None:
             self.p.kill()
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+        kill(procs)
 
     def summary(self) -> dict:
         return json.loads((self.run_dir / "summary.json").read_text())
@@ -101,12 +97,7 @@ def interrupt_and_check_nothing_is_left(run: Launch, how: str) -> None:
     log = run.log
     assert rc == 130, log[-4000:]
     assert f"resume={run.run_dir}" in log and "teardown of" not in log, log[-4000:]
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        left = [p for p in procs if alive(p)]
-        if not left:
-            break
-        time.sleep(0.5)
+    left = still_alive_after(procs, 30)
     assert not left, [(p.pid, cmdline(p)[:80]) for p in left]
     print(f"{how}: exit {rc} after {took:.1f}s, {len(procs)} processes of the run all gone")
 
@@ -130,6 +121,25 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def still_alive_after(procs: list[psutil.Process], timeout: float, poll_s: float = 0.5) -> list[psutil.Process]:
+    """Wait up to `timeout` seconds for every process of `procs` to exit; returns those still alive."""
+    deadline = time.time() + timeout
+    while True:
+        left = [p for p in procs if alive(p)]
+        if not left or time.time() >= deadline:
+            return left
+        time.sleep(poll_s)
+
+
+def kill(procs: list[psutil.Process]) -> None:
+    """SIGKILL each, ignoring those already gone."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def alive(p: psutil.Process) -> bool:

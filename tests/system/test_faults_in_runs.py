@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launching import ROOT, Launch, alive, cmdline, interrupt_and_check_nothing_is_left
+from launching import ROOT, Launch, cmdline, interrupt_and_check_nothing_is_left, kill, still_alive_after
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -119,13 +119,9 @@ def test_kill9_driver_then_resume_continues_exactly(tmp_path):
         procs = run.descendants()
         os.kill(run.p.pid, signal.SIGKILL)
         run.p.wait(timeout=30)
-        deadline = time.time() + 30
-        while time.time() < deadline:  # Ray's processes share the driver's fate, and eapo_ray.reaper
-            # ends those that would not (on Ray 2.60 the dashboard and runtime-env agents outlived it)
-            left = [p for p in procs if alive(p)]
-            if not left:
-                break
-            time.sleep(1)
+        # Ray's processes share the driver's fate, and eapo_ray.reaper ends those that would not
+        # (on Ray 2.60 the dashboard and runtime-env agents outlived it)
+        left = still_alive_after(procs, 30, poll_s=1)
         assert not left, [(p.pid, cmdline(p)[:80]) for p in left]
     finally:
         run.kill_all()
@@ -228,11 +224,7 @@ def test_two_node_cluster_loses_the_node_of_a_rollout_actor(tmp_path):
         t_kill = time.time()
         node2_procs = raylet2.children(recursive=True)  # its workers: a dead node's processes all die
         cluster.remove_node(node2, allow_graceful=False)
-        for proc in node2_procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+        kill(node2_procs)
         rc = run.finish(timeout=400)
         log = run.log
         assert rc == 0, log[-5000:]
