@@ -19,7 +19,7 @@ from eapo_ray.algo.protocol import ProtocolConfig
 
 _INT = re.compile(r"^[+-]?\d+$")
 
-__all__ = ["RewardConfig", "RewardResult", "last_boxed", "last_number", "extract_answer", "score"]
+__all__ = ["RewardConfig", "RewardResult", "last_boxed", "last_number", "extract_answer", "quick_score", "score", "warm_up"]
 
 
 @dataclass
@@ -130,21 +130,61 @@ class _Grader:
             return None
 
 
+    def warm_up(self) -> None:
+        """Start the pool and have its worker import math-verify now (~2 s of CPU: a spawn and the
+        import), without waiting: the first answer that needs it would otherwise pay that."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = multiprocessing.get_context("spawn").Pool(1)
+            self._pool.apply_async(_grade, ("1/2", "2/4"))
+
+
 _grader = _Grader()
+
+
+def warm_up(cfg: RewardConfig) -> None:
+    """Start math-verify's grading process in the background (only with `timeout_s` set, i.e.
+    when grades go to it); e.g. when a rollout actor starts, so its first batch does not wait
+    for it. Never raises: a pool that cannot start is started (and reported) by the grade."""
+    if cfg.timeout_s:
+        threading.Thread(target=lambda: _try(_grader.warm_up), daemon=True, name="eapo-grade-warm").start()
+
+
+def _try(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 -- the first real grade starts the pool again and reports
+        pass
+
+
+def _result(formatted: bool, correct: bool, cfg: RewardConfig) -> RewardResult:
+    return RewardResult(1.0 if correct else cfg.format_reward if formatted else 0.0, correct, formatted)
+
+
+def quick_score(response: str, gold: str, cfg: RewardConfig | None = None,
+                protocol: ProtocolConfig | None = None) -> RewardResult | None:
+    """score(...) when it needs no math-verify call (no answer, or integer answers: microseconds,
+    safe on any thread, e.g. inline in an event loop); None when it does (call `score`)."""
+    cfg = cfg or RewardConfig()
+    pred = extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback)
+    if pred is None:
+        return RewardResult(0.0, False, False)
+    if _INT.match(pred) and _INT.match(str(gold).strip()):
+        return _result(*_grade(pred, str(gold)), cfg)
+    return None
 
 
 def score(response: str, gold: str, cfg: RewardConfig | None = None,
           protocol: ProtocolConfig | None = None) -> RewardResult:
     cfg = cfg or RewardConfig()
+    quick = quick_score(response, gold, cfg, protocol)
+    if quick is not None:
+        return quick
     pred = extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback)
-    if pred is None:
-        return RewardResult(0.0, False, False)
-    needs_pool = cfg.timeout_s and not (_INT.match(pred) and _INT.match(str(gold).strip()))
     try:
-        graded = _grader(pred, str(gold), cfg.timeout_s) if needs_pool else _grade(pred, str(gold))
+        graded = _grader(pred, str(gold), cfg.timeout_s) if cfg.timeout_s else _grade(pred, str(gold))
     except Exception:  # a parser crash on odd input is a malformed answer, not a dead actor
         graded = (False, False)
     if graded is None:  # timed out
         return RewardResult(0.0, False, False)
-    formatted, correct = graded
-    return RewardResult(1.0 if correct else cfg.format_reward if formatted else 0.0, correct, formatted)
+    return _result(*graded, cfg)

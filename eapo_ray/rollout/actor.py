@@ -21,6 +21,7 @@ import time
 import ray
 import torch
 
+from eapo_ray.algo import reward
 from eapo_ray.algo.batching import assign_advantages, to_batch
 from eapo_ray.config import RunConfig
 from eapo_ray.data import encode_prompt, train_examples
@@ -147,6 +148,7 @@ class RolloutWorker:
                                   **(hf_options(cfg.rollout) if cfg.rollout.engine == "hf" else {}))
         self.gen = PausableEngine(self.engine)
         self.tok = self.engine.tokenizer
+        reward.warm_up(cfg.reward)  # math-verify's grading process starts now, not in the first batch
         d = cfg.data
         self.data = train_examples(cfg)
         self.prompts = [encode_prompt(self.tok, d, ex.problem) for ex in self.data]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from eapo_ray.algo.protocol import ExpertReply, ProtocolConfig, parse_action, render_replies
-from eapo_ray.algo.reward import RewardConfig, score
+from eapo_ray.algo.reward import RewardConfig, quick_score, score
 from eapo_ray.algo.schedules import acceptance_prob, training_turns
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.timing import Overlap
@@ -181,8 +181,13 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
     # On the one grading thread: a grade sent to the process pool does not stall the other
     # episodes, and grades run one at a time as before, so a grade's timeout covers that grade
     # only (concurrent grades queued on the one-process pool would time out together).
+    # Answers that need no math-verify call (none, or integers) are graded inline: a hop to the
+    # grading thread and back costs far more than the grade (GIL hand-offs between the threads).
     with timer.busy("reward"):
-        r = await asyncio.get_running_loop().run_in_executor(_GRADER_THREAD, score, final_text, t.gold, s.reward, proto)
+        r = quick_score(final_text, t.gold, s.reward, proto)
+        if r is None:
+            r = await asyncio.get_running_loop().run_in_executor(_GRADER_THREAD, score, final_text, t.gold, s.reward,
+                                                                 proto)
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
     return t
 

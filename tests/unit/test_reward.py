@@ -61,3 +61,41 @@ def test_last_number_fallback_is_opt_in_and_only_without_a_box():
     assert not score("18 ... \\boxed{17", "18", flexible).formatted  # a broken box is not rescued
     tagged = RewardConfig(require_answer_tags=True, last_number_fallback=True, timeout_s=None)
     assert not score("So she makes 18 dollars.", "18", tagged).formatted  # training rewards keep the tags
+
+
+@pytest.mark.parametrize("response,gold", [
+    ("<answer>\\boxed{7}</answer>", "7"), ("<answer>\\boxed{8}</answer>", "7"), ("<answer>-12</answer>", " -12 "),
+    ("<answer>\\boxed{}</answer>", "7"), ("no answer", "7"), ("<answer>+007</answer>", "7"),
+])
+def test_quick_score_is_score_where_no_math_verify_call_is_needed(response, gold):
+    """The episode grades these inline on its event loop (no hop to the grading thread)."""
+    from eapo_ray.algo.reward import quick_score
+
+    assert quick_score(response, gold) == score(response, gold)
+
+
+@pytest.mark.parametrize("response,gold", [("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5"),
+                                           ("<answer>\\boxed{7}</answer>", "\\frac{14}{2}"),
+                                           ("<answer>\\boxed040}</answer>", "40")])
+def test_quick_score_defers_everything_else_to_math_verify(response, gold):
+    from eapo_ray.algo.reward import quick_score
+
+    assert quick_score(response, gold) is None
+
+
+def test_warm_up_starts_the_grading_process_without_waiting_and_grades_still_work():
+    """A rollout actor calls warm_up when it starts, so its first batch does not pay math-verify's
+    process start and import (~2 s, measured in the default demo's first batch)."""
+    import time
+
+    from eapo_ray.algo import reward
+
+    t = time.perf_counter()
+    reward.warm_up(RewardConfig())
+    assert time.perf_counter() - t < 0.5  # returns at once: the pool starts on a thread
+    deadline = time.time() + 30
+    while reward._grader._pool is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert reward._grader._pool is not None
+    assert score("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5").correct
+    reward.warm_up(RewardConfig(timeout_s=None))  # in-process grading: nothing to start, no error
