@@ -200,6 +200,11 @@ class LearnerConfig:
     # lengths (algo.batching.split_by_length) so the learner computes on less padding; with one epoch
     # of one minibatch their own forwards are pi_old (no extra pass). Same loss (float order aside)
     length_buckets: bool = True
+    # with length_buckets, one epoch of one minibatch: compute each distinct prompt once per update and
+    # let its samples' responses read its keys/values (a group of 8 shares one prompt), instead of
+    # forwarding prompt + response per sample. Same loss and gradient (float order aside); a model whose
+    # forward does not match the plain one on a check at set-up trains the plain way
+    share_prompts: bool = True
     max_restarts: int = 2  # learner group rebuilt from the last checkpoint after a learner dies, this many times
     # the learners' placement group (num_learners bundles of num_cpus/num_gpus) must be placed within this
     # many seconds, else the launch stops naming what it asked for and what the cluster has

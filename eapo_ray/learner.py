@@ -16,7 +16,17 @@ import ray
 import torch
 from torch.distributed import ReduceOp
 
-from eapo_ray.algo.batching import collate, merge_batches, padded_tokens, split_batch, split_by_length, split_by_tokens
+from eapo_ray.algo.batching import (
+    collate,
+    collate_prompts,
+    collate_responses,
+    merge_batches,
+    padded_tokens,
+    split_batch,
+    split_by_length,
+    split_by_tokens,
+    split_shared,
+)
 from eapo_ray.algo.logprobs import hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, luffy_loss, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
@@ -72,10 +82,45 @@ class PolicyLogProbs(torch.nn.Module):
         if list(self.state_dict()) != list(lm.state_dict()):
             raise ValueError(f"{type(lm).__name__} has parameters outside its submodules")
 
-    def forward(self, input_ids, attention_mask, num_chunks: int = 1):
+    def forward(self, input_ids=None, attention_mask=None, num_chunks: int = 1, shared: dict | None = None):
+        """[B, L-1] log-probs of input_ids[:, 1:]; or, with `shared` (learner.share_prompts), the
+        list of [B_k, R_k] response log-probs of `shared_forward`."""
+        if shared is not None:
+            return self.shared_forward(**shared)
         base = getattr(self, self.base_name)
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return hidden_token_logprobs(hidden, getattr(self, self.head_name), input_ids, self.temperature, num_chunks)
+
+    def shared_forward(self, prompt_ids, prompt_mask, prompt_len, buckets: list) -> list:
+        """Each distinct prompt computed once ([U, P] right-padded, algo.batching.collate_prompts),
+        its keys/values then reused by every response of it: `buckets` are dicts with [B, R]
+        response_ids / response_mask, [B] prompt_index and num_chunks (algo.batching.collate_responses).
+        Returns per bucket the [B, R] log-probs of the response tokens (position k scores token
+        k). The same numbers as the plain forward of prompt + response (float order aside: the
+        learner checks this at set-up); gradients reach the prompt's computation through its
+        keys/values from every response that reads them."""
+        from transformers import DynamicCache
+
+        base, head = getattr(self, self.base_name), getattr(self, self.head_name)
+        U, P = prompt_ids.shape
+        pos = torch.arange(P, device=prompt_ids.device).expand(U, P)
+        out = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        last = out.last_hidden_state[torch.arange(U, device=prompt_ids.device), prompt_len - 1]  # [U, H]: scores token 0
+        logps = []
+        for b in buckets:
+            ids, idx = b["response_ids"], b["prompt_index"]
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(kv):
+                cache.update(k.index_select(0, idx), v.index_select(0, idx), i)
+            R = ids.shape[1]
+            rpos = prompt_len.index_select(0, idx)[:, None] + torch.arange(R, device=ids.device)[None]
+            h = base(input_ids=ids, attention_mask=torch.cat([prompt_mask.index_select(0, idx), b["response_mask"]], 1),
+                     position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = torch.cat([last.index_select(0, idx)[:, None], h], 1)  # [B, R+1]: position k scores token k
+            ids1 = torch.cat([ids[:, :1], ids], 1)  # hidden_token_logprobs scores ids1[:, 1:] = ids
+            logps.append(hidden_token_logprobs(hidden, head, ids1, self.temperature, b["num_chunks"]))
+        return logps
 
 
 def ds_config(cfg: RunConfig) -> dict:
@@ -145,6 +190,7 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.version = 0
         self.weight_sync = None
+        self.share_prompts = False  # set in setup
 
     def endpoint(self) -> tuple[str, int]:
         """This actor's node address and a free port there (rank 0 hosts the rendezvous)."""
@@ -174,8 +220,16 @@ class Learner:
         model.train()  # from_pretrained leaves eval mode, and HF checkpoints activations only in training mode
         self.model = model  # the HF model; the engine's module shares its parameters
         opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.learner.lr, weight_decay=self.cfg.learner.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=PolicyLogProbs(model, self.cfg.rollout.temperature),
-                                               optimizer=opt, config=ds_config(self.cfg))
+        module = PolicyLogProbs(model, self.cfg.rollout.temperature)
+        lc = self.cfg.learner
+        # learner.share_prompts where it applies (the default path: length buckets, no token cap, ZeRO 0-2, no
+        # activation checkpointing: the prompt pass must return its keys/values) and where this model's
+        # shared forward gives the plain forward's log-probs (checked on a small random batch)
+        share = (lc.share_prompts and lc.length_buckets and lc.max_tokens_per_microbatch <= 0 and lc.zero_stage < 3
+                 and not lc.gradient_checkpointing and sharing_agrees(module, model.config.vocab_size))
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config(self.cfg))
+        (agree,) = self._all_reduce([share], ReduceOp.MIN)  # every rank takes the same path (collectives)
+        self.share_prompts = bool(agree)
         if resume_dir:
             _, client = self.engine.load_checkpoint(resume_dir)  # the tag in its "latest" file
             self.version = int(client["version"])
@@ -265,9 +319,11 @@ class Learner:
         if not batches:  # every rank agreed on this, so all skip this update together
             self.version += 1
             return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0}
-        tm = dict.fromkeys(("old_logp_s", "forward_s", "backward_s", "optim_s"), 0.0)
+        tm = dict.fromkeys(("old_logp_s", "forward_s", "backward_s", "optim_s"), 0.0)  # + forward_tokens
         pad = self.tokenizer.pad_token_id or 0
         shard = split_batch(merge_batches(batches), self.world_size)[self.rank]
+        if self.share_prompts and lc.epochs == 1 and lc.minibatches == 1:
+            return self._train_shared(shard, batches, lost, t0, t_fetch, tm)
         # learner.length_buckets (and no token cap): each minibatch in micro-batches of similar
         # lengths, all forwarded before any backward (their pi_old comes from those same forwards)
         buckets = lc.length_buckets and lc.max_tokens_per_microbatch <= 0 and lc.zero_stage < 3
@@ -290,6 +346,7 @@ class Learner:
         # weights (the step comes after the last backward), so their detached log-probs are pi_old.
         reuse_all = buckets and lc.epochs == 1 and len(micro) == 1 and len(micro[0]) > 1
         t_prep = time.time()
+        tm["forward_tokens"] = sum(b["input_ids"].numel() for m in micro for b in m if b is not None)  # padded, this rank
         if reuse_all:
             return self._train_buckets(micro[0], chunks, batches, shard, lost, t0, t_fetch, t_prep, tm)
         if not reuse:
@@ -359,6 +416,46 @@ class Learner:
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats
 
+    def _train_shared(self, shard: dict, batches, lost, t0, t_fetch, tm) -> dict:
+        """One update on one minibatch with each distinct prompt computed once (learner.share_prompts;
+        algo.batching.split_shared, PolicyLogProbs.shared_forward): one forward of the prompts and
+        the response micro-batches (by response length), their detached log-probs as pi_old, the
+        loss over all of them with the minibatch's global denominators, one backward, one step.
+        The same loss and gradient as `_train_buckets` (float order aside; tested)."""
+        acc = StepStats(sft=self.cfg.algo.expert_sft_coef > 0, luffy=self.cfg.algo.expert_token_channel == "luffy")
+        pad, dev = self.tokenizer.pad_token_id or 0, self.engine.device
+        prompts, parts = split_shared(shard)
+        if parts:
+            shared = {k: v.to(dev) for k, v in collate_prompts(prompts, pad).items()}
+            mb = [{k: v.to(dev) for k, v in collate_responses(b, pad).items()} for b in parts]
+            shared["buckets"] = [{"response_ids": b["response_ids"], "response_mask": b["response_mask"],
+                                  "prompt_index": b["prompt_index"],
+                                  "num_chunks": max(1, math.ceil(b["response_ids"].numel() / LOGP_CHUNK_TOKENS))}
+                                 for b in mb]
+            t_prep = time.time()
+            logps = self.engine(shared=shared)
+        else:  # an empty shard on this rank: a dummy pass still joins the gradient reduction
+            mb, t_prep = [None], time.time()
+            logps = [self._logp(None, 1)]
+        olds = [[lp.detach() for lp in logps]]
+        norms, gap = self._normalisers([mb], olds)
+        loss = sum(self._loss(b, lp, old, norms[0], acc) for b, lp, old in zip(mb, logps, olds[0]))
+        t = time.time()
+        tm["forward_s"] = t - t_prep
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.backward(loss)
+        tm["backward_s"] = time.time() - t
+        t = time.time()
+        self.engine.step()
+        tm["optim_s"] = time.time() - t
+        self.version += 1
+        stats = {**acc.reduce(self._all_reduce, self.world_size, 1), **gap}
+        stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
+                     fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
+        stats["forward_tokens"] = (shared["prompt_ids"].numel() + sum(b["response_ids"].numel() for b in mb)) if parts else 0
+        stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
+        return stats
+
     def full_state_dict(self) -> dict:
         """The unsharded weights on every rank (a collective under ZeRO-3)."""
         import deepspeed
@@ -409,6 +506,37 @@ class Learner:
 
     def ping(self) -> str:
         return "pong"
+
+
+def sharing_agrees(module: PolicyLogProbs, vocab_size: int, atol: float = 1e-4) -> bool:
+    """Whether `module.shared_forward` gives the plain forward's response log-probs on a small
+    random batch (two prompts of different lengths, responses of different lengths, several
+    micro-batches). False for a model whose forward does not take a prompt's keys/values this way
+    (it then trains with the plain forward), or that raises trying."""
+    g = torch.Generator().manual_seed(0)
+    tok = lambda n: torch.randint(1, vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    prompts, lens = [tok(7), tok(4)], [(0, 5), (0, 2), (1, 6), (1, 1), (0, 3)]
+    batch = {"input_ids": [prompts[i] + tok(n) for i, n in lens], "prompt_len": [len(prompts[i]) for i, _ in lens]}
+    resp = [seq[p:] for seq, p in zip(batch["input_ids"], batch["prompt_len"])]
+    batch.update(policy_mask=[[1] * len(r) for r in resp], expert_mask=[[0] * len(r) for r in resp],
+                 behav_logp=[[0.0] * len(r) for r in resp], advantage=[0.0] * len(resp), row=list(range(len(resp))))
+    try:
+        with torch.no_grad():
+            b = collate(batch)
+            plain = module(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            _, parts = split_shared(batch, min_rows=2)
+            cols = [collate_responses(x) for x in parts]
+            got = module(shared={**collate_prompts(prompts), "buckets": [
+                {"response_ids": c["response_ids"], "response_mask": c["response_mask"],
+                 "prompt_index": c["prompt_index"], "num_chunks": 1} for c in cols]})
+    except Exception:  # noqa: BLE001 -- a model this path does not fit trains the plain way
+        return False
+    for x, lp in zip(parts, got):
+        for i, (row, r) in enumerate(zip(x["row"], x["response_ids"])):
+            p = batch["prompt_len"][row]
+            if not torch.allclose(lp[i, :len(r)], plain[row, p - 1: p - 1 + len(r)], atol=atol):
+                return False
+    return True
 
 
 def _add_gap(acc: list, log_w: torch.Tensor, where: torch.Tensor) -> list:

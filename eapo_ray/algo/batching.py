@@ -141,3 +141,63 @@ def split_by_length(batch: dict, spread: float = 1.25, min_rows: int = 8) -> lis
         cur.append(i)
     groups.append(cur)
     return [{k: [v[i] for i in g] for k, v in batch.items()} for g in groups]
+
+
+
+def split_shared(batch: dict, spread: float = 1.25, min_rows: int = 8) -> tuple[list[list[int]], list[dict]]:
+    """learner.share_prompts: the batch's distinct prompts (a GRPO group's samples share one, so
+    the learner computes it once instead of group_size times) and micro-batches of its rows by
+    similar response length (`split_by_length`'s rule, on the responses). Each micro-batch has the
+    batch's per-sample columns for its rows, with "response_ids" (the tokens after the prompt) and
+    "prompt_index" (into the returned prompts) in place of "input_ids". Together they hold exactly
+    the rows of `batch` (a permutation). ([], []) for an empty batch."""
+    prompts, index, where = [], [], {}
+    for seq, p in zip(batch["input_ids"], batch["prompt_len"]):
+        key = tuple(seq[:p])
+        if key not in where:
+            where[key] = len(prompts)
+            prompts.append(list(key))
+        index.append(where[key])
+    rows = {**batch, "input_ids": [seq[p:] for seq, p in zip(batch["input_ids"], batch["prompt_len"])],
+            "prompt_index": index}
+    buckets = split_by_length(rows, spread, min_rows)
+    for b in buckets:
+        b["response_ids"] = b.pop("input_ids")
+    return prompts, buckets
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded [U, P] prompt ids and attention mask, and each prompt's length [U]."""
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], attn[i, :len(p)] = torch.tensor(p), 1
+    return {"prompt_ids": ids, "prompt_mask": attn, "prompt_len": torch.tensor([len(p) for p in prompts])}
+
+
+def collate_responses(bucket: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """A `split_shared` micro-batch as tensors: [B, R] right-padded response ids and mask, and the
+    per-token columns aligned with them (position k is response token k, whose log-prob comes
+    from the position before it: the prompt's last token for k = 0); [B] prompt_index and the
+    per-sample columns. The same keys as `collate` for everything the loss reads."""
+    resp = bucket["response_ids"]
+    B, R = len(resp), max(1, max(map(len, resp)))
+    ids = torch.full((B, R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, R), dtype=torch.long)
+    pmask, emask, blogp, elogp = (torch.zeros((B, R)) for _ in range(4))
+    for i, r in enumerate(resp):
+        n = len(r)
+        if not n:
+            continue
+        ids[i, :n], attn[i, :n] = torch.tensor(r), 1
+        pmask[i, :n] = torch.tensor(bucket["policy_mask"][i], dtype=torch.float)
+        emask[i, :n] = torch.tensor(bucket["expert_mask"][i], dtype=torch.float)
+        blogp[i, :n] = torch.tensor(bucket["behav_logp"][i], dtype=torch.float)
+        if "expert_logp" in bucket:
+            elogp[i, :n] = torch.tensor(bucket["expert_logp"][i], dtype=torch.float)
+    return {"response_ids": ids, "response_mask": attn, "prompt_index": torch.tensor(bucket["prompt_index"]),
+            "policy_mask": pmask, "expert_mask": emask, "behav_logp": blogp, "expert_logp": elogp,
+            "accept_prob": torch.tensor(bucket.get("accept_prob", [0.0] * B), dtype=torch.float),
+            "advantage": torch.tensor(bucket["advantage"], dtype=torch.float),
+            "version": torch.tensor(bucket.get("version", [0] * B), dtype=torch.long)}

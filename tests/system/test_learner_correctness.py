@@ -351,6 +351,79 @@ def test_zero3_empty_shards_micro_batches_and_checkpoint_pruning(ray_local, tmp_
         group.shutdown()
 
 
+def test_shared_prompt_forward_is_the_plain_forward_and_a_mismatch_turns_it_off():
+    """learner.share_prompts' set-up check (learner.sharing_agrees) passes for the bundled Llama, a
+    grouped-query Llama and a Qwen2 (attention bias), at a sampling temperature; a shared forward that
+    is off by 1e-3, or raises, fails it (the learner then trains the plain way)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from eapo_ray.learner import sharing_agrees
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    models = [AutoModelForCausalLM.from_pretrained(POLICY, dtype=torch.float32),
+              LlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=2)),
+              Qwen2ForCausalLM(Qwen2Config(**small, num_key_value_heads=2))]
+    for lm in models:
+        lm.train()
+        assert sharing_agrees(PolicyLogProbs(lm, 0.8), lm.config.vocab_size), type(lm).__name__
+    wrapper = PolicyLogProbs(models[0], 1.0)
+    good = wrapper.shared_forward
+    wrapper.shared_forward = lambda **kw: [x + 1e-3 for x in good(**kw)]
+    assert not sharing_agrees(wrapper, 106)
+
+    def broken(**kw):
+        raise TypeError("this model takes no past_key_values")
+    wrapper.shared_forward = broken
+    assert not sharing_agrees(wrapper, 106)
+
+
+def make_group_batch(seed: int, prompts: int = 3, group: int = 4) -> dict:
+    """`make_batch` with GRPO groups: `group` samples per prompt, responses of spread lengths."""
+    g = torch.Generator().manual_seed(seed)
+    heads = [torch.randint(3, 100, (4 + 2 * k,), generator=g).tolist() for k in range(prompts)]
+    b = make_batch(seed, lengths=[(len(heads[k]), 2 + (5 * (k * group + j)) % 23) for k in range(prompts)
+                                  for j in range(group)])
+    for i, p in enumerate(b["prompt_len"]):
+        b["input_ids"][i][:p] = heads[i // group]
+    return b
+
+
+@pytest.mark.slow
+def test_shared_prompts_give_the_whole_batch_gradient_and_the_same_statistics(zero0):
+    """learner.share_prompts: 3 prompts x 4 samples over 2 ranks (a group split between them), each
+    distinct prompt computed once per rank: the gradient is the whole batch's (the reference), the
+    loss statistics equal the plain length buckets', and fewer tokens go through the model."""
+    import ray
+    cfg, group = zero0
+    batch = make_group_batch(7)
+    weights = call_all(group, lambda self: {n: p.detach().clone() for n, p in self.engine.module.named_parameters()})[0]
+    ref = reference_grads(POLICY, batch, cfg, weights)
+    assert call_all(group, lambda self: self.share_prompts) == [False, False]  # activation checkpointing is on here
+
+    def share(self, on: bool):  # the prompt pass needs its keys/values: no activation checkpointing
+        self.share_prompts = on
+        (self.model.gradient_checkpointing_disable if on else self.model.gradient_checkpointing_enable)()
+    out = {}
+    try:
+        for on in (False, True):
+            call_all(group, share, on)
+            call_all(group, capture_steps)
+            stats = train(group, [[[ray.put(batch)]]] * 2)
+            for c in call_all(group, lambda self: self.captured):
+                assert len(c) == 1
+                assert_grads_close(c[0], ref)
+            assert stats[0]["old_logp_s"] == 0.0
+            out[on] = stats
+    finally:
+        call_all(group, share, False)
+    for k in ("loss", "clip_frac", "kept_tokens", "is_weight_mean", "kl_behav", "expert_sft_loss", "behav_gap_max",
+              "behav_gap_mean"):
+        assert out[True][0][k] == pytest.approx(out[False][0][k], rel=1e-5, abs=1e-6), k
+    for r in range(2):
+        assert 0 < out[True][r]["forward_tokens"] < out[False][r]["forward_tokens"]
+
+
 @pytest.mark.slow
 def test_length_buckets_reuse_pi_old_and_give_the_whole_batch_gradient(zero0):
     """learner.length_buckets: 24 samples of spread lengths over 2 ranks train in several
