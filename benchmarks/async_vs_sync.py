@@ -1,6 +1,6 @@
 """Async actor-learner overlap vs synchronous RL, with the Serve expert ON, side by side in one run.
 
-    python benchmarks/async_vs_sync.py [--steps 8] [--latencies 0 0.2 1] [--actors 2] [key=value ...]
+    python benchmarks/async_vs_sync.py [--steps 16] [--latencies 0 0.2 1] [--actors 2] [--replicas 1] [key=value ...]
 
 For each added expert latency L (`expert.added_latency_s`, a delay the Serve deployment adds to
 every reply; benchmarks only) it runs the launcher twice on the same config and the same number
@@ -18,6 +18,13 @@ the learner's and the actors' idle fractions, per-batch generation and expert-wa
 staleness distribution of the trained batches, and the held-out accuracy after the equal samples
 (greedy, `--heldout` problems); then async/sync ratios per L. Each run is one launcher process
 (a fresh local Ray cluster; ~25-30 s of start-up each on an idle 2-core box, not timed).
+
+The expert runs as one replica in both modes by default (`--replicas 1`: expert.max_replicas=1).
+On a 2-core box Serve's autoscaler otherwise adds a second replica in the async run (twice the
+requests in flight), whose start-up (~7 s of CPU, measured) and serving loop take cores from the
+actors and the learner inside a ~15 s loop: measured 0.96x at L=0 with it, 1.39x without (same
+day, same code). `benchmarks/scaling.py` measures replicas 1 vs 2; `--replicas 2` restores the
+autoscaled deployment here.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ def run(overlap: bool, latency: float, args, root: str) -> dict:
         f"rollout.num_actors={args.actors}", f"rollout.overlap={str(overlap).lower()}",
         f"expert.added_latency_s={latency}", "acceptance.kind=constant", "acceptance.start=1.0",
         "rollout.turn_budget_steps=0", "eval.every=0", f"data.num_heldout={args.heldout}",
-        f"buffer.capacity={args.capacity}", *args.overrides])
+        f"buffer.capacity={args.capacity}", "expert.min_replicas=1", f"expert.max_replicas={args.replicas}",
+        *args.overrides])
     rows = [json.loads(x) for x in (Path(root) / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
     s["staleness_hist"] = dict(sorted(collections.Counter(r["staleness"] for r in rows if "staleness" in r).items()))
     return s
@@ -51,9 +59,10 @@ def run(overlap: bool, latency: float, args, root: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/async_vs_sync.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.2, 1.0])
     ap.add_argument("--actors", type=int, default=2, help="rollout actors (both modes)")
+    ap.add_argument("--replicas", type=int, default=1, help="expert.max_replicas (both modes; min 1)")
     ap.add_argument("--capacity", type=int, default=2, help="buffer.capacity: batches ahead of the learner (async)")
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -69,7 +78,7 @@ def main(argv=None) -> int:
                 res[lat, overlap] = run(overlap, lat, args, root)
     print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print(f"\n{args.steps} steps x 128 samples, {args.actors} rollout actors, buffer.capacity {args.capacity}, "
-          f"expert on (every consult answered), held-out {args.heldout} greedy")
+          f"expert on (every consult answered, 1-{args.replicas} replicas), held-out {args.heldout} greedy")
     hdr = (f"{'L s':>5s} {'mode':5s} {'samples':>7s} {'loop s':>7s} {'samples/s':>9s} {'learner idle':>12s} "
            f"{'rollout idle':>12s} {'gen s/batch':>11s} {'expert wait':>11s} {'consults/smp':>12s} "
            f"{'held-out':>8s}  staleness (step count)")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false",
+BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "learner.share_prompts=false", "rollout.prune_finished=false",
           "rollout.fast_decode=false", "rollout.join_running=false"]
 
 

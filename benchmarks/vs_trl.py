@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, GROUP, MAX_NEW, LR = 16, 8, 160, 5e-5
 # eapo_ray as it was before issue 13's optimisations (benchmarks/before_after.py)
-BEFORE = ("eval.overlap=false", "learner.length_buckets=false", "rollout.prune_finished=false",
+BEFORE = ("eval.overlap=false", "learner.length_buckets=false", "learner.share_prompts=false", "rollout.prune_finished=false",
           "rollout.fast_decode=false", "rollout.join_running=false")
 
 
