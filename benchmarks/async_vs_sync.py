@@ -13,7 +13,9 @@ of samples (`--steps` learner steps of 16 prompts x 8 samples):
 
 The config is EAPO with every consult answered (`acceptance.kind=constant acceptance.start=1`, up
 to 4 turns), so the expert sits on the rollout's critical path. Printed per run: samples/s of the
-training loop (generated samples / loop seconds; start-up and the final evaluation excluded),
+training loop (trained and generated samples / loop seconds; start-up and the final evaluation
+excluded; the ratio is on trained samples, equal in both modes, i.e. it is the ratio of loop times:
+async also generates batches that are dropped as stale or still buffered at the end),
 the learner's and the actors' idle fractions, per-batch generation and expert-wait seconds, the
 staleness distribution of the trained batches, and the held-out accuracy after the equal samples
 (greedy, `--heldout` problems); then async/sync ratios per L. Each run is one launcher process
@@ -79,21 +81,24 @@ def main(argv=None) -> int:
     print(f"load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print(f"\n{args.steps} steps x 128 samples, {args.actors} rollout actors, buffer.capacity {args.capacity}, "
           f"expert on (every consult answered, 1-{args.replicas} replicas), held-out {args.heldout} greedy")
-    hdr = (f"{'L s':>5s} {'mode':5s} {'samples':>7s} {'loop s':>7s} {'samples/s':>9s} {'learner idle':>12s} "
+    hdr = (f"{'L s':>5s} {'mode':5s} {'trained':>7s} {'generated':>9s} {'loop s':>7s} {'trained/s':>9s} "
+           f"{'generated/s':>11s} {'learner idle':>12s} "
            f"{'rollout idle':>12s} {'gen s/batch':>11s} {'expert wait':>11s} {'consults/smp':>12s} "
            f"{'held-out':>8s}  staleness (step count)")
     print(hdr)
     for (lat, overlap), s in res.items():
         b = s["breakdown"]
         rb = b["rollout_per_batch"]
-        print(f"{lat:5.2f} {'async' if overlap else 'sync':5s} {s['generated_samples']:7d} {s['loop_seconds']:7.1f} "
-              f"{s['rate']:9.1f} {b['learner_idle_frac']:12.2f} {b['rollout_idle_frac']:12.2f} "
+        print(f"{lat:5.2f} {'async' if overlap else 'sync':5s} {s['samples']:7d} {s['generated_samples']:9d} "
+              f"{s['loop_seconds']:7.1f} {s['trained_rate']:9.1f} {s['rate']:11.1f} "
+              f"{b['learner_idle_frac']:12.2f} {b['rollout_idle_frac']:12.2f} "
               f"{rb['produce_s']:11.2f} {rb['expert_wait_s']:11.2f} {s['consult_rate_end']:12.2f} "
               f"{s['heldout_accuracy_end']:8.3f}  {s['staleness_hist']}")
     print()
     for lat in args.latencies:
         a, y = res[lat, True], res[lat, False]
-        print(f"L={lat:g}s: async / sync samples/s {a['rate'] / y['rate']:.2f}x  "
+        print(f"L={lat:g}s: async / sync trained samples/s {a['trained_rate'] / y['trained_rate']:.2f}x "
+              f"(generated samples/s {a['rate'] / y['rate']:.2f}x)  "
               f"(held-out {y['heldout_accuracy_end']:.3f} sync, {a['heldout_accuracy_end']:.3f} async)")
     if args.latencies:
         lat = args.latencies[0]

@@ -24,13 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(root: str, name: str, overrides: list[str]) -> dict:
     """`python -m eapo_ray.launch run_root=<root> run_name=<name> <overrides>` in its own local Ray
     cluster (RAY_ADDRESS dropped), quietly; returns its summary.json with `rate` = generated
-    samples per second of the training loop."""
+    samples per second of the training loop (what the launcher prints) and `trained_rate` =
+    trained samples per second (generated counts batches dropped as stale or left in the buffer
+    at the end too: compare runs of equal steps by `trained_rate`)."""
     cmd = [sys.executable, "-m", "eapo_ray.launch", *overrides, f"run_root={root}", f"run_name={name}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     print(f"[{time.strftime('%H:%M:%S')}] running: {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s = json.loads((Path(root) / name / "summary.json").read_text())
     s["rate"] = s["generated_samples"] / s["loop_seconds"]
+    s["trained_rate"] = s["samples"] / s["loop_seconds"]
     return s
 
 ROWS = [

@@ -51,13 +51,16 @@ def main(argv=None) -> int:
             res[a, r] = run(a, r, args, root)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\n{args.steps} steps x 128 samples, overlap on, expert on (every consult answered)")
-    print(f"{'actors':>6s} {'replicas':>8s} {'samples/s':>9s} {'vs 1x1':>7s} {'s/batch':>8s} {'gen s':>6s} "
+    print("trained/s: trained samples per loop second (equal steps: the ratio of loop times); generated/s counts "
+          "batches dropped as stale or left buffered too")
+    print(f"{'actors':>6s} {'replicas':>8s} {'trained/s':>9s} {'vs 1x1':>7s} {'generated/s':>11s} {'s/batch':>8s} {'gen s':>6s} "
           f"{'expert wait':>11s} {'train s':>8s} {'learner idle':>12s} {'rollout idle':>12s} {'stale drops':>11s}")
-    base = res.get((1, 1), next(iter(res.values())))["rate"]
+    base = res.get((1, 1), next(iter(res.values())))["trained_rate"]
     for (a, r), s in res.items():
         b = s["breakdown"]
         rb, lb = b["rollout_per_batch"], b["learner_per_step"]
-        print(f"{a:6d} {r:8d} {s['rate']:9.1f} {s['rate'] / base:6.2f}x {rb['produce_s']:8.2f} {rb['engine_s']:6.2f} "
+        print(f"{a:6d} {r:8d} {s['trained_rate']:9.1f} {s['trained_rate'] / base:6.2f}x {s['rate']:11.1f} "
+              f"{rb['produce_s']:8.2f} {rb['engine_s']:6.2f} "
               f"{rb['expert_wait_s']:11.2f} {lb['train_seconds']:8.2f} {b['learner_idle_frac']:12.2f} "
               f"{b['rollout_idle_frac']:12.2f} {s['buffer']['buffer_dropped_stale']:11d}")
     return 0

@@ -47,7 +47,8 @@ def run_eapo(steps: int, seed: int, root: str, name: str = "eapo", extra: tuple 
     print("eapo_ray: " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     s = json.loads((Path(root) / name / "summary.json").read_text())
-    return {"samples": s["generated_samples"], "seconds": s["loop_seconds"], "model": s["checkpoint"]}
+    # trained samples (= TRL's count); generated equals it here unless a batch finished after the last step
+    return {"samples": s["samples"], "seconds": s["loop_seconds"], "model": s["checkpoint"]}
 
 
 def run_trl(steps: int, seed: int, out: str) -> dict:

@@ -225,9 +225,11 @@ class Learner:
         # learner.share_prompts where it applies (the default path: length buckets, no token cap, ZeRO 0-2, no
         # activation checkpointing: the prompt pass must return its keys/values) and where this model's
         # shared forward gives the plain forward's log-probs (checked on a small random batch)
-        share = (lc.share_prompts and lc.length_buckets and lc.max_tokens_per_microbatch <= 0 and lc.zero_stage < 3
-                 and not lc.gradient_checkpointing and sharing_agrees(module, model.config.vocab_size))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config(self.cfg))
+        share = (lc.share_prompts and lc.length_buckets and lc.max_tokens_per_microbatch <= 0 and lc.zero_stage < 3
+                 and not lc.gradient_checkpointing
+                 and sharing_agrees(self.engine.module, model.config.vocab_size, self.engine.device,
+                                    atol=0.1 if lc.bf16 else 1e-4))
         (agree,) = self._all_reduce([share], ReduceOp.MIN)  # every rank takes the same path (collectives)
         self.share_prompts = bool(agree)
         if resume_dir:
@@ -508,7 +510,7 @@ class Learner:
         return "pong"
 
 
-def sharing_agrees(module: PolicyLogProbs, vocab_size: int, atol: float = 1e-4) -> bool:
+def sharing_agrees(module: PolicyLogProbs, vocab_size: int, device="cpu", atol: float = 1e-4) -> bool:
     """Whether `module.shared_forward` gives the plain forward's response log-probs on a small
     random batch (two prompts of different lengths, responses of different lengths, several
     micro-batches). False for a model whose forward does not take a prompt's keys/values this way
@@ -523,12 +525,13 @@ def sharing_agrees(module: PolicyLogProbs, vocab_size: int, atol: float = 1e-4) 
     try:
         with torch.no_grad():
             b = collate(batch)
-            plain = module(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            plain = module(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).float().cpu()
             _, parts = split_shared(batch, min_rows=2)
             cols = [collate_responses(x) for x in parts]
-            got = module(shared={**collate_prompts(prompts), "buckets": [
-                {"response_ids": c["response_ids"], "response_mask": c["response_mask"],
-                 "prompt_index": c["prompt_index"], "num_chunks": 1} for c in cols]})
+            got = module(shared={**{k: v.to(device) for k, v in collate_prompts(prompts).items()}, "buckets": [
+                {"response_ids": c["response_ids"].to(device), "response_mask": c["response_mask"].to(device),
+                 "prompt_index": c["prompt_index"].to(device), "num_chunks": 1} for c in cols]})
+            got = [x.float().cpu() for x in got]
     except Exception:  # noqa: BLE001 -- a model this path does not fit trains the plain way
         return False
     for x, lp in zip(parts, got):
