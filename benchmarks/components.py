@@ -5,9 +5,10 @@
 - generation: the transformers engine on one rollout batch of the bundled task (16 prompts x 8
   samples, T=1, one turn, up to 64 new tokens), with `prune_finished` off (every sequence runs
   until the batch's longest ends) and on (finished sequences leave the batch and its KV cache);
-- learner: forward + backward of the token log-prob loss on that batch, as one padded batch
-  and as length buckets (`algo.batching.split_by_length`, the learner's `learner.length_buckets`),
-  with the gradients compared;
+- learner: forward + backward of the token log-prob loss on that batch, as one padded batch,
+  as length buckets (`algo.batching.split_by_length`, the learner's `learner.length_buckets`) and
+  as length buckets with each distinct prompt computed once (`learner.share_prompts`,
+  `PolicyLogProbs.shared_forward`), with the gradients compared;
 - rollout: whole rollout batches of the default config through the rollout actor's own `produce`
   (EAPO episodes, up to 4 turns, dynamic-sampling redraws), the expert answered by an in-process
   oracle after `--expert-latency` seconds (the Serve expert's round trip, no CPU), in three
@@ -45,10 +46,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from eapo_ray.algo.batching import collate, padded_tokens, split_by_length
+    from eapo_ray.algo.batching import collate, collate_prompts, collate_responses, padded_tokens, split_by_length, split_shared
     from eapo_ray.algo.logprobs import token_logprobs
     from eapo_ray.config import TINY_DIR, load_config
     from eapo_ray.data import encode_prompt, train_examples
+    from eapo_ray.learner import PolicyLogProbs
     from eapo_ray.rollout.hf_engine import HFEngine
 
     torch.set_num_threads(1)
@@ -105,20 +107,40 @@ def main(argv=None) -> int:
             loss.backward()
         return {k: v.grad.clone() for k, v in model.named_parameters()}
 
-    learn_t = {False: [], True: []}
+    wrapper = PolicyLogProbs(model, 1.0)
+    uniq, shared_parts = split_shared(batch)
+    prompt_cols = collate_prompts(uniq, pad)
+    resp_cols = [collate_responses(x, pad) for x in shared_parts]
+    print(f"  shared prompts (learner.share_prompts): {len(uniq)} prompts, {len(resp_cols)} response micro-batches, "
+          f"{prompt_cols['prompt_ids'].numel() + sum(c['response_ids'].numel() for c in resp_cols)} tokens forwarded")
+
+    def fwd_bwd_shared():
+        model.zero_grad(set_to_none=True)
+        logps = wrapper(shared={**prompt_cols, "buckets": [
+            {"response_ids": c["response_ids"], "response_mask": c["response_mask"],
+             "prompt_index": c["prompt_index"], "num_chunks": 1} for c in resp_cols]})
+        loss = -sum((lp * c["policy_mask"] * c["advantage"][:, None]).sum() for lp, c in zip(logps, resp_cols))
+        (loss / total_mask).backward()
+        return {k: v.grad.clone() for k, v in model.named_parameters()}
+
+    modes = {"padded": lambda: fwd_bwd([batch]), "length_buckets": lambda: fwd_bwd(buckets),
+             "+share_prompts": fwd_bwd_shared}
+    learn_t = {m: [] for m in modes}
     grads = {}
     for rep in range(args.repeats):
-        for flag in (False, True):
+        for m, fn in modes.items():
             t0 = time.perf_counter()
-            grads[flag] = fwd_bwd(buckets if flag else [batch])
-            learn_t[flag].append(time.perf_counter() - t0)
-    diff = max(float((grads[True][k] - grads[False][k]).abs().max()) for k in grads[True])
-    scale = max(float(grads[False][k].abs().max()) for k in grads[False])
-    for flag in (False, True):
-        print(f"  length_buckets={flag!s:5}  median {sorted(learn_t[flag])[len(learn_t[flag]) // 2]:.3f} s/step")
-    ratios = sorted(a / b for a, b in zip(learn_t[False], learn_t[True]))
-    print(f"  off/on per repeat: {' '.join(f'{r:.2f}' for r in ratios)}  median {ratios[len(ratios) // 2]:.2f}x")
-    print(f"  gradients: max |difference| {diff:.2e} (max |grad| {scale:.2e})")
+            grads[m] = fn()
+            learn_t[m].append(time.perf_counter() - t0)
+    scale = max(float(grads["padded"][k].abs().max()) for k in grads["padded"])
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    for m in modes:
+        diff = max(float((grads[m][k] - grads["padded"][k]).abs().max()) for k in grads[m])
+        print(f"  {m:15s} median {med(learn_t[m]):.3f} s/step; gradients vs padded: max |difference| {diff:.2e}")
+    for a, b in (("padded", "length_buckets"), ("length_buckets", "+share_prompts")):
+        ratios = sorted(x / y for x, y in zip(learn_t[a], learn_t[b]))
+        print(f"  {a} / {b} per repeat: {' '.join(f'{r:.2f}' for r in ratios)}  median {med(ratios):.2f}x")
+    print(f"  (max |grad| {scale:.2e})")
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
