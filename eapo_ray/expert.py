@@ -19,9 +19,13 @@ from eapo_ray.rollout.factory import make_engine
 
 
 class Expert:
-    def __init__(self, model_path: str, cfg: ExpertConfig):
+    def __init__(self, model_path: str, cfg: ExpertConfig, answer_logprobs: bool = True):
+        """`answer_logprobs`: compute the answer tokens' log-probs under the expert (a teacher-forced
+        forward per batch of queries: 30-45% of a tiny expert's CPU per call, measured); only the
+        LUFFY-style channel reads them, so the launcher turns them off otherwise (the replies' text
+        and token ids are the same either way)."""
         torch.set_num_threads(cfg.torch_threads)
-        self.cfg = cfg
+        self.cfg, self.answer_logprobs = cfg, answer_logprobs
         self.engine = make_engine(cfg.engine, model_path, cfg.vllm)
         self.tok = self.engine.tokenizer
         self._batched.set_max_batch_size(cfg.max_batch_size)
@@ -36,7 +40,7 @@ class Expert:
         expert (the LUFFY-style channel's behaviour probabilities, algo.losses.luffy_loss)."""
         prompts = [self.tok(render_prompt(self.cfg.template, q))["input_ids"] for q in queries]
         gens = self.engine.generate(prompts, [self.cfg.max_new_tokens] * len(prompts), self.cfg.temperature, [])
-        logps = self._answer_logprobs(prompts, gens)
+        logps = self._answer_logprobs(prompts, gens) if self.answer_logprobs else [None] * len(gens)
         out = []
         for q, g, lp in zip(queries, gens, logps):
             answer = self.tok.decode(g.tokens, skip_special_tokens=True).strip()
@@ -108,9 +112,10 @@ def replica_options(cfg: ExpertConfig) -> dict:
     return {"ray_actor_options": actor}
 
 
-def expert_app(model_path: str, cfg: ExpertConfig, name: str = "expert"):
+def expert_app(model_path: str, cfg: ExpertConfig, name: str = "expert", answer_logprobs: bool = True):
     """The bound Serve application; autoscaling_config comes from the run config (expert.min_replicas,
-    max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, look_back_period_s)."""
+    max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, look_back_period_s).
+    `answer_logprobs`: see Expert (a run needs them when algo.expert_token_channel is "luffy")."""
     dep = serve.deployment(
         Expert, name=name, max_ongoing_requests=cfg.max_batch_size * 2, **replica_options(cfg),
         # a replica being stopped (teardown, downscaling) checks every 0.25 s, not Serve's 2 s, for
@@ -123,7 +128,13 @@ def expert_app(model_path: str, cfg: ExpertConfig, name: str = "expert"):
             "look_back_period_s": cfg.look_back_period_s,
         },
     )
-    return dep.bind(model_path, cfg)
+    return dep.bind(model_path, cfg, answer_logprobs)
+
+
+def run_expert_app(cfg, model_path: str, name: str = "expert"):
+    """`expert_app` for a run (RunConfig `cfg`): the answers' log-probs only when the run trains on
+    them (algo.expert_token_channel "luffy")."""
+    return expert_app(model_path, cfg.expert, name, answer_logprobs=cfg.algo.expert_token_channel == "luffy")
 
 
 def scale(run_dir: str, min_replicas: int, max_replicas: int, address: str | None = None,
@@ -160,7 +171,7 @@ def scale(run_dir: str, min_replicas: int, max_replicas: int, address: str | Non
             raise ConfigError(f"no Serve app {app!r} on the cluster at {addr}")
         from eapo_ray.models import resolve_model
 
-        serve.run(expert_app(resolve_model(cfg.model.expert), cfg.expert), name=app, route_prefix=None,
+        serve.run(run_expert_app(cfg, resolve_model(cfg.model.expert)), name=app, route_prefix=None,
                   logging_config={"log_level": "WARNING", "enable_access_log": False})
         t0 = time.time()
         while True:

@@ -137,7 +137,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     from ray import serve
 
     from eapo_ray.buffer import TrajectoryBuffer
-    from eapo_ray.expert import expert_app
+    from eapo_ray.expert import run_expert_app
     from eapo_ray.learner import LearnerGroup
     from eapo_ray.models import resolve_models
     from eapo_ray.rollout.actor import remote_worker_cls
@@ -158,7 +158,7 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
         logs = {} if cfg.verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
         serve.start(proxy_location="Disabled", **logs)
         # registered now (handles can be made), RUNNING later: the replicas load while the rest sets up
-        serve.run_many([serve.RunTarget(expert_app(cfg.model.expert, ec), name=s.app_name, route_prefix=None,
+        serve.run_many([serve.RunTarget(run_expert_app(cfg, cfg.model.expert), name=s.app_name, route_prefix=None,
                                         **logs)], wait_for_applications_running=False)
     # The buffer shares the driver's fate anyway: on the driver's node (a 0-CPU actor could otherwise land on
     # any node, e.g. a rollout node that dies); the evaluator prefers it too (soft: a GPU evaluator goes elsewhere)

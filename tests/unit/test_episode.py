@@ -317,3 +317,29 @@ def test_grades_run_one_at_a_time_on_the_grading_thread(engine, monkeypatch):
     monkeypatch.setattr(E, "score", counting_score)
     trajs = episodes(engine, accept_prob=0.0, n=16)
     assert len(trajs) == 16 and peak[0] == 1
+
+
+def test_expert_without_answer_logprobs_gives_the_same_replies_and_tokens():
+    """A run that does not train on the expert's tokens (algo.expert_token_channel masked) deploys
+    the expert without its teacher-forced log-prob pass (run_expert_app): the replies, their spans
+    and the token ids the policy sees are the same; only the (unused) log-probs are unknown."""
+    import math
+
+    from eapo_ray.config import load_config
+    from eapo_ray.expert import Expert, run_expert_app
+    from eapo_ray.rollout.episode import observation_ids
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "mul" / "eapo.yaml"))
+    path = str(TINY_DIR.parent / "tiny_mul" / "expert")
+    full, lean = Expert(path, cfg.expert), Expert(path, cfg.expert, answer_logprobs=False)
+    qs = ["47*3", "85-7", "12*12"]
+    a, b = full.answer_full(qs), lean.answer_full(qs)
+    assert [(r.text, r.span) for r in a] == [(r.text, r.span) for r in b]
+    assert all(r.token_logprobs is not None for r in a) and all(r.token_logprobs is None for r in b)
+    proto = ProtocolConfig()
+    ids_a, mask_a, _ = observation_ids(full.tok, a, [True] * 3, proto)
+    ids_b, mask_b, elogp_b = observation_ids(lean.tok, b, [True] * 3, proto)
+    assert (ids_a, mask_a) == (ids_b, mask_b) and all(math.isnan(x) for x, m in zip(elogp_b, mask_b) if m)
+    for channel, wanted in (("masked", False), ("luffy", True)):
+        cfg.algo.expert_token_channel = channel
+        assert run_expert_app(cfg, path)._bound_deployment.init_args[-1] is wanted
