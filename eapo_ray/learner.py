@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -227,9 +228,16 @@ class Learner:
         # shared forward gives the plain forward's log-probs (checked on a small random batch)
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config(self.cfg))
         share = (lc.share_prompts and lc.length_buckets and lc.max_tokens_per_microbatch <= 0 and lc.zero_stage < 3
-                 and not lc.gradient_checkpointing
-                 and sharing_agrees(self.engine.module, model.config.vocab_size, self.engine.device,
-                                    atol=0.1 if lc.bf16 else 1e-4))
+                 and lc.epochs == 1 and lc.minibatches == 1 and not lc.gradient_checkpointing)
+        if share:
+            why = unshareable(model.config) or (
+                not sharing_agrees(self.engine.module, model.config.vocab_size, self.engine.device,
+                                   atol=0.1 if lc.bf16 else 1e-4) and "its shared forward did not match the plain one")
+            if why:
+                share = False
+                if self.rank == 0:
+                    print(f"[eapo] learner.share_prompts is off for {self.cfg.model.policy}: {why}; training with the "
+                          "plain forward", file=sys.stderr, flush=True)
         (agree,) = self._all_reduce([share], ReduceOp.MIN)  # every rank takes the same path (collectives)
         self.share_prompts = bool(agree)
         if resume_dir:
@@ -349,6 +357,7 @@ class Learner:
         reuse_all = buckets and lc.epochs == 1 and len(micro) == 1 and len(micro[0]) > 1
         t_prep = time.time()
         tm["forward_tokens"] = sum(b["input_ids"].numel() for m in micro for b in m if b is not None)  # padded, this rank
+        tm["share_prompts"] = 0
         if reuse_all:
             return self._train_buckets(micro[0], chunks, batches, shard, lost, t0, t_fetch, t_prep, tm)
         if not reuse:
@@ -436,9 +445,14 @@ class Learner:
                                  for b in mb]
             t_prep = time.time()
             logps = self.engine(shared=shared)
-        else:  # an empty shard on this rank: a dummy pass still joins the gradient reduction
+        else:  # an empty shard on this rank: a dummy pass of the same kind still joins the gradient reduction
+            ids = torch.full((1, 1), pad, dtype=torch.long, device=dev)
             mb, t_prep = [None], time.time()
-            logps = [self._logp(None, 1)]
+            logps = self.engine(shared={"prompt_ids": ids, "prompt_mask": torch.ones_like(ids),
+                                        "prompt_len": torch.ones(1, dtype=torch.long, device=dev), "buckets": [
+                                            {"response_ids": ids, "response_mask": torch.ones_like(ids),
+                                             "prompt_index": torch.zeros(1, dtype=torch.long, device=dev),
+                                             "num_chunks": 1}]})
         olds = [[lp.detach() for lp in logps]]
         norms, gap = self._normalisers([mb], olds)
         loss = sum(self._loss(b, lp, old, norms[0], acc) for b, lp, old in zip(mb, logps, olds[0]))
@@ -454,7 +468,9 @@ class Learner:
         stats = {**acc.reduce(self._all_reduce, self.world_size, 1), **gap}
         stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
                      fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
+        # tokens through the model on this rank (rank 0's in the metrics)
         stats["forward_tokens"] = (shared["prompt_ids"].numel() + sum(b["response_ids"].numel() for b in mb)) if parts else 0
+        stats["share_prompts"] = 1
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats
 
@@ -510,6 +526,27 @@ class Learner:
         return "pong"
 
 
+STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")  # frequencies that do not depend on the sequence length
+
+
+def unshareable(config) -> str | None:
+    """Why learner.share_prompts cannot be used for this model config (None: it can): a sliding
+    attention window would count the prompt's right padding inside the window, and the model's own
+    cache keeps only the window of a long prompt; rope that rescales with the sequence length sees
+    the prompt alone in the prompt pass. The set-up check's sequences are too short to notice."""
+    layers = getattr(config, "layer_types", None)
+    if layers and any(t != "full_attention" for t in layers):
+        return f"it has {sorted(set(layers) - {'full_attention'})} layers"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"sliding_window={config.sliding_window}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = {r.get("rope_type", r.get("type")) for r in (rope.values() if all(isinstance(v, dict) for v in rope.values())
+                                                        and rope else [rope])}
+    if not kinds <= set(STATIC_ROPE):
+        return f"rope type {sorted(map(str, kinds))}"
+    return None
+
+
 def sharing_agrees(module: PolicyLogProbs, vocab_size: int, device="cpu", atol: float = 1e-4) -> bool:
     """Whether `module.shared_forward` gives the plain forward's response log-probs on a small
     random batch (two prompts of different lengths, responses of different lengths, several
@@ -532,13 +569,13 @@ def sharing_agrees(module: PolicyLogProbs, vocab_size: int, device="cpu", atol: 
                 {"response_ids": c["response_ids"].to(device), "response_mask": c["response_mask"].to(device),
                  "prompt_index": c["prompt_index"].to(device), "num_chunks": 1} for c in cols]})
             got = [x.float().cpu() for x in got]
+        for x, lp in zip(parts, got, strict=True):
+            for i, (row, r) in enumerate(zip(x["row"], x["response_ids"])):
+                p = batch["prompt_len"][row]
+                if not torch.allclose(lp[i, :len(r)], plain[row, p - 1: p - 1 + len(r)], atol=atol):
+                    return False
     except Exception:  # noqa: BLE001 -- a model this path does not fit trains the plain way
         return False
-    for x, lp in zip(parts, got):
-        for i, (row, r) in enumerate(zip(x["row"], x["response_ids"])):
-            p = batch["prompt_len"][row]
-            if not torch.allclose(lp[i, :len(r)], plain[row, p - 1: p - 1 + len(r)], atol=atol):
-                return False
     return True
 
 

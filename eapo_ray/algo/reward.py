@@ -87,10 +87,17 @@ def extract_answer(response: str, protocol: ProtocolConfig | None = None, requir
     return value or None
 
 
+def _int_key(s: str) -> tuple[bool, str]:
+    """An integer string (`_INT`) as (negative, digits without leading zeros): equal keys iff equal
+    values, without int() (which refuses strings over 4300 digits)."""
+    digits = s.lstrip("+-").lstrip("0") or "0"
+    return s.startswith("-") and digits != "0", digits
+
+
 def _grade(pred: str, gold: str) -> tuple[bool, bool]:
     """(formatted, correct). Runs math-verify with its signal-based timeouts off."""
     if _INT.match(pred) and _INT.match(gold.strip()):
-        return True, int(pred) == int(gold.strip())  # fast path; math-verify agrees on integers
+        return True, _int_key(pred) == _int_key(gold.strip())  # fast path; math-verify agrees on integers
     import logging
 
     from math_verify import parse, verify
@@ -161,12 +168,7 @@ def _result(formatted: bool, correct: bool, cfg: RewardConfig) -> RewardResult:
     return RewardResult(1.0 if correct else cfg.format_reward if formatted else 0.0, correct, formatted)
 
 
-def quick_score(response: str, gold: str, cfg: RewardConfig | None = None,
-                protocol: ProtocolConfig | None = None) -> RewardResult | None:
-    """score(...) when it needs no math-verify call (no answer, or integer answers: microseconds,
-    safe on any thread, e.g. inline in an event loop); None when it does (call `score`)."""
-    cfg = cfg or RewardConfig()
-    pred = extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback)
+def _quick(pred: str | None, gold: str, cfg: RewardConfig) -> RewardResult | None:
     if pred is None:
         return RewardResult(0.0, False, False)
     if _INT.match(pred) and _INT.match(str(gold).strip()):
@@ -174,13 +176,21 @@ def quick_score(response: str, gold: str, cfg: RewardConfig | None = None,
     return None
 
 
+def quick_score(response: str, gold: str, cfg: RewardConfig | None = None,
+                protocol: ProtocolConfig | None = None) -> RewardResult | None:
+    """score(...) when it needs no math-verify call (no answer, or integer answers: microseconds,
+    safe on any thread, e.g. inline in an event loop); None when it does (call `score`)."""
+    cfg = cfg or RewardConfig()
+    return _quick(extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback), gold, cfg)
+
+
 def score(response: str, gold: str, cfg: RewardConfig | None = None,
           protocol: ProtocolConfig | None = None) -> RewardResult:
     cfg = cfg or RewardConfig()
-    quick = quick_score(response, gold, cfg, protocol)
+    pred = extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback)
+    quick = _quick(pred, gold, cfg)
     if quick is not None:
         return quick
-    pred = extract_answer(response, protocol, cfg.require_answer_tags, cfg.last_number_fallback)
     try:
         graded = _grader(pred, str(gold), cfg.timeout_s) if cfg.timeout_s else _grade(pred, str(gold))
     except Exception:  # a parser crash on odd input is a malformed answer, not a dead actor

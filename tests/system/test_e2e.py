@@ -96,6 +96,7 @@ def test_default_run_console_metrics_accounting_checkpoint_then_resume_and_ctrl_
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final") is not None
 
     assert 0 <= s["logp_gap_max"] < 1e-3  # fp32 transformers engine vs fp32 learner: the same numbers
+    assert all(r["share_prompts"] == 1 for r in rows[1:])  # the learner's set-up check passed: prompts computed once
     tags = sorted(p.name for p in (run_dir / "checkpoint").iterdir() if p.is_dir())
     assert tags == ["step4", "step5"]  # learner.checkpoint_keep=2 of the 5 saved
     state = json.loads((run_dir / "checkpoint" / "driver_state.json").read_text())

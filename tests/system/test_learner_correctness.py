@@ -378,6 +378,21 @@ def test_shared_prompt_forward_is_the_plain_forward_and_a_mismatch_turns_it_off(
     assert not sharing_agrees(wrapper, 106)
 
 
+def test_share_prompts_is_refused_for_sliding_windows_and_length_dependent_rope():
+    """Cold review: with a sliding window the prompt's right padding would sit inside the window (and the
+    model's own cache keeps only the window of a long prompt); rope rescaled by the sequence length sees
+    the prompt alone. The set-up check's short sequences cannot notice either, so such configs are refused."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from eapo_ray.learner import unshareable
+
+    assert unshareable(LlamaConfig()) is None and unshareable(Qwen2Config()) is None
+    assert unshareable(AutoModelForCausalLM.from_pretrained(POLICY).config) is None
+    assert "sliding" in unshareable(Qwen2Config(use_sliding_window=True, sliding_window=64))
+    assert "sliding_window=4096" in unshareable(MistralConfig())
+    assert "dynamic" in unshareable(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
+
 def make_group_batch(seed: int, prompts: int = 3, group: int = 4) -> dict:
     """`make_batch` with GRPO groups: `group` samples per prompt, responses of spread lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -422,6 +437,20 @@ def test_shared_prompts_give_the_whole_batch_gradient_and_the_same_statistics(ze
         assert out[True][0][k] == pytest.approx(out[False][0][k], rel=1e-5, abs=1e-6), k
     for r in range(2):
         assert 0 < out[True][r]["forward_tokens"] < out[False][r]["forward_tokens"]
+        assert (out[True][r]["share_prompts"], out[False][r]["share_prompts"]) == (1, 0)
+    # one sample over 2 ranks: rank 1's shard is empty, its dummy pass joins the gradient reduction
+    one = {k: v[:1] for k, v in batch.items()}
+    ref = reference_grads(POLICY, one, cfg, weights)
+    try:
+        call_all(group, share, True)
+        call_all(group, capture_steps)
+        stats = train(group, [[[ray.put(one)]]] * 2)
+        for c in call_all(group, lambda self: self.captured):
+            assert_grads_close(c[0], ref)
+        assert sorted(s["learner_samples"] for s in stats) == [0, 1]
+        assert [s["forward_tokens"] == 0 for s in stats] == [s["learner_samples"] == 0 for s in stats]
+    finally:
+        call_all(group, share, False)
 
 
 @pytest.mark.slow

@@ -80,6 +80,7 @@ def test_smollm2_cpu_config_trains_two_steps(tmp_path):
         assert 0 <= s["logp_gap_max"] < 1e-3, s["logp_gap_max"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("logp_gap_tokens", 0) > 0 for r in rows), "no on-policy token was compared"
+    assert [r["share_prompts"] for r in rows if "share_prompts" in r] == [1, 1]  # a real BPE Llama passes the check
     # synchronous: the batch for step k came from the vLLM engine after it loaded version k-1's weights
     assert [r["staleness"] for r in rows if "staleness" in r] == [0, 0]
     assert [r["rollout_engine_version"] for r in rows if "rollout_engine_version" in r] == [0, 1]  # loaded, not only sent
