@@ -24,8 +24,8 @@ staleness distribution of the trained batches, and the held-out accuracy after t
 The expert runs as one replica in both modes by default (`--replicas 1`: expert.max_replicas=1).
 On a 2-core box Serve's autoscaler otherwise adds a second replica in the async run (twice the
 requests in flight), whose start-up (~7 s of CPU, measured) and serving loop take cores from the
-actors and the learner inside a ~15 s loop: measured 0.96x at L=0 with it, 1.39x without (same
-day, same code). `benchmarks/scaling.py` measures replicas 1 vs 2; `--replicas 2` restores the
+actors and the learner inside a ~15 s loop: measured 1.00x at L=0 with it, 1.33x without (loop
+times of 8-step runs, same day, same code). `benchmarks/scaling.py` measures replicas 1 vs 2; `--replicas 2` restores the
 autoscaled deployment here.
 """
 from __future__ import annotations

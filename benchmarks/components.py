@@ -18,7 +18,9 @@
   rollout.join_running, off by default: a request that arrives while a batch decodes, e.g. an
   episode's next turn after its expert reply, joins it).
   Prints wall and CPU (process) milliseconds per generated sample and forward calls per batch;
-  CPU time is the steadier number on a shared machine.
+  CPU time is the steadier number on a shared machine;
+- expert: CPU per `Expert.answer_full` call (the Serve replica's work) with and without the answers'
+  log-prob pass (`answer_logprobs`, on only for the LUFFY-style channel).
 
 Alternating on/off per repeat keeps a shared machine's load drift out of the ratio. Prints
 seconds per call, padded vs real tokens, and the ratios.
@@ -41,7 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--parts", nargs="+", default=["gen", "learner", "rollout"], choices=["gen", "learner", "rollout"])
+    ap.add_argument("--parts", nargs="+", default=["gen", "learner", "rollout", "expert"],
+                    choices=["gen", "learner", "rollout", "expert"])
     ap.add_argument("--expert-latency", type=float, default=0.02)
     args = ap.parse_args(argv)
     import torch
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     n = len(prompts)
     if "rollout" in args.parts:
         rollout_batches(cfg, args)
+    if "expert" in args.parts:
+        expert_calls(cfg, args)
     if "gen" not in args.parts and "learner" not in args.parts:
         print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         return 0
@@ -146,6 +151,35 @@ def main(argv=None) -> int:
 
 
 ROLLOUT_MODES = {"before": (False, False), "fast": (True, False), "fast+join": (True, True)}
+
+
+def expert_calls(cfg, args) -> None:
+    """The expert part: process CPU milliseconds per `Expert.answer_full` call on 1 / 4 / 16 queries,
+    with and without the answers' teacher-forced log-prob pass (`answer_logprobs`: only a run with
+    algo.expert_token_channel luffy needs it), alternating per repeat; the replies compared."""
+    import torch
+
+    from eapo_ray.expert import Expert
+    from eapo_ray.models import resolve_model
+
+    path = resolve_model(cfg.model.expert)
+    experts = {True: Expert(path, cfg.expert), False: Expert(path, cfg.expert, answer_logprobs=False)}
+    torch.set_num_threads(1)
+    print("\nexpert: CPU ms per answer_full call (median of repeats x 10 calls), with / without answer log-probs")
+    for n in (1, 4, 16):
+        qs = [f"{3 + i}*{7 + 2 * i}" for i in range(n)]
+        same = [(r.text, r.span) for r in experts[True].answer_full(qs)] == [(r.text, r.span) for r in
+                                                                              experts[False].answer_full(qs)]
+        cpu = {True: [], False: []}
+        for _ in range(args.repeats):
+            for flag, e in experts.items():
+                t = time.process_time()
+                for _ in range(10):
+                    e.answer_full(qs)
+                cpu[flag].append((time.process_time() - t) * 100)
+        med = {f: sorted(v)[len(v) // 2] for f, v in cpu.items()}
+        print(f"  {n:2d} queries: {med[True]:6.2f} / {med[False]:6.2f} ms  ({med[True] / med[False]:.2f}x)"
+              f"  same replies: {same}")
 
 
 def rollout_batches(cfg, args) -> None:

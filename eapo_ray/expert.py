@@ -21,9 +21,9 @@ from eapo_ray.rollout.factory import make_engine
 class Expert:
     def __init__(self, model_path: str, cfg: ExpertConfig, answer_logprobs: bool = True):
         """`answer_logprobs`: compute the answer tokens' log-probs under the expert (a teacher-forced
-        forward per batch of queries: 30-45% of a tiny expert's CPU per call, measured); only the
-        LUFFY-style channel reads them, so the launcher turns them off otherwise (the replies' text
-        and token ids are the same either way)."""
+        forward per batch of queries: 36-42% of the tiny expert's CPU per call, measured with
+        `python benchmarks/components.py --parts expert`). Only the LUFFY-style channel reads them,
+        so the launcher turns them off otherwise (the replies' text and token ids are the same)."""
         torch.set_num_threads(cfg.torch_threads)
         self.cfg, self.answer_logprobs = cfg, answer_logprobs
         self.engine = make_engine(cfg.engine, model_path, cfg.vllm)
