@@ -233,11 +233,10 @@ class Learner:
             why = unshareable(model.config) or (
                 not sharing_agrees(self.engine.module, model.config.vocab_size, self.engine.device,
                                    atol=0.1 if lc.bf16 else 1e-4) and "its shared forward did not match the plain one")
-            if why:
+            if why:  # said by the rank whose check failed (the all-reduce below turns it off on every rank)
                 share = False
-                if self.rank == 0:
-                    print(f"[eapo] learner.share_prompts is off for {self.cfg.model.policy}: {why}; training with the "
-                          "plain forward", file=sys.stderr, flush=True)
+                print(f"[eapo] learner.share_prompts is off for {self.cfg.model.policy} (rank {self.rank}): {why}; "
+                      "training with the plain forward", file=sys.stderr, flush=True)
         (agree,) = self._all_reduce([share], ReduceOp.MIN)  # every rank takes the same path (collectives)
         self.share_prompts = bool(agree)
         if resume_dir:
@@ -328,7 +327,8 @@ class Learner:
         lost = len(boxes) - len(batches)
         if not batches:  # every rank agreed on this, so all skip this update together
             self.version += 1
-            return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0}
+            return {"lost_batches": lost, "learner_samples": 0, "train_seconds": time.time() - t0, "staleness": 0,
+                    "forward_tokens": 0, "share_prompts": int(self.share_prompts)}
         tm = dict.fromkeys(("old_logp_s", "forward_s", "backward_s", "optim_s"), 0.0)  # + forward_tokens
         pad = self.tokenizer.pad_token_id or 0
         shard = split_batch(merge_batches(batches), self.world_size)[self.rank]
@@ -540,8 +540,10 @@ def unshareable(config) -> str | None:
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return f"sliding_window={config.sliding_window}"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kinds = {r.get("rope_type", r.get("type")) for r in (rope.values() if all(isinstance(v, dict) for v in rope.values())
-                                                        and rope else [rope])}
+    if not isinstance(rope, dict):
+        return f"rope settings {rope!r} not understood"
+    nested = [v for v in rope.values() if isinstance(v, dict)]  # one dict per layer type (transformers 5)
+    kinds = {r.get("rope_type", r.get("type")) for r in nested + ([rope] if len(nested) < len(rope) else [])}
     if not kinds <= set(STATIC_ROPE):
         return f"rope type {sorted(map(str, kinds))}"
     return None

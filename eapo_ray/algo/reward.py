@@ -13,11 +13,12 @@ from __future__ import annotations
 import multiprocessing
 import re
 import threading
+import unicodedata
 from dataclasses import dataclass
 
 from eapo_ray.algo.protocol import ProtocolConfig
 
-_INT = re.compile(r"^[+-]?\d+$")
+_INT = re.compile(r"^[+-]?\d+\Z")
 
 __all__ = ["RewardConfig", "RewardResult", "last_boxed", "last_number", "extract_answer", "quick_score", "score", "warm_up"]
 
@@ -90,7 +91,7 @@ def extract_answer(response: str, protocol: ProtocolConfig | None = None, requir
 def _int_key(s: str) -> tuple[bool, str]:
     """An integer string (`_INT`) as (negative, digits without leading zeros): equal keys iff equal
     values, without int() (which refuses strings over 4300 digits)."""
-    digits = s.lstrip("+-").lstrip("0") or "0"
+    digits = "".join(str(unicodedata.decimal(c)) for c in s.lstrip("+-")).lstrip("0") or "0"  # \d: any script
     return s.startswith("-") and digits != "0", digits
 
 

@@ -387,7 +387,10 @@ def test_share_prompts_is_refused_for_sliding_windows_and_length_dependent_rope(
     from eapo_ray.learner import unshareable
 
     assert unshareable(LlamaConfig()) is None and unshareable(Qwen2Config()) is None
-    assert unshareable(AutoModelForCausalLM.from_pretrained(POLICY).config) is None
+    from transformers import AutoConfig
+
+    assert unshareable(AutoConfig.from_pretrained(POLICY)) is None
+    assert unshareable(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0})) is None
     assert "sliding" in unshareable(Qwen2Config(use_sliding_window=True, sliding_window=64))
     assert "sliding_window=4096" in unshareable(MistralConfig())
     assert "dynamic" in unshareable(LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))

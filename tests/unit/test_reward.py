@@ -93,6 +93,7 @@ def test_a_very_long_integer_answer_is_graded_not_raised():
     assert quick_score(f"<answer>{long}</answer>", long).correct
     assert not score(f"<answer>{long}</answer>", long + "0").correct
     assert score(f"<answer>-{long}</answer>", "7").formatted
+    assert quick_score("<answer>\uff13</answer>", "3").correct  # a full-width 3: int() read it as 3, so does the key
 
 
 @pytest.mark.parametrize("response,gold", [("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5"),
@@ -123,6 +124,9 @@ def test_warm_up_starts_the_grading_process_without_waiting_and_grades_still_wor
     deadline = time.time() + 30
     while (fresh._pool is None or not getattr(fresh._pool, "_pool", None)) and time.time() < deadline:
         time.sleep(0.05)
-    assert fresh._pool is not None and all(w.is_alive() for w in fresh._pool._pool)
-    assert score("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5").correct
-    fresh._pool.terminate()
+    pool = fresh._pool
+    assert pool is not None and all(w.is_alive() for w in pool._pool)
+    try:  # a generous timeout: on a loaded box the grade waits behind the worker's import and the warm-up task
+        assert score("<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", RewardConfig(timeout_s=60)).correct
+    finally:
+        pool.terminate()
