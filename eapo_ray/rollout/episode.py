@@ -182,8 +182,8 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
     # episodes, and grades run one at a time as before, so a grade's timeout covers that grade
     # only (concurrent grades queued on the one-process pool would time out together; the first
     # grade's also covers what is left of the pool's start, as it always did).
-    # Answers that need no math-verify call (none, or integers) are graded inline: a hop to the
-    # grading thread and back costs far more than the grade (GIL hand-offs between the threads).
+    # Answers that need no math-verify call (none, or integers: ~7 us) are graded inline, without a
+    # hop to the grading thread and back.
     with timer.busy("reward"):
         r = quick_score(final_text, t.gold, s.reward, proto)
         if r is None:
