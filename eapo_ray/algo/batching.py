@@ -65,28 +65,37 @@ def to_batch(trajs, overlong_filter: bool = True) -> dict:
     }
 
 
+def _loss_columns(batch: dict, starts: list[int], lengths: list[int], width: int) -> dict[str, torch.Tensor]:
+    """The columns the loss reads, as tensors: the per-token ones ([B, width]; row i's lengths[i]
+    response tokens at columns starts[i]..., zeros elsewhere) and the per-sample ones ([B])."""
+    B = len(starts)
+    pmask, emask, blogp, elogp = (torch.zeros((B, width)) for _ in range(4))
+    for i, (a, r) in enumerate(zip(starts, lengths)):
+        if r:
+            pmask[i, a: a + r] = torch.tensor(batch["policy_mask"][i], dtype=torch.float)
+            emask[i, a: a + r] = torch.tensor(batch["expert_mask"][i], dtype=torch.float)
+            blogp[i, a: a + r] = torch.tensor(batch["behav_logp"][i], dtype=torch.float)
+            if "expert_logp" in batch:
+                elogp[i, a: a + r] = torch.tensor(batch["expert_logp"][i], dtype=torch.float)
+    return {"policy_mask": pmask, "expert_mask": emask, "behav_logp": blogp, "expert_logp": elogp,
+            "accept_prob": torch.tensor(batch.get("accept_prob", [0.0] * B), dtype=torch.float),
+            "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
+            "version": torch.tensor(batch.get("version", [0] * B), dtype=torch.long)}
+
+
 def collate(batch: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a columnar batch into tensors aligned for next-token log-probs:
     position j of the [B, L-1] per-token tensors scores token j+1 of input_ids."""
     B, L = len(batch["input_ids"]), max(len(x) for x in batch["input_ids"])
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     attn = torch.zeros((B, L), dtype=torch.long)
-    pmask, emask, blogp, elogp = (torch.zeros((B, L - 1)) for _ in range(4))
     for i, seq in enumerate(batch["input_ids"]):
-        n, p = len(seq), batch["prompt_len"][i]
-        ids[i, :n], attn[i, :n] = torch.tensor(seq), 1
-        r = n - p  # response tokens occupy positions p..n-1 -> per-token index p-1..n-2
-        if r:
-            pmask[i, p - 1: n - 1] = torch.tensor(batch["policy_mask"][i], dtype=torch.float)
-            emask[i, p - 1: n - 1] = torch.tensor(batch["expert_mask"][i], dtype=torch.float)
-            blogp[i, p - 1: n - 1] = torch.tensor(batch["behav_logp"][i], dtype=torch.float)
-            if "expert_logp" in batch:
-                elogp[i, p - 1: n - 1] = torch.tensor(batch["expert_logp"][i], dtype=torch.float)
-    return {"input_ids": ids, "attention_mask": attn, "policy_mask": pmask, "expert_mask": emask,
-            "behav_logp": blogp, "expert_logp": elogp,
-            "accept_prob": torch.tensor(batch.get("accept_prob", [0.0] * B), dtype=torch.float),
-            "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
-            "version": torch.tensor(batch.get("version", [0] * B), dtype=torch.long)}
+        ids[i, :len(seq)], attn[i, :len(seq)] = torch.tensor(seq), 1
+    # response tokens occupy positions p..n-1 -> per-token index p-1..n-2
+    prompt_len = batch["prompt_len"]
+    return {"input_ids": ids, "attention_mask": attn,
+            **_loss_columns(batch, [p - 1 for p in prompt_len],
+                            [len(x) - p for x, p in zip(batch["input_ids"], prompt_len)], L - 1)}
 
 
 def merge_batches(batches: list[dict]) -> dict:
@@ -143,7 +152,6 @@ def split_by_length(batch: dict, spread: float = 1.25, min_rows: int = 8) -> lis
     return [{k: [v[i] for i in g] for k, v in batch.items()} for g in groups]
 
 
-
 def split_shared(batch: dict, spread: float = 1.25, min_rows: int = 8) -> tuple[list[list[int]], list[dict]]:
     """learner.share_prompts: the batch's distinct prompts (a GRPO group's samples share one, so
     the learner computes it once instead of group_size times) and micro-batches of its rows by
@@ -185,19 +193,7 @@ def collate_responses(bucket: dict, pad_id: int = 0) -> dict[str, torch.Tensor]:
     B, R = len(resp), max(1, max(map(len, resp)))
     ids = torch.full((B, R), pad_id, dtype=torch.long)
     attn = torch.zeros((B, R), dtype=torch.long)
-    pmask, emask, blogp, elogp = (torch.zeros((B, R)) for _ in range(4))
     for i, r in enumerate(resp):
-        n = len(r)
-        if not n:
-            continue
-        ids[i, :n], attn[i, :n] = torch.tensor(r), 1
-        pmask[i, :n] = torch.tensor(bucket["policy_mask"][i], dtype=torch.float)
-        emask[i, :n] = torch.tensor(bucket["expert_mask"][i], dtype=torch.float)
-        blogp[i, :n] = torch.tensor(bucket["behav_logp"][i], dtype=torch.float)
-        if "expert_logp" in bucket:
-            elogp[i, :n] = torch.tensor(bucket["expert_logp"][i], dtype=torch.float)
+        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
     return {"response_ids": ids, "response_mask": attn, "prompt_index": torch.tensor(bucket["prompt_index"]),
-            "policy_mask": pmask, "expert_mask": emask, "behav_logp": blogp, "expert_logp": elogp,
-            "accept_prob": torch.tensor(bucket.get("accept_prob", [0.0] * B), dtype=torch.float),
-            "advantage": torch.tensor(bucket["advantage"], dtype=torch.float),
-            "version": torch.tensor(bucket.get("version", [0] * B), dtype=torch.long)}
+            **_loss_columns(bucket, [0] * B, [len(r) for r in resp], R)}
