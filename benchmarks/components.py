@@ -121,9 +121,7 @@ def main(argv=None) -> int:
 
     def fwd_bwd_shared():
         model.zero_grad(set_to_none=True)
-        logps = wrapper(shared={**prompt_cols, "buckets": [
-            {"response_ids": c["response_ids"], "response_mask": c["response_mask"],
-             "prompt_index": c["prompt_index"], "num_chunks": 1} for c in resp_cols]})
+        logps = wrapper(shared={**prompt_cols, "buckets": resp_cols})
         loss = -sum((lp * c["policy_mask"] * c["advantage"][:, None]).sum() for lp, c in zip(logps, resp_cols))
         (loss / total_mask).backward()
         return {k: v.grad.clone() for k, v in model.named_parameters()}

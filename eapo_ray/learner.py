@@ -92,10 +92,12 @@ class PolicyLogProbs(torch.nn.Module):
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return hidden_token_logprobs(hidden, getattr(self, self.head_name), input_ids, self.temperature, num_chunks)
 
-    def shared_forward(self, prompt_ids, prompt_mask, prompt_len, buckets: list) -> list:
+    def shared_forward(self, prompt_ids, prompt_mask, prompt_len, buckets: list, chunk_tokens: int = 0) -> list:
         """Each distinct prompt computed once ([U, P] right-padded, algo.batching.collate_prompts),
-        its keys/values then reused by every response of it: `buckets` are dicts with [B, R]
-        response_ids / response_mask, [B] prompt_index and num_chunks (algo.batching.collate_responses).
+        its keys/values then reused by every response of it: `buckets` are
+        algo.batching.collate_responses dicts ([B, R] response_ids / response_mask and [B]
+        prompt_index are read); each bucket's lm_head runs in chunks of `chunk_tokens` positions
+        (0: one chunk).
         Returns per bucket the [B, R] log-probs of the response tokens (position k scores token
         k). The same numbers as the plain forward of prompt + response (float order aside: the
         learner checks this at set-up); gradients reach the prompt's computation through its
@@ -120,7 +122,8 @@ class PolicyLogProbs(torch.nn.Module):
                      position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
             hidden = torch.cat([last.index_select(0, idx)[:, None], h], 1)  # [B, R+1]: position k scores token k
             ids1 = torch.cat([ids[:, :1], ids], 1)  # hidden_token_logprobs scores ids1[:, 1:] = ids
-            logps.append(hidden_token_logprobs(hidden, head, ids1, self.temperature, b["num_chunks"]))
+            chunks = max(1, math.ceil(ids.numel() / chunk_tokens)) if chunk_tokens else 1
+            logps.append(hidden_token_logprobs(hidden, head, ids1, self.temperature, chunks))
         return logps
 
 
@@ -439,10 +442,7 @@ class Learner:
         if parts:
             shared = {k: v.to(dev) for k, v in collate_prompts(prompts, pad).items()}
             mb = [{k: v.to(dev) for k, v in collate_responses(b, pad).items()} for b in parts]
-            shared["buckets"] = [{"response_ids": b["response_ids"], "response_mask": b["response_mask"],
-                                  "prompt_index": b["prompt_index"],
-                                  "num_chunks": max(1, math.ceil(b["response_ids"].numel() / LOGP_CHUNK_TOKENS))}
-                                 for b in mb]
+            shared.update(buckets=mb, chunk_tokens=LOGP_CHUNK_TOKENS)
             t_prep = time.time()
             logps = self.engine(shared=shared)
         else:  # an empty shard on this rank: a dummy pass of the same kind still joins the gradient reduction
@@ -451,8 +451,7 @@ class Learner:
             logps = self.engine(shared={"prompt_ids": ids, "prompt_mask": torch.ones_like(ids),
                                         "prompt_len": torch.ones(1, dtype=torch.long, device=dev), "buckets": [
                                             {"response_ids": ids, "response_mask": torch.ones_like(ids),
-                                             "prompt_index": torch.zeros(1, dtype=torch.long, device=dev),
-                                             "num_chunks": 1}]})
+                                             "prompt_index": torch.zeros(1, dtype=torch.long, device=dev)}]})
         olds = [[lp.detach() for lp in logps]]
         norms, gap = self._normalisers([mb], olds)
         loss = sum(self._loss(b, lp, old, norms[0], acc) for b, lp, old in zip(mb, logps, olds[0]))
@@ -567,9 +566,8 @@ def sharing_agrees(module: PolicyLogProbs, vocab_size: int, device="cpu", atol: 
             plain = module(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).float().cpu()
             _, parts = split_shared(batch, min_rows=2)
             cols = [collate_responses(x) for x in parts]
-            got = module(shared={**{k: v.to(device) for k, v in collate_prompts(prompts).items()}, "buckets": [
-                {"response_ids": c["response_ids"].to(device), "response_mask": c["response_mask"].to(device),
-                 "prompt_index": c["prompt_index"].to(device), "num_chunks": 1} for c in cols]})
+            got = module(shared={**{k: v.to(device) for k, v in collate_prompts(prompts).items()},
+                                 "buckets": [{k: v.to(device) for k, v in c.items()} for c in cols]})
             got = [x.float().cpu() for x in got]
         for x, lp in zip(parts, got, strict=True):
             for i, (row, r) in enumerate(zip(x["row"], x["response_ids"])):
