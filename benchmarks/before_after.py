@@ -27,8 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "learner.share_prompts=false", "rollout.prune_finished=false",
-          "rollout.fast_decode=false", "rollout.join_running=false"]
+# eapo_ray as it was before issue 13's optimisations (the switches that have one; benchmarks/vs_trl.py too)
+BEFORE = ["eval.overlap=false", "learner.length_buckets=false", "learner.share_prompts=false",
+          "rollout.prune_finished=false", "rollout.fast_decode=false", "rollout.join_running=false"]
 
 
 def run(name: str, extra: list[str], args, root: str) -> dict:

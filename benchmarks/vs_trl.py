@@ -32,9 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, GROUP, MAX_NEW, LR = 16, 8, 160, 5e-5
-# eapo_ray as it was before issue 13's optimisations (benchmarks/before_after.py)
-BEFORE = ("eval.overlap=false", "learner.length_buckets=false", "learner.share_prompts=false", "rollout.prune_finished=false",
-          "rollout.fast_decode=false", "rollout.join_running=false")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from before_after import BEFORE  # noqa: E402 -- eapo_ray as it was before issue 13's optimisations
 
 
 def run_eapo(steps: int, seed: int, root: str, name: str = "eapo", extra: tuple = ()) -> dict:
