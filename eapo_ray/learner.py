@@ -28,7 +28,7 @@ from eapo_ray.algo.batching import (
     split_by_tokens,
     split_shared,
 )
-from eapo_ray.algo.logprobs import hidden_token_logprobs
+from eapo_ray.algo.logprobs import aligned_token_logprobs, hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, luffy_loss, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
 from eapo_ray.config import RunConfig
@@ -113,17 +113,19 @@ class PolicyLogProbs(torch.nn.Module):
         logps = []
         for b in buckets:
             ids, idx = b["response_ids"], b["prompt_index"]
-            cache = DynamicCache()
-            for i, (k, v) in enumerate(kv):
-                cache.update(k.index_select(0, idx), v.index_select(0, idx), i)
             R = ids.shape[1]
-            rpos = prompt_len.index_select(0, idx)[:, None] + torch.arange(R, device=ids.device)[None]
-            h = base(input_ids=ids, attention_mask=torch.cat([prompt_mask.index_select(0, idx), b["response_mask"]], 1),
-                     position_ids=rpos, past_key_values=cache, use_cache=True).last_hidden_state
-            hidden = torch.cat([last.index_select(0, idx)[:, None], h], 1)  # [B, R+1]: position k scores token k
-            ids1 = torch.cat([ids[:, :1], ids], 1)  # hidden_token_logprobs scores ids1[:, 1:] = ids
+            hidden = last.index_select(0, idx)[:, None]  # [B, 1, H]: scores response token 0
+            if R > 1:  # the response's last position scores nothing (no token follows it): not fed
+                cache = DynamicCache()
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k.index_select(0, idx), v.index_select(0, idx), i)
+                rpos = prompt_len.index_select(0, idx)[:, None] + torch.arange(R - 1, device=ids.device)[None]
+                mask = torch.cat([prompt_mask.index_select(0, idx), b["response_mask"][:, :R - 1]], 1)
+                h = base(input_ids=ids[:, :R - 1], attention_mask=mask, position_ids=rpos, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+                hidden = torch.cat([hidden, h], 1)  # [B, R, H]: position k scores token k
             chunks = max(1, math.ceil(ids.numel() / chunk_tokens)) if chunk_tokens else 1
-            logps.append(hidden_token_logprobs(hidden, head, ids1, self.temperature, chunks))
+            logps.append(aligned_token_logprobs(hidden, head, ids, self.temperature, chunks))
         return logps
 
 
@@ -468,7 +470,8 @@ class Learner:
         stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
                      fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
         # tokens through the model on this rank (rank 0's in the metrics)
-        stats["forward_tokens"] = (shared["prompt_ids"].numel() + sum(b["response_ids"].numel() for b in mb)) if parts else 0
+        stats["forward_tokens"] = (shared["prompt_ids"].numel() + sum(b["response_ids"][:, :-1].numel() for b in mb)
+                                   if parts else 0)  # a response's last position is not fed (shared_forward)
         stats["share_prompts"] = 1
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats

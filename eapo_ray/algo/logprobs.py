@@ -20,11 +20,19 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatu
 def hidden_token_logprobs(hidden: torch.Tensor, head, input_ids: torch.Tensor, temperature: float = 1.0,
                           num_chunks: int = 1) -> torch.Tensor:
     """`token_logprobs(head(hidden), input_ids, temperature)` from the final hidden states [B, L, H],
-    without the [B, L, V] logits: the B*(L-1) positions go through `head` (hidden -> logits) in
-    exactly `num_chunks` chunks (some may be empty), each under activation checkpointing when
-    autograd records, so that backward recomputes a chunk's logits instead of keeping them all."""
+    without the [B, L, V] logits (see `aligned_token_logprobs`)."""
+    return aligned_token_logprobs(hidden[:, :-1], head, input_ids[:, 1:], temperature, num_chunks)
+
+
+def aligned_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float = 1.0,
+                           num_chunks: int = 1) -> torch.Tensor:
+    """[B, L] log-probs of targets[:, k] under softmax(head(hidden[:, k]) / T), from hidden states
+    [B, L, H] that each score the target at the same position: the B*L positions go through `head`
+    (hidden -> logits) in exactly `num_chunks` chunks (some may be empty), each under activation
+    checkpointing when autograd records, so that backward recomputes a chunk's logits instead of
+    keeping them all."""
     B, L, H = hidden.shape
-    h, targets = hidden[:, :-1].reshape(-1, H), input_ids[:, 1:].reshape(-1)
+    h, targets = hidden.reshape(-1, H), targets.reshape(-1)
     size = -(-h.shape[0] // num_chunks)  # ceil
     parts = []
     for k in range(num_chunks):
@@ -33,4 +41,4 @@ def hidden_token_logprobs(hidden: torch.Tensor, head, input_ids: torch.Tensor, t
             parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(*args))
-    return torch.cat(parts).view(B, L - 1)
+    return torch.cat(parts).view(B, L)

@@ -378,6 +378,48 @@ def test_shared_prompt_forward_is_the_plain_forward_and_a_mismatch_turns_it_off(
     assert not sharing_agrees(wrapper, 106)
 
 
+def test_shared_forward_feeds_no_response_last_position_and_matches_the_plain_forward():
+    """shared_forward does not feed a response's last token (its hidden state would score nothing):
+    a bucket of [B, R] responses puts B x (R - 1) tokens through the model after the prompt pass, a
+    bucket of one-token responses none at all, and every response token's log-prob (and the gradient
+    of their sum) is still the plain forward's."""
+    from eapo_ray.algo.batching import collate_prompts, collate_responses, split_shared
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(POLICY, dtype=torch.float32)
+    wrapper = PolicyLogProbs(lm, 0.8)
+    g = torch.Generator().manual_seed(1)
+    tok = lambda n: torch.randint(3, 106, (n,), generator=g).tolist()  # noqa: E731
+    prompts, lens = [tok(9), tok(5)], [(0, 1), (1, 1), (0, 6), (1, 5), (0, 6)]
+    batch = {"input_ids": [prompts[i] + tok(n) for i, n in lens], "prompt_len": [len(prompts[i]) for i, _ in lens]}
+    batch.update(policy_mask=[[1] * n for _, n in lens], expert_mask=[[0] * n for _, n in lens],
+                 behav_logp=[[0.0] * n for _, n in lens], advantage=[0.0] * len(lens), row=list(range(len(lens))))
+    uniq, parts = split_shared(batch, min_rows=2)
+    assert sorted(len(b["row"]) for b in parts) == [2, 3]  # a bucket of one-token responses and one of 5-6
+    cols = [collate_responses(b) for b in parts]
+    fed = []
+    hook = wrapper.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        got = wrapper(shared={**collate_prompts(uniq), "buckets": cols})
+    finally:
+        hook.remove()
+    assert fed[0] == (2, 9)  # the prompts, once each
+    assert sorted(fed[1:]) == [(3, 5)]  # the 5-6 token bucket without its last position; the 1-token one: nothing
+    b = collate(batch)
+    plain = wrapper(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    ours, theirs = [], []
+    for x, lp in zip(parts, got):
+        for i, (row, r) in enumerate(zip(x["row"], x["response_ids"])):
+            p = batch["prompt_len"][row]
+            ours.append(lp[i, :len(r)])
+            theirs.append(plain[row, p - 1:p - 1 + len(r)])
+    assert torch.allclose(torch.cat(ours), torch.cat(theirs), atol=1e-5)
+    g1 = torch.autograd.grad(torch.cat(ours).sum(), list(lm.parameters()))
+    g2 = torch.autograd.grad(torch.cat(theirs).sum(), list(lm.parameters()))
+    for a, c in zip(g1, g2):
+        assert (a - c).abs().max() <= 1e-5 * c.abs().max()  # float order aside
+
+
 def test_share_prompts_is_refused_for_sliding_windows_and_length_dependent_rope():
     """Cold review: with a sliding window the prompt's right padding would sit inside the window (and the
     model's own cache keeps only the window of a long prompt); rope rescaled by the sequence length sees
