@@ -20,6 +20,7 @@ class Generation:
 
 class Engine(ABC):
     version: int = 0
+    seeded_sampling: bool = False  # generate takes seeds= (one per prompt): batch-invariant sampling (algo.sampling)
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], max_new_tokens: list[int], temperature: float,
@@ -52,14 +53,15 @@ class Engine(ABC):
             self.version = version
 
     async def agenerate(self, prompt: list[int], max_new_tokens: int, temperature: float, stop: list[str],
-                        ban: list[str] = ()) -> Generation:
+                        ban: list[str] = (), seed: int | None = None) -> Generation:
         """One request, awaitable, so many episodes can be in flight at once. Here concurrent
         requests are gathered into one batched `generate` in a thread; engines with their own
-        scheduler (vLLM) override this."""
+        scheduler (vLLM) override this. `seed`: with `seeded_sampling`, the request's tokens
+        depend on it and on the request alone, not on the batch it lands in (ignored otherwise)."""
         loop = asyncio.get_running_loop()
         if getattr(self, "_batcher", None) is None or self._batcher.loop is not loop:
             self._batcher = _MicroBatcher(self, loop)  # one per event loop: futures belong to their loop
-        return await self._batcher.submit(prompt, max_new_tokens, (temperature, tuple(stop), tuple(ban)))
+        return await self._batcher.submit(prompt, max_new_tokens, (temperature, tuple(stop), tuple(ban)), seed)
 
 
 class _MicroBatcher:
@@ -70,18 +72,21 @@ class _MicroBatcher:
 
     With an engine that `joins_running_batch` (the transformers engine's fast path), requests
     with the batch's settings that arrive while it decodes join it at its next step, and each
-    request is answered as soon as its own sequence ends, not when the whole batch does."""
+    request is answered as soon as its own sequence ends, not when the whole batch does.
+
+    With an engine that has `seeded_sampling`, a batch with any seeded request goes out with
+    seeds for all (an unseeded request's drawn from torch's RNG)."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, settle_s: float = 0.002):
         self.engine, self.loop, self.settle_s = engine, loop, settle_s
-        self.pending: list = []  # (key, prompt, max_new_tokens, future)
+        self.pending: list = []  # (key, prompt, max_new_tokens, future, seed or None)
         self.task: asyncio.Task | None = None
         self.lock = threading.Lock()  # `pending` is also taken from the engine's thread (joins)
 
-    async def submit(self, prompt, max_new_tokens, key):
+    async def submit(self, prompt, max_new_tokens, key, seed=None):
         fut = self.loop.create_future()
         with self.lock:
-            self.pending.append((key, prompt, max_new_tokens, fut))
+            self.pending.append((key, prompt, max_new_tokens, fut, seed))
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._drain())
         return await fut
@@ -102,10 +107,11 @@ class _MicroBatcher:
                     batch = [x for x in self.pending if x[0] == key]
                     self.pending = [x for x in self.pending if x[0] != key]
                 joins = getattr(self.engine, "joins_running_batch", False)
-                kwargs = {}
+                seeded = self.engine.seeded_sampling and any(x[4] is not None for x in batch)
+                kwargs = {"seeds": [_seed(x) for x in batch]} if seeded else {}
                 if joins:
-                    kwargs = {"more": lambda k=key, b=batch: self._take(k, b), "on_done": lambda i, g, b=batch:
-                              self.loop.call_soon_threadsafe(_settle_one, b[i], g)}
+                    kwargs.update(more=lambda k=key, b=batch, sd=seeded: self._take(k, b, sd), on_done=lambda i, g, b=batch:
+                                  self.loop.call_soon_threadsafe(_settle_one, b[i], g))
                 try:
                     gens = await asyncio.to_thread(self.engine.generate, [x[1] for x in batch], [x[2] for x in batch],
                                                    key[0], list(key[1]), list(key[2]), **kwargs)
@@ -121,9 +127,10 @@ class _MicroBatcher:
             _settle(batch + rest, error=err)
             raise
 
-    def _take(self, key, batch: list) -> list:
+    def _take(self, key, batch: list, seeded: bool = False) -> list:
         """From the engine's thread, between decoding steps: the waiting requests with `key`,
-        moved into the running `batch` (their indices follow its current ones)."""
+        moved into the running `batch` (their indices follow its current ones), as
+        (prompt, max_new_tokens, seed: None unless the batch is `seeded`)."""
         if not self.pending:
             return []
         with self.lock:
@@ -131,7 +138,12 @@ class _MicroBatcher:
             if took:
                 self.pending = [x for x in self.pending if x[0] != key or x[3].done()]
         batch.extend(took)
-        return [(x[1], x[2]) for x in took]
+        return [(x[1], x[2], _seed(x) if seeded else None) for x in took]
+
+
+def _seed(entry) -> int:
+    """A pending request's seed; an unseeded one's drawn from torch's RNG."""
+    return entry[4] if entry[4] is not None else int(torch.randint(0, 2**62, ()))
 
 
 def _settle_one(entry, result) -> None:

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 
 from eapo_ray.algo.protocol import ExpertReply, ProtocolConfig, parse_action, render_replies
 from eapo_ray.algo.reward import RewardConfig, quick_score, score
+from eapo_ray.algo.sampling import turn_seed
 from eapo_ray.algo.schedules import acceptance_prob, training_turns
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.timing import Overlap
@@ -143,6 +144,9 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
     ("expert") and grading ("reward") for the per-step breakdown."""
     timer = timer or _NO_TIMER
     proto, max_turns, max_response_tokens = s.proto, s.max_turns, s.max_response_tokens
+    # the episode's sampling seed (engines with seeded_sampling): its tokens do not depend on which
+    # other requests share a decoding batch, which depends on when expert replies come back
+    episode_seed = rng.getrandbits(63)
     stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if s.ban_consult else []
     final_text = ""  # the policy's own last turn: the only text the reward reads
     for turn in range(max_turns):
@@ -150,7 +154,8 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         # the last turn gets all the room that is left, so a turn budget of 1 does not halve the cap
         budget = room if turn == max_turns - 1 else min(s.max_new_tokens_per_turn, room)
         with timer.busy("engine"):
-            g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, s.temperature, stop, ban)
+            g = await engine.agenerate(t.prompt_ids + t.response_ids, budget, s.temperature, stop, ban,
+                                       seed=turn_seed(episode_seed, turn))
         t.extend(g.tokens, g.logprobs)
         t.turns += 1
         final_text = tokenizer.decode(g.tokens, skip_special_tokens=True)

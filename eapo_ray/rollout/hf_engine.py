@@ -5,6 +5,7 @@ import threading
 
 import torch
 
+from eapo_ray.algo.sampling import counter_uniforms, inverse_cdf
 from eapo_ray.rollout import fast_llama
 from eapo_ray.rollout.engine import Engine, Generation, StringBan, hits_stop, token_texts
 
@@ -17,7 +18,13 @@ class HFEngine(Engine):
     checkpoint's generation_config.json says (no top-k/top-p/penalty processors), and the
     recorded log-prob is that distribution's. A sequence ends at EOS (the tokenizer's and the
     checkpoint's eos ids, as vLLM does) or at the token that completes a stop string (kept,
-    even if it carries text past the stop string); nothing is returned after it."""
+    even if it carries text past the stop string); nothing is returned after it.
+
+    With `seeds` (one per prompt) the k-th token of a sequence is drawn with the uniform
+    U(seed, k) (algo.sampling): what a sequence samples does not depend on the other sequences
+    in its batch, nor on when it joined it. Without, rows draw from torch's RNG (torch.multinomial)."""
+
+    seeded_sampling = True
 
     def __init__(self, model_path: str, tokenizer=None, device: str = "cpu", dtype=torch.float32,
                  prune_finished: bool = True, fast_decode: bool = True, join_running: bool = False):
@@ -96,24 +103,25 @@ class HFEngine(Engine):
             past.batch_select_indices(sel)
         return attn, pos[:, -1:], past, logits
 
-    def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), more=None, on_done=None):
+    def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), more=None, on_done=None, seeds=None):
         # the fast path's buffers belong to one call at a time: a call that overlaps another
         # (two threads on one engine) takes the model's own forward instead of waiting
         use_fast = self.fast_decode and self._fast is not None and self._fast_lock.acquire(blocking=False)
         try:
-            return self._generate(prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast)
+            return self._generate(prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast, seeds)
         finally:
             if use_fast:
                 self._fast.release()  # the K/V buffers go with the call (the old path freed its cache too)
                 self._fast_lock.release()
 
     @torch.inference_mode()
-    def _generate(self, prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast):
+    def _generate(self, prompts, max_new_tokens, temperature, stop, ban, more, on_done, use_fast, seeds=None):
         """`more` (optional, with `joins_running_batch`): called between decoding steps, returns
-        [(prompt, max_new_tokens)] to add to the running batch (the same sampling settings); they
-        are prefilled, join the batch and its buffers, and get the next indices after those
-        already in it. `on_done(i, generation)` (optional) is called as soon as sequence i ends.
-        Returns every sequence's Generation, the added ones last, in the order they came."""
+        [(prompt, max_new_tokens, seed)] to add to the running batch (the same sampling settings;
+        seed None unless `seeds` is given); they are prefilled, join the batch and its buffers, and
+        get the next indices after those already in it. `on_done(i, generation)` (optional) is
+        called as soon as sequence i ends. Returns every sequence's Generation, the added ones
+        last, in the order they came."""
         if not prompts:
             return []
         greedy = temperature <= 0
@@ -123,15 +131,18 @@ class HFEngine(Engine):
         if not self.joins_running_batch or fast is None:
             more = None
         toks, lps, finish, active, budget = [], [], [], [], []
+        seeded = seeds is not None and not greedy
+        seed_of: list[int] = []
 
         def end(i, why):
             finish[i], active[i] = why, False
             if on_done is not None:
                 on_done(i, Generation(toks[i], lps[i], why))
 
-        def register(mnt):
+        def register(mnt, sds=None):
             base = len(toks)
-            for m in mnt:
+            for k, m in enumerate(mnt):
+                seed_of.append(sds[k] if sds is not None else 0)
                 toks.append([])
                 lps.append([])
                 finish.append("length")
@@ -151,7 +162,13 @@ class HFEngine(Engine):
                     if active[i]:
                         scaled[r, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
-            nxt = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            if greedy:
+                nxt = logp.argmax(-1)
+            elif seeded:  # each row's k-th token from its own uniform U(seed, k)
+                u = counter_uniforms([seed_of[i] for i in rows], [len(toks[i]) for i in rows])
+                nxt = inverse_cdf(logp.exp(), u)
+            else:
+                nxt = torch.multinomial(logp.exp(), 1).squeeze(-1)
             # one transfer per step, not one per row (the same values)
             chosen = nxt.tolist()
             chosen_lp = None if greedy or sban is not None else logp.gather(1, nxt.view(-1, 1)).view(-1).tolist()
@@ -160,7 +177,7 @@ class HFEngine(Engine):
                     continue
                 t = chosen[r]
                 if sban is not None:
-                    t = self._recheck_ban(sban, logp, r, t, toks[i], greedy)
+                    t = self._recheck_ban(sban, logp, r, t, toks[i], greedy, seed_of[i] if seeded else None)
                     if t is None:  # every token would spell a banned string: end the turn here
                         end(i, "stop")
                         continue
@@ -173,7 +190,7 @@ class HFEngine(Engine):
                     end(i, "length")
             return nxt
 
-        rows = register(max_new_tokens)  # the sequence each row of the running batch holds
+        rows = register(max_new_tokens, seeds)  # the sequence each row of the running batch holds
         attn, pos, past, logits = self._prefill(prompts)
         if fast is not None:  # the decoding steps run on fast_llama's buffers from here
             fast.start(past, attn.shape[1] + min(max(max_new_tokens), 64))
@@ -182,8 +199,8 @@ class HFEngine(Engine):
             nxt = sample(logits, rows)
             extra = more() if more is not None else None
             if extra:  # requests that arrived meanwhile join the batch (continuous batching)
-                new = register([m for _, m in extra])
-                a2, p2, past2, lg2 = self._prefill([p for p, _ in extra])
+                new = register([x[1] for x in extra], [x[2] for x in extra] if seeded else None)
+                a2, p2, past2, lg2 = self._prefill([x[0] for x in extra])
                 nxt = torch.cat([nxt, sample(lg2, new)])
                 attn = _left_pad_cat(attn, a2, fast.length)
                 fast.append(past2)
@@ -212,16 +229,25 @@ class HFEngine(Engine):
         return [Generation(t, lp, f) for t, lp, f in zip(toks, lps, finish)]
 
     @staticmethod
-    def _recheck_ban(sban: StringBan, logp: torch.Tensor, i: int, t: int, toks: list[int], greedy: bool):
+    def _recheck_ban(sban: StringBan, logp: torch.Tensor, i: int, t: int, toks: list[int], greedy: bool,
+                     seed: int | None = None):
         """The exact (decoding) test of the chosen token; the mask already caught it unless the
         tokenizer's token texts do not add up. A token that fails is masked in `logp` row i (in
-        place, renormalised) and the row drawn again; None if nothing is left."""
+        place, renormalised) and the row drawn again (with `seed`: redraw j of token k takes
+        U(seed, k + j * 2**32)); None if nothing is left."""
+        redraw = 0
         while sban.completes(toks, t):
             logp[i, t] = -float("inf")
             if torch.isinf(logp[i]).all():
                 return None
             logp[i] = torch.log_softmax(logp[i], dim=-1)
-            t = int(logp[i].argmax()) if greedy else int(torch.multinomial(logp[i].exp(), 1))
+            redraw += 1
+            if greedy:
+                t = int(logp[i].argmax())
+            elif seed is not None:
+                t = int(inverse_cdf(logp[i:i + 1].exp(), counter_uniforms([seed], [len(toks) + (redraw << 32)]))[0])
+            else:
+                t = int(torch.multinomial(logp[i].exp(), 1))
         return t
 
     def load_weights(self, state_dict, version):

@@ -201,6 +201,8 @@ class VLLMEngine(Engine):
     """A vLLM AsyncLLM running on its own event-loop thread: `agenerate` is awaitable from
     any loop (many episodes in flight), `generate` is the blocking batched form."""
 
+    seeded_sampling = True  # a request's seed goes to its SamplingParams
+
     def __init__(self, model_path: str, vcfg=None, seed: int = 0, weight_transfer: bool = False):
         from eapo_ray.config import VLLMConfig
 
@@ -244,7 +246,7 @@ class VLLMEngine(Engine):
         """Run a coroutine on the engine's loop and wait for it (from a thread that is not that loop)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def _generate(self, prompt, max_new_tokens, temperature, stop, ban) -> Generation:
+    async def _generate(self, prompt, max_new_tokens, temperature, stop, ban, seed=None) -> Generation:
         from vllm import SamplingParams
 
         greedy = temperature <= 0
@@ -257,7 +259,9 @@ class VLLMEngine(Engine):
             temperature=0.0 if greedy else temperature, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
             presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, logprobs=None if greedy else 0,
             stop=list(stop) or None, include_stop_str_in_output=True, skip_special_tokens=False,
-            extra_args={BAN_KEY: list(ban)} if ban else None)
+            extra_args={BAN_KEY: list(ban)} if ban else None,
+            # a seeded request samples from its own generator: its tokens do not depend on its batch
+            seed=None if seed is None else int(seed) & (2**63 - 1))
         final = None
         async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, request_id=uuid.uuid4().hex):
             final = out
@@ -285,14 +289,16 @@ class VLLMEngine(Engine):
                 return tokens[:j - 1], logps[:j - 1], "stop"
         return tokens, logps, finish
 
-    async def agenerate(self, prompt, max_new_tokens, temperature, stop, ban=()):
-        fut = asyncio.run_coroutine_threadsafe(self._generate(prompt, max_new_tokens, temperature, stop, ban), self.loop)
+    async def agenerate(self, prompt, max_new_tokens, temperature, stop, ban=(), seed=None):
+        fut = asyncio.run_coroutine_threadsafe(self._generate(prompt, max_new_tokens, temperature, stop, ban, seed),
+                                               self.loop)
         return await asyncio.wrap_future(fut)
 
-    def generate(self, prompts, max_new_tokens, temperature, stop, ban=()):
+    def generate(self, prompts, max_new_tokens, temperature, stop, ban=(), seeds=None):
+        seeds = seeds if seeds is not None else [None] * len(prompts)
         async def all_():
-            return await asyncio.gather(*[self._generate(p, n, temperature, stop, ban)
-                                          for p, n in zip(prompts, max_new_tokens)])
+            return await asyncio.gather(*[self._generate(p, n, temperature, stop, ban, sd)
+                                          for p, n, sd in zip(prompts, max_new_tokens, seeds)])
         return self._run(all_()) if prompts else []
 
     def load_weights(self, state_dict, version):

@@ -114,6 +114,14 @@ def test_async_generate_interleaves_and_bans(engines):
     assert len(gens) == 4 * len(prompts)
     assert all(ban_tok not in h.tokenizer.decode(g.tokens) for g in gens)
 
+    # a seeded request (SamplingParams.seed) samples the same alone and among others
+    async def seeded(ps, seeds):
+        return await asyncio.gather(*[v.agenerate(p, 40, 1.0, STOP, seed=s) for p, s in zip(ps, seeds)])
+    crowd = asyncio.run(seeded(prompts * 4, list(range(100, 100 + 4 * len(prompts)))))
+    alone = asyncio.run(seeded(prompts[:1], [100]))
+    assert alone[0].tokens == crowd[0].tokens
+    assert len({tuple(g.tokens) for g in crowd}) > len(prompts)  # the seeds differ, so do the samples
+
 
 @needs_vllm
 @pytest.mark.slow
