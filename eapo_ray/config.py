@@ -106,9 +106,9 @@ class RolloutConfig:
     # transformers engine with fast_decode: requests that arrive while a batch decodes (an episode's
     # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,
     # and each request is answered when its own sequence ends (continuous batching). Greedy tokens and
-    # every recorded log-prob are those of the request run alone (to float rounding), but which step a
-    # request joins at depends on thread timing, so sampled episodes are no longer reproducible for a
-    # fixed seed even with a deterministic expert. Off by default: it saves little at expert latency ~0
+    # every recorded log-prob are those of the request run alone (to float rounding), and so are sampled
+    # tokens (each episode samples with its own seed, algo.sampling), whichever step it joins at, which
+    # depends on thread timing. Off by default: it saves little at expert latency ~0
     # (BENCHMARKS.md, components.py: 1.05-1.11x wall per rollout batch over fast_decode alone, no CPU
     # saved; 1.2x at 0.2 s); false: each batch to its end
     join_running: bool = False
