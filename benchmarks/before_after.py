@@ -12,7 +12,8 @@ twice per repeat, alternating:
   model's own forward, each batch to its end before the next), i.e. the flow before issue 13;
 - after: the defaults (evaluation beside training on the published weights, the final one
   after the loop's clock; length-bucketed micro-batches with pi_old reused; finished sequences
-  dropped from the running batch; fast decoding steps; `rollout.join_running` stays off, its default).
+  dropped from the running batch; fast decoding steps; requests joining a decoding batch, with
+  every episode sampling with its own seed so that joining changes no token).
 
 Prints samples/s of the training loop (generated samples / loop seconds, as the launcher's
 console line), held-out accuracy, and both breakdowns (benchmarks/breakdown.py).

@@ -14,9 +14,9 @@
   oracle after `--expert-latency` seconds (the Serve expert's round trip, no CPU), in three
   modes alternating per repeat on the same batch serials: `before` (the model's own forward for
   every step, each `generate` call runs to its end: rollout.fast_decode=false
-  rollout.join_running=false), `fast` (fast_decode, the default) and `fast+join` (plus
-  rollout.join_running, off by default: a request that arrives while a batch decodes, e.g. an
-  episode's next turn after its expert reply, joins it).
+  rollout.join_running=false), `fast` (fast_decode alone: rollout.join_running=false) and
+  `fast+join` (the default: plus rollout.join_running, a request that arrives while a batch
+  decodes, e.g. an episode's next turn after its expert reply, joins it).
   Prints wall and CPU (process) milliseconds per generated sample and forward calls per batch;
   CPU time is the steadier number on a shared machine;
 - expert: CPU per `Expert.answer_full` call (the Serve replica's work) with and without the answers'

@@ -270,8 +270,9 @@ def test_timer_records_generation_expert_and_reward_time_without_changing_episod
 def test_episodes_do_not_depend_on_when_expert_replies_arrive(engine):
     """Each episode samples with its own seed (algo.sampling): with an expert whose replies come
     back after random delays, so that which turns share a decoding batch changes from run to run,
-    the same rng seed gives the same episodes (tokens, log-probs, rewards). With batch-dependent
-    sampling (torch.multinomial over the batch) the two runs differed."""
+    the same rng seed gives the same episodes (tokens, log-probs, rewards), also when turns join a
+    batch that is already decoding. With batch-dependent sampling (torch.multinomial over the
+    batch) the runs differed."""
     import asyncio
 
     def jittery(delays):
@@ -281,16 +282,22 @@ def test_episodes_do_not_depend_on_when_expert_replies_arrive(engine):
         return expert
 
     runs = []
-    for jitter_seed in (1, 2):
+    # the third run also lets turns join a decoding batch (rollout.join_running): the same episodes
+    for jitter_seed, join in ((1, False), (2, False), (3, True)):
         j = random.Random(jitter_seed)
         torch.manual_seed(jitter_seed)  # torch's RNG differs too: it must play no part
-        runs.append(episodes(engine, accept_prob=1.0, n=32, expert=jittery([j.uniform(0, 0.03) for _ in range(400)]),
-                             seed=5))
-    a, b = runs
+        engine.join_running = join
+        try:
+            runs.append(episodes(engine, accept_prob=1.0, n=32, seed=5,
+                                 expert=jittery([j.uniform(0, 0.03) for _ in range(400)])))
+        finally:
+            engine.join_running = False
+    a = runs[0]
     assert sum(t.accepted for t in a) >= 2  # the expert was on the episodes' path
-    assert [t.response_ids for t in a] == [t.response_ids for t in b]
-    assert [t.reward for t in a] == [t.reward for t in b]
-    assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.behav_logp, t.behav_logp)) < 1e-4
+    for b in runs[1:]:
+        assert [t.response_ids for t in a] == [t.response_ids for t in b]
+        assert [t.reward for t in a] == [t.reward for t in b]
+        assert max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.behav_logp, t.behav_logp)) < 1e-4
 
 
 def test_pruning_finished_rows_changes_no_greedy_token_and_no_logprob(engine):
