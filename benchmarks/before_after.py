@@ -13,7 +13,7 @@ twice per repeat, alternating:
 - after: the defaults (evaluation beside training on the published weights, the final one
   after the loop's clock; length-bucketed micro-batches with pi_old reused; finished sequences
   dropped from the running batch; fast decoding steps; requests joining a decoding batch, with
-  every episode sampling with its own seed so that joining changes no token).
+  every episode sampling with its own seed so that joining changes no token, to float rounding).
 
 Prints samples/s of the training loop (generated samples / loop seconds, as the launcher's
 console line), held-out accuracy, and both breakdowns (benchmarks/breakdown.py).

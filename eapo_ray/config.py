@@ -107,10 +107,10 @@ class RolloutConfig:
     # next turn after its expert reply) join it at the next step instead of waiting for the whole batch,
     # and each request is answered when its own sequence ends (continuous batching). Greedy tokens and
     # every recorded log-prob are those of the request run alone (to float rounding), and so are sampled
-    # tokens (each episode samples with its own seed, algo.sampling), whichever step it joins at: a
-    # run trains on the same episodes with it on or off. On by default since seeded sampling made it
-    # exact (BENCHMARKS.md: the expert-on benchmark's sync loop 1.33x faster at no added expert latency,
-    # 1.24x at 0.2 s); false: each batch to its end
+    # tokens (each episode samples with its own seed, algo.sampling), whichever step it joins at (to
+    # float rounding of the logits: a draw within that of a CDF boundary can flip). On by default since
+    # seeded sampling made it safe (BENCHMARKS.md: the expert-on benchmark's sync loop 1.33x faster at
+    # no added expert latency, 1.24x at 0.2 s); false: each batch to its end
     join_running: bool = True
     # learner -> engines: "object_store" (any device) or "nccl" (GPU, rollout.engine: vllm)
     weight_sync: Literal["object_store", "nccl"] = "object_store"

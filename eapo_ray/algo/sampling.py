@@ -7,6 +7,11 @@ inverts the cumulative distribution: token = the first v with cdf(v) > u * cdf(V
 uniform on [0, 1) this samples exactly softmax(logits / T); a token of probability 0 (masked to
 -inf) is never drawn. U is SplitMix64's output function (Steele, Lea, Flood 2014) applied to the
 hashed seed plus counter times the golden-ratio increment, the top 53 bits as a float64.
+
+"Does not depend on the batch" holds as far as the logits do: a row's logits computed in another
+batch shape can differ in the last bits (other matmul blocking), and a draw whose u falls within
+that difference of a CDF boundary flips. On the CPU fp32 path that is rare (the tests compare
+whole episodes); with batch-size-dependent GPU kernels or bf16 it is not guaranteed.
 """
 from __future__ import annotations
 
@@ -38,8 +43,13 @@ def counter_uniforms(seeds, counters) -> torch.Tensor:
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """[B] token ids drawn from the rows of `probs` [B, V] (non-negative, any positive total) with
-    the uniforms `u` [B]: the first v whose cumulative mass exceeds u times the row's total."""
+    the uniforms `u` [B]: the first v whose cumulative mass exceeds u times the row's total.
+    The cumulative sum is float64 over the whole vocabulary each call ([B, V]: cheap for the tiny
+    policy, measured; ~80 MB per step at B=64 and a 152k vocabulary, not measured)."""
     cdf = probs.to(torch.float64).cumsum(-1)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):  # torch.multinomial raises here too
+        raise ValueError("inverse_cdf: a row has no finite positive probability mass (NaN logits, or every token masked)")
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     over = idx >= probs.shape[-1]  # u * total rounded up to the total: the last token with mass

@@ -74,8 +74,8 @@ class _MicroBatcher:
     with the batch's settings that arrive while it decodes join it at its next step, and each
     request is answered as soon as its own sequence ends, not when the whole batch does.
 
-    With an engine that has `seeded_sampling`, a batch with any seeded request goes out with
-    seeds for all (an unseeded request's drawn from torch's RNG)."""
+    With an engine that has `seeded_sampling`, every request goes out with a seed (an unseeded
+    request's drawn from torch's RNG when its batch starts or it joins one)."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, settle_s: float = 0.002):
         self.engine, self.loop, self.settle_s = engine, loop, settle_s
@@ -107,7 +107,7 @@ class _MicroBatcher:
                     batch = [x for x in self.pending if x[0] == key]
                     self.pending = [x for x in self.pending if x[0] != key]
                 joins = getattr(self.engine, "joins_running_batch", False)
-                seeded = self.engine.seeded_sampling and any(x[4] is not None for x in batch)
+                seeded = self.engine.seeded_sampling
                 kwargs = {"seeds": [_seed(x) for x in batch]} if seeded else {}
                 if joins:
                     kwargs.update(more=lambda k=key, b=batch, sd=seeded: self._take(k, b, sd), on_done=lambda i, g, b=batch:

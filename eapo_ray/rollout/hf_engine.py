@@ -22,7 +22,9 @@ class HFEngine(Engine):
 
     With `seeds` (one per prompt) the k-th token of a sequence is drawn with the uniform
     U(seed, k) (algo.sampling): what a sequence samples does not depend on the other sequences
-    in its batch, nor on when it joined it. Without, rows draw from torch's RNG (torch.multinomial)."""
+    in its batch, nor on when it joined it (to float rounding of its logits). Without, rows draw
+    from torch's RNG (torch.multinomial). `join_running` defaults to False here (the engine alone);
+    the launcher passes the config's rollout.join_running (true)."""
 
     seeded_sampling = True
 

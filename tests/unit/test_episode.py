@@ -267,7 +267,7 @@ def test_timer_records_generation_expert_and_reward_time_without_changing_episod
     assert timer.only_s("expert") <= timer.busy_s("expert") <= wall + 1e-6
 
 
-def test_episodes_do_not_depend_on_when_expert_replies_arrive(engine):
+def test_episodes_do_not_depend_on_when_expert_replies_arrive(engine, monkeypatch):
     """Each episode samples with its own seed (algo.sampling): with an expert whose replies come
     back after random delays, so that which turns share a decoding batch changes from run to run,
     the same rng seed gives the same episodes (tokens, log-probs, rewards), also when turns join a
@@ -281,6 +281,10 @@ def test_episodes_do_not_depend_on_when_expert_replies_arrive(engine):
             return true_expert(queries)
         return expert
 
+    from eapo_ray.rollout import engine as engine_mod
+
+    joined, take = [], engine_mod._MicroBatcher._take
+    monkeypatch.setattr(engine_mod._MicroBatcher, "_take", lambda self, *a: joined.append(len(r := take(self, *a))) or r)
     runs = []
     # the third run also lets turns join a decoding batch (rollout.join_running): the same episodes
     for jitter_seed, join in ((1, False), (2, False), (3, True)):
@@ -294,6 +298,7 @@ def test_episodes_do_not_depend_on_when_expert_replies_arrive(engine):
             engine.join_running = False
     a = runs[0]
     assert sum(t.accepted for t in a) >= 2  # the expert was on the episodes' path
+    assert sum(joined) > 0  # in the third run some turns did join a decoding batch
     for b in runs[1:]:
         assert [t.response_ids for t in a] == [t.response_ids for t in b]
         assert [t.reward for t in a] == [t.reward for t in b]

@@ -1,6 +1,7 @@
 """Batch-invariant sampling (eapo_ray.algo.sampling): the counter-based uniforms, the inverse-CDF
 draw, and the transformers engine drawing a seeded request's tokens the same whatever else shares
 its decoding batch (tests/unit/test_episode.py checks whole episodes under expert timing)."""
+import pytest
 import torch
 
 from eapo_ray.algo.sampling import counter_uniforms, inverse_cdf, turn_seed
@@ -34,11 +35,17 @@ def test_inverse_cdf_samples_the_distribution_and_never_a_masked_token():
     assert inverse_cdf(q, torch.tensor([1.0 - 2**-53], dtype=torch.float64)).tolist() == [1]
     assert inverse_cdf(q, torch.tensor([1.0], dtype=torch.float64)).tolist() == [1]
     assert inverse_cdf(q, torch.tensor([0.0], dtype=torch.float64)).tolist() == [0]
+    # a row with no mass to draw from (NaN logits, every token masked) raises, as torch.multinomial does
+    for bad in ([[float("nan")] * 4], [[0.0] * 4]):
+        with pytest.raises(ValueError, match="no finite positive probability mass"):
+            inverse_cdf(torch.tensor(bad), torch.tensor([0.5], dtype=torch.float64))
 
 
-def test_a_seeded_request_samples_the_same_alone_in_a_batch_reordered_and_joining_a_running_one():
+def test_a_seeded_request_samples_the_same_alone_in_a_batch_reordered_and_joining_a_running_one(monkeypatch):
     import asyncio
+    import threading
 
+    from eapo_ray.rollout import engine as engine_mod
     from eapo_ray.rollout.hf_engine import HFEngine
 
     eng = HFEngine(str(TINY_DIR / "policy"))
@@ -59,12 +66,32 @@ def test_a_seeded_request_samples_the_same_alone_in_a_batch_reordered_and_joinin
     # requests that join a running batch (rollout.join_running) draw the same tokens too
     eng.join_running = True
     assert eng.joins_running_batch
+    joined_n, take = [], engine_mod._MicroBatcher._take
+    monkeypatch.setattr(engine_mod._MicroBatcher, "_take", lambda self, *a: joined_n.append(len(r := take(self, *a))) or r)
+    step, steps, waiting = eng._fast.step, [], threading.Event()
+
+    def stepping(*a, **k):  # the first batch waits at its 3rd step until the others are queued
+        if len(steps) == 2:
+            waiting.wait(60)
+        steps.append(1)
+        return step(*a, **k)
+    monkeypatch.setattr(eng._fast, "step", stepping)
 
     async def staggered():
         first = asyncio.ensure_future(eng.agenerate(prompts[0], 48, 1.0, stop, seed=seeds[0]))
-        await asyncio.sleep(0.01)
-        rest = [eng.agenerate(p, 48, 1.0, stop, seed=s) for p, s in zip(prompts[1:], seeds[1:])]
+        while len(steps) < 2 and not first.done():  # the first request is decoding
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(eng.agenerate(p, 48, 1.0, stop, seed=s)) for p, s in zip(prompts[1:], seeds[1:])]
+        for _ in range(5000):  # until they are queued in the batcher
+            if len(eng._batcher.pending) == len(rest):
+                break
+            await asyncio.sleep(0.001)
+        waiting.set()
         return [await first, *await asyncio.gather(*rest)]
-    joined = asyncio.run(asyncio.wait_for(staggered(), 120))
+    try:
+        joined = asyncio.run(asyncio.wait_for(staggered(), 120))
+    finally:
+        waiting.set()
+    assert sum(joined_n) == len(prompts) - 1  # every later request joined the running batch
     for g, ref in zip(joined, batch):
         assert g.tokens == ref.tokens
