@@ -6,10 +6,11 @@ dispatch, the mask builder, rotary tables recomputed per call, the dynamic cache
 of every layer's keys and values each step. This step instead keeps each layer's keys and values
 in a preallocated buffer (grown by doubling, written in place), takes cos/sin from a table,
 and makes one matmul for q/k/v and one for gate/up (the weights concatenated once per weight
-version). Every other operation is the model's own (RMSNorm in float32, rotate-half RoPE,
-SDPA with the boolean padding mask, repeat_kv for grouped heads), so logits agree with the
-model's forward to float rounding (tests/system/test_engine_correctness.py checks tokens and
-log-probs against the transformers path). The prefill stays the model's own forward."""
+version), and computes the one query's attention as softmax(q k^T) v in two matmuls. Every other
+operation is the model's own (RMSNorm in float32, rotate-half RoPE, the boolean padding mask,
+repeat_kv for grouped heads), so logits agree with the model's forward to float rounding
+(tests/system/test_engine_correctness.py checks tokens and log-probs against the transformers
+path). The prefill stays the model's own forward."""
 from __future__ import annotations
 
 import torch
@@ -172,13 +173,23 @@ class FastLlamaDecoder:
             if rep > 1:
                 ks = ks[:, :, None].expand(B, KV, rep, t + 1, D).reshape(B, H, t + 1, D)
                 vs = vs[:, :, None].expand(B, KV, rep, t + 1, D).reshape(B, H, t + 1, D)
-            o = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=self.scaling)
+            o = _attend_one(q, ks, vs, mask, self.scaling)
             x = x + F.linear(o.view(B, H * D), wo)
             h = _rms(x, ln2, self.eps)
             g, u = F.linear(h, wgu).chunk(2, dim=-1)
             x = x + F.linear(F.silu(g) * u, wd)
         self.length = t + 1
         return F.linear(_rms(x, norm_w, self.eps), head_w)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new query per row: q [B, H, 1, D] over k, v [B, H, T, D] where `mask`
+    [B, 1, 1, T] is True: softmax(q k^T * scale) v, the arithmetic of SDPA's math path (to float
+    rounding) as two batched matmuls. At one query per row SDPA's CPU flash kernel spends most
+    of its time on blocking made for long queries (BENCHMARKS.md)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, 1, T]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
