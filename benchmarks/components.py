@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     prompt_cols = collate_prompts(uniq, pad)
     resp_cols = [collate_responses(x, pad) for x in shared_parts]
     print(f"  shared prompts (learner.share_prompts): {len(uniq)} prompts, {len(resp_cols)} response micro-batches, "
-          f"{prompt_cols['prompt_ids'].numel() + sum(c['response_ids'][:, :-1].numel() for c in resp_cols)} tokens forwarded")
+          f"{PolicyLogProbs.shared_tokens(prompt_cols['prompt_ids'], resp_cols)} tokens forwarded")
 
     def fwd_bwd_shared():
         model.zero_grad(set_to_none=True)

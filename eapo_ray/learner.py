@@ -128,6 +128,12 @@ class PolicyLogProbs(torch.nn.Module):
             logps.append(aligned_token_logprobs(hidden, head, ids, self.temperature, chunks))
         return logps
 
+    @staticmethod
+    def shared_tokens(prompt_ids: torch.Tensor, buckets: list) -> int:
+        """Tokens `shared_forward` puts through the model: every prompt position once, and each
+        bucket's [B, R] responses without their last position (B x (R-1))."""
+        return prompt_ids.numel() + sum(b["response_ids"][:, :-1].numel() for b in buckets)
+
 
 def ds_config(cfg: RunConfig) -> dict:
     lc = cfg.learner
@@ -470,8 +476,7 @@ class Learner:
         stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
                      fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
         # tokens through the model on this rank (rank 0's in the metrics)
-        stats["forward_tokens"] = (shared["prompt_ids"].numel() + sum(b["response_ids"][:, :-1].numel() for b in mb)
-                                   if parts else 0)  # a response's last position is not fed (shared_forward)
+        stats["forward_tokens"] = PolicyLogProbs.shared_tokens(shared["prompt_ids"], mb) if parts else 0
         stats["share_prompts"] = 1
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats

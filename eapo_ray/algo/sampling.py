@@ -50,7 +50,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1]
     if not bool(torch.isfinite(total).all() and (total > 0).all()):  # torch.multinomial raises here too
         raise ValueError("inverse_cdf: a row has no finite positive probability mass (NaN logits, or every token masked)")
-    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    target = (u.to(cdf.device) * total).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     over = idx >= probs.shape[-1]  # u * total rounded up to the total: the last token with mass
     if over.any():

@@ -107,10 +107,9 @@ class _MicroBatcher:
                     batch = [x for x in self.pending if x[0] == key]
                     self.pending = [x for x in self.pending if x[0] != key]
                 joins = getattr(self.engine, "joins_running_batch", False)
-                seeded = self.engine.seeded_sampling
-                kwargs = {"seeds": [_seed(x) for x in batch]} if seeded else {}
+                kwargs = {"seeds": [_seed(x) for x in batch]} if self.engine.seeded_sampling else {}
                 if joins:
-                    kwargs.update(more=lambda k=key, b=batch, sd=seeded: self._take(k, b, sd), on_done=lambda i, g, b=batch:
+                    kwargs.update(more=lambda k=key, b=batch: self._take(k, b), on_done=lambda i, g, b=batch:
                                   self.loop.call_soon_threadsafe(_settle_one, b[i], g))
                 try:
                     gens = await asyncio.to_thread(self.engine.generate, [x[1] for x in batch], [x[2] for x in batch],
@@ -127,10 +126,10 @@ class _MicroBatcher:
             _settle(batch + rest, error=err)
             raise
 
-    def _take(self, key, batch: list, seeded: bool = False) -> list:
+    def _take(self, key, batch: list) -> list:
         """From the engine's thread, between decoding steps: the waiting requests with `key`,
         moved into the running `batch` (their indices follow its current ones), as
-        (prompt, max_new_tokens, seed: None unless the batch is `seeded`)."""
+        (prompt, max_new_tokens, seed: None unless the engine has `seeded_sampling`)."""
         if not self.pending:
             return []
         with self.lock:
@@ -138,7 +137,7 @@ class _MicroBatcher:
             if took:
                 self.pending = [x for x in self.pending if x[0] != key or x[3].done()]
         batch.extend(took)
-        return [(x[1], x[2], _seed(x) if seeded else None) for x in took]
+        return [(x[1], x[2], _seed(x) if self.engine.seeded_sampling else None) for x in took]
 
 
 def _seed(entry) -> int:

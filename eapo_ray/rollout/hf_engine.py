@@ -164,13 +164,8 @@ class HFEngine(Engine):
                     if active[i]:
                         scaled[r, [v for v in sban.banned(toks[i]) if v < scaled.shape[-1]]] = -float("inf")
             logp = torch.log_softmax(scaled, dim=-1)
-            if greedy:
-                nxt = logp.argmax(-1)
-            elif seeded:  # each row's k-th token from its own uniform U(seed, k)
-                u = counter_uniforms([seed_of[i] for i in rows], [len(toks[i]) for i in rows])
-                nxt = inverse_cdf(logp.exp(), u)
-            else:
-                nxt = torch.multinomial(logp.exp(), 1).squeeze(-1)
+            # seeded: each row's k-th token from its own uniform U(seed, k)
+            nxt = _draw(logp, greedy, [seed_of[i] for i in rows] if seeded else None, [len(toks[i]) for i in rows])
             # one transfer per step, not one per row (the same values)
             chosen = nxt.tolist()
             chosen_lp = None if greedy or sban is not None else logp.gather(1, nxt.view(-1, 1)).view(-1).tolist()
@@ -244,17 +239,22 @@ class HFEngine(Engine):
                 return None
             logp[i] = torch.log_softmax(logp[i], dim=-1)
             redraw += 1
-            if greedy:
-                t = int(logp[i].argmax())
-            elif seed is not None:
-                t = int(inverse_cdf(logp[i:i + 1].exp(), counter_uniforms([seed], [len(toks) + (redraw << 32)]))[0])
-            else:
-                t = int(torch.multinomial(logp[i].exp(), 1))
+            t = int(_draw(logp[i:i + 1], greedy, None if seed is None else [seed], [len(toks) + (redraw << 32)])[0])
         return t
 
     def load_weights(self, state_dict, version):
         self.model.load_state_dict(state_dict)
         self.version = version
+
+
+def _draw(logp: torch.Tensor, greedy: bool, seeds: list[int] | None, counters: list[int]) -> torch.Tensor:
+    """[N] tokens from the rows of `logp` [N, V]: the argmax when greedy; with `seeds`, row n's
+    draw takes the uniform U(seeds[n], counters[n]) (algo.sampling); otherwise torch's RNG."""
+    if greedy:
+        return logp.argmax(-1)
+    if seeds is not None:
+        return inverse_cdf(logp.exp(), counter_uniforms(seeds, counters))
+    return torch.multinomial(logp.exp(), 1).squeeze(-1)
 
 
 def _left_pad_cat(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
