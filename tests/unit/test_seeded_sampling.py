@@ -77,8 +77,8 @@ def test_a_seeded_request_samples_the_same_alone_in_a_batch_reordered_and_joinin
         return step(*a, **k)
     monkeypatch.setattr(eng._fast, "step", stepping)
 
-    async def staggered():
-        first = asyncio.ensure_future(eng.agenerate(prompts[0], 48, 1.0, stop, seed=seeds[0]))
+    async def staggered(first_seed):
+        first = asyncio.ensure_future(eng.agenerate(prompts[0], 48, 1.0, stop, seed=first_seed))
         while len(steps) < 2 and not first.done():  # the first request is decoding
             await asyncio.sleep(0.001)
         rest = [asyncio.ensure_future(eng.agenerate(p, 48, 1.0, stop, seed=s)) for p, s in zip(prompts[1:], seeds[1:])]
@@ -88,10 +88,21 @@ def test_a_seeded_request_samples_the_same_alone_in_a_batch_reordered_and_joinin
             await asyncio.sleep(0.001)
         waiting.set()
         return [await first, *await asyncio.gather(*rest)]
-    try:
-        joined = asyncio.run(asyncio.wait_for(staggered(), 120))
-    finally:
-        waiting.set()
+
+    def run(first_seed):
+        steps.clear()
+        waiting.clear()
+        joined_n.clear()
+        try:
+            return asyncio.run(asyncio.wait_for(staggered(first_seed), 120))
+        finally:
+            waiting.set()
+    joined = run(seeds[0])
     assert sum(joined_n) == len(prompts) - 1  # every later request joined the running batch
     for g, ref in zip(joined, batch):
+        assert g.tokens == ref.tokens
+    # seeded requests that join a batch begun by an unseeded one keep their seeds
+    joined = run(None)
+    assert sum(joined_n) == len(prompts) - 1
+    for g, ref in zip(joined[1:], batch[1:]):
         assert g.tokens == ref.tokens
