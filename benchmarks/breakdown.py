@@ -2,7 +2,7 @@
 
     python benchmarks/breakdown.py --run-dir runs/<run> [--run-dir other ...]
 
-Reads <run>/summary.json's `breakdown` block (written by the launcher: eapo_ray.launch.Breakdown)
+Reads <run>/summary.json's `breakdown` block (written by the launcher: eapo_ray.driver.breakdown.Breakdown)
 and prints, per step (driver and learner) and per rollout batch (actors), the seconds spent in
 each part, with the learner's and the rollout actors' idle fractions. Columns side by side when
 several runs are given. Importable: `table(summaries, names)` returns the text, and

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from eapo_ray.algo.logprobs import token_logprobs
     from eapo_ray.config import TINY_DIR, load_config
     from eapo_ray.data import encode_prompt, train_examples
-    from eapo_ray.learner import PolicyLogProbs
+    from eapo_ray.learner.forward import PolicyLogProbs
     from eapo_ray.rollout.hf_engine import HFEngine
 
     torch.set_num_threads(1)

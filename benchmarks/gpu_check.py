@@ -296,7 +296,7 @@ def _check_actor_classes():
     import ray
     import torch
 
-    from eapo_ray.learner import Learner
+    from eapo_ray.learner.actor import Learner
 
     class CheckLearner(Learner):
         """The launcher's learner, plus what the check needs: perturb / restore its weights."""

@@ -67,7 +67,7 @@ def test_an_expert_that_cannot_start_stops_the_launch_in_time(serve_app):
 
     from ray import serve
 
-    from eapo_ray.launch import ExpertStartError, wait_expert_running
+    from eapo_ray.driver.system import ExpertStartError, wait_expert_running
 
     cfg = ExpertConfig(min_replicas=1, max_replicas=1, num_gpus=1.0)
     serve.run_many([serve.RunTarget(expert_app(str(TINY_DIR / "expert"), cfg), name="gpu-expert", route_prefix=None)],

@@ -7,7 +7,7 @@ from eapo_ray.algo.batching import collate
 from eapo_ray.algo.logprobs import token_logprobs
 from eapo_ray.buffer import BufferItem
 from eapo_ray.config import TINY_DIR, load_config
-from eapo_ray.learner import LearnerGroup
+from eapo_ray.learner.group import LearnerGroup
 from eapo_ray.rollout.hf_engine import HFEngine
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_learners_that_cannot_be_placed_fail_clearly_within_the_bound(ray_local)
 
     from ray.util import placement_group_table
 
-    from eapo_ray.learner import PlacementError
+    from eapo_ray.learner.group import PlacementError
 
     cfg = load_config(None, ["learner.num_learners=2", "learner.num_cpus=3", "learner.placement_timeout_s=3"])
     t0 = time.time()

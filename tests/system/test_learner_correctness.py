@@ -17,7 +17,8 @@ from eapo_ray.algo.logprobs import hidden_token_logprobs, token_logprobs
 from eapo_ray.algo.losses import policy_loss, sft_loss
 from eapo_ray.buffer import BufferItem
 from eapo_ray.config import TINY_DIR, load_config
-from eapo_ray.learner import PolicyLogProbs, prune_checkpoints
+from eapo_ray.learner.actor import prune_checkpoints
+from eapo_ray.learner.forward import PolicyLogProbs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the closures below run inside the actors
 POLICY = str(TINY_DIR / "policy")
@@ -165,13 +166,16 @@ def train(group, per_rank_boxes):
 def assert_grads_close(got: dict, ref: dict):
     assert got.keys() == ref.keys()
     for n in ref:
-        assert torch.allclose(got[n], ref[n], rtol=1e-3, atol=1e-7), (n, (got[n] - ref[n]).abs().max())
+        # float32 sums in another order (gloo's all-reduce, micro-batches): entries near zero differ by a
+        # few ulps of the tensor's largest entry (3e-7 on a [-2e-3, 2e-3] tensor seen on one machine)
+        atol = max(1e-7, 1e-3 * float(ref[n].abs().max()))
+        assert torch.allclose(got[n], ref[n], rtol=1e-3, atol=atol), (n, (got[n] - ref[n]).abs().max())
 
 
 @pytest.fixture(scope="module")
 def zero0(ray_local):
     """2 learners, ZeRO-0, gradient checkpointing on, the bundled tiny policy."""
-    from eapo_ray.learner import LearnerGroup
+    from eapo_ray.learner.group import LearnerGroup
 
     cfg = load_config(None, ["learner.num_learners=2", "learner.gradient_checkpointing=true", "learner.lr=1e-2",
                              "algo.expert_sft_coef=0.1"])
@@ -300,7 +304,7 @@ def partitioned_model(path) -> str:
 @pytest.mark.slow
 def test_zero3_empty_shards_micro_batches_and_checkpoint_pruning(ray_local, tmp_path):
     ray = ray_local
-    from eapo_ray.learner import LearnerGroup
+    from eapo_ray.learner.group import LearnerGroup
 
     model = partitioned_model(tmp_path / "model")
     cfg = load_config(None, ["learner.num_learners=2", "learner.zero_stage=3", "learner.gradient_checkpointing=true",
@@ -357,7 +361,7 @@ def test_shared_prompt_forward_is_the_plain_forward_and_a_mismatch_turns_it_off(
     is off by 1e-3, or raises, fails it (the learner then trains the plain way)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from eapo_ray.learner import sharing_agrees
+    from eapo_ray.learner.forward import sharing_agrees
 
     torch.manual_seed(0)
     small = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -426,7 +430,7 @@ def test_share_prompts_is_refused_for_sliding_windows_and_length_dependent_rope(
     the prompt alone. The set-up check's short sequences cannot notice either, so such configs are refused."""
     from transformers import MistralConfig, Qwen2Config
 
-    from eapo_ray.learner import unshareable
+    from eapo_ray.learner.forward import unshareable
 
     assert unshareable(LlamaConfig()) is None and unshareable(Qwen2Config()) is None
     from transformers import AutoConfig

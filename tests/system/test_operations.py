@@ -69,7 +69,8 @@ def test_grafana_dashboard_is_generated_and_charts_every_metric():
 def test_batches_from_policies_a_rebuild_discarded_are_recognised():
     """A call submitted while learner group g trained (its tag) made a batch at version v: it comes
     from a discarded policy when a later rebuild went back to a checkpoint older than v."""
-    from eapo_ray.launch import System, discarded_policy
+    from eapo_ray.driver.recovery import discarded_policy
+    from eapo_ray.driver.system import System
 
     s = System()
     assert not discarded_policy(s, 7, 0)  # no rebuild yet

@@ -112,7 +112,7 @@ def test_a_hung_serve_controller_fails_the_expert_start_within_its_timeout(monke
 
     from ray import serve
 
-    from eapo_ray import launch
+    from eapo_ray.driver import system
 
     hung = threading.Event()
     monkeypatch.setattr(serve, "status", lambda: hung.wait())
@@ -120,7 +120,7 @@ def test_a_hung_serve_controller_fails_the_expert_start_within_its_timeout(monke
 
     def target():
         try:
-            launch.wait_expert_running("x-expert", timeout_s=1.0)
+            system.wait_expert_running("x-expert", timeout_s=1.0)
         except Exception as e:  # noqa: BLE001
             out["error"] = e
 
@@ -129,4 +129,4 @@ def test_a_hung_serve_controller_fails_the_expert_start_within_its_timeout(monke
     th.join(15)
     hung.set()
     assert not th.is_alive(), "wait_expert_running hung on serve.status()"
-    assert isinstance(out.get("error"), launch.ExpertStartError) and "did not answer" in str(out["error"]), out
+    assert isinstance(out.get("error"), system.ExpertStartError) and "did not answer" in str(out["error"]), out

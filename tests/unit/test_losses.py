@@ -214,7 +214,8 @@ def test_learner_anneals_sft_with_each_samples_behaviour_rho_and_adds_luffy_term
     expert_token_channel=luffy adds luffy_coef x luffy_loss over the expert tokens."""
     from eapo_ray.algo.losses import luffy_loss
     from eapo_ray.config import load_config
-    from eapo_ray.learner import Learner, StepStats
+    from eapo_ray.learner.actor import Learner
+    from eapo_ray.learner.stats import StepStats
 
     def loss_of(overrides, b, logp):
         lr = object.__new__(Learner)
@@ -246,7 +247,7 @@ def test_luffy_normaliser_counts_only_the_tokens_luffy_trains():
     SFT count but not in LUFFY's (cold review: the old code divided LUFFY's sum by the SFT count,
     shrinking the term by the share of expert tokens in filtered samples)."""
     from eapo_ray.config import load_config
-    from eapo_ray.learner import Learner
+    from eapo_ray.learner.actor import Learner
 
     lr = object.__new__(Learner)
     lr.cfg = load_config(None, ["algo.expert_token_channel=luffy"])

@@ -152,7 +152,7 @@ def test_every_row_has_a_loadable_config_and_they_differ_only_as_intended():
                                                                    eapo.eval), name
         assert c.eval.temperature == 0.0
     rl = cfgs["rl"].acceptance
-    assert rl.kind == "constant" and rl.start == 0.0  # launch.py: no expert app at all
+    assert rl.kind == "constant" and rl.start == 0.0  # driver/system.py: no expert app at all
     assert not (rl.kind != "constant" or rl.start > 0)  # the launcher's use_expert rule
     assert rl.total_steps == eapo.acceptance.total_steps  # same turn-budget schedule
     assert cfgs["eapo_sequential"].protocol.max_parallel == 1 and eapo.protocol.max_parallel == 3

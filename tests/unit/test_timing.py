@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from eapo_ray.config import ConfigError, load_config
-from eapo_ray.launch import Breakdown, PendingRows
+from eapo_ray.driver.breakdown import Breakdown
+from eapo_ray.driver.evaluation import PendingRows
 from eapo_ray.timing import Overlap, fraction
 
 

@@ -1,7 +1,6 @@
-"""The learner group: N Ray actors, one torch.distributed group (gloo on CPU, NCCL on
-GPU), each a DeepSpeed engine around the policy. They train data-parallel on shards of
-the batches pulled from the buffer, then rank 0 publishes the full weights once to the
-object store with a version number."""
+"""The learner actor: one rank of the DeepSpeed group. It joins the process group, builds the
+engine around the policy (`forward.PolicyLogProbs`), trains its shard of each update, publishes
+or broadcasts the weights and saves checkpoints; every public method is a collective."""
 from __future__ import annotations
 
 import math
@@ -28,24 +27,11 @@ from eapo_ray.algo.batching import (
     split_by_tokens,
     split_shared,
 )
-from eapo_ray.algo.logprobs import aligned_token_logprobs, hidden_token_logprobs
 from eapo_ray.algo.losses import kept_mask, log_importance, luffy_loss, normaliser, policy_loss, sft_loss
 from eapo_ray.algo.schedules import expert_sft_weight
 from eapo_ray.config import RunConfig
-
-LOGP_CHUNK_TOKENS = 1024  # positions per lm_head chunk: the logits held at once are this x vocabulary
-
-
-def fetch_batches(boxes: list) -> list:
-    """ray.get each boxed batch ref; None for a batch whose producer died before the learner
-    read it (its owner is gone): skipped and counted, not fatal."""
-    batches = []
-    for box in boxes:
-        try:
-            batches.append(ray.get(box[0]))
-        except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
-            batches.append(None)
-    return batches
+from eapo_ray.learner.forward import LOGP_CHUNK_TOKENS, PolicyLogProbs, sharing_agrees, unshareable
+from eapo_ray.learner.stats import StepStats, add_gap, ds_config, fetch_batches, luffy_mask
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
@@ -60,139 +46,6 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
     for p in old:
         shutil.rmtree(p)
     return [p.name for p in old]
-
-
-class PolicyLogProbs(torch.nn.Module):
-    """The policy as DeepSpeed sees it: the causal LM's own submodules under their own names (so
-    parameter names, checkpoints and weight sync are those of the HF model), with a forward that
-    returns the [B, L-1] next-token log-probs at the sampling temperature, computed chunk by chunk
-    from the final hidden states: never the [B, L, V] logits. Runs inside the engine's forward, so
-    ZeRO-3 gathers the head's parameters for every chunk on every rank alike."""
-
-    def __init__(self, lm: torch.nn.Module, temperature: float):
-        super().__init__()
-        c = lm.config
-        if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(lm).__name__}: logits = lm_head(hidden) is assumed (no soft-capping or scale)")
-        for name, child in lm.named_children():
-            self.add_module(name, child)
-        head = lm.get_output_embeddings()
-        self.base_name = lm.base_model_prefix
-        self.head_name = next(n for n, m in lm.named_children() if m is head)
-        self.temperature = temperature
-        if list(self.state_dict()) != list(lm.state_dict()):
-            raise ValueError(f"{type(lm).__name__} has parameters outside its submodules")
-
-    def forward(self, input_ids=None, attention_mask=None, num_chunks: int = 1, shared: dict | None = None):
-        """[B, L-1] log-probs of input_ids[:, 1:]; or, with `shared` (learner.share_prompts), the
-        list of [B_k, R_k] response log-probs of `shared_forward`."""
-        if shared is not None:
-            return self.shared_forward(**shared)
-        base = getattr(self, self.base_name)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return hidden_token_logprobs(hidden, getattr(self, self.head_name), input_ids, self.temperature, num_chunks)
-
-    def shared_forward(self, prompt_ids, prompt_mask, prompt_len, buckets: list, chunk_tokens: int = 0) -> list:
-        """Each distinct prompt computed once ([U, P] right-padded, algo.batching.collate_prompts),
-        its keys/values then reused by every response of it: `buckets` are
-        algo.batching.collate_responses dicts ([B, R] response_ids / response_mask and [B]
-        prompt_index are read); each bucket's lm_head runs in chunks of `chunk_tokens` positions
-        (0: one chunk).
-        Returns per bucket the [B, R] log-probs of the response tokens (position k scores token
-        k). The same numbers as the plain forward of prompt + response (float order aside: the
-        learner checks this at set-up); gradients reach the prompt's computation through its
-        keys/values from every response that reads them."""
-        from transformers import DynamicCache
-
-        base, head = getattr(self, self.base_name), getattr(self, self.head_name)
-        U, P = prompt_ids.shape
-        pos = torch.arange(P, device=prompt_ids.device).expand(U, P)
-        out = base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        last = out.last_hidden_state[torch.arange(U, device=prompt_ids.device), prompt_len - 1]  # [U, H]: scores token 0
-        logps = []
-        for b in buckets:
-            ids, idx = b["response_ids"], b["prompt_index"]
-            R = ids.shape[1]
-            hidden = last.index_select(0, idx)[:, None]  # [B, 1, H]: scores response token 0
-            if R > 1:  # the response's last position scores nothing (no token follows it): not fed
-                cache = DynamicCache()
-                for i, (k, v) in enumerate(kv):
-                    cache.update(k.index_select(0, idx), v.index_select(0, idx), i)
-                rpos = prompt_len.index_select(0, idx)[:, None] + torch.arange(R - 1, device=ids.device)[None]
-                mask = torch.cat([prompt_mask.index_select(0, idx), b["response_mask"][:, :R - 1]], 1)
-                h = base(input_ids=ids[:, :R - 1], attention_mask=mask, position_ids=rpos, past_key_values=cache,
-                         use_cache=True).last_hidden_state
-                hidden = torch.cat([hidden, h], 1)  # [B, R, H]: position k scores token k
-            chunks = max(1, math.ceil(ids.numel() / chunk_tokens)) if chunk_tokens else 1
-            logps.append(aligned_token_logprobs(hidden, head, ids, self.temperature, chunks))
-        return logps
-
-    @staticmethod
-    def shared_tokens(prompt_ids: torch.Tensor, buckets: list) -> int:
-        """Tokens `shared_forward` puts through the model: every prompt position once, and each
-        bucket's [B, R] responses without their last position (B x (R-1))."""
-        return prompt_ids.numel() + sum(b["response_ids"][:, :-1].numel() for b in buckets)
-
-
-def ds_config(cfg: RunConfig) -> dict:
-    lc = cfg.learner
-    return {
-        "train_micro_batch_size_per_gpu": 1,  # we call backward/step ourselves, one minibatch at a time
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": lc.grad_clip,
-        "zero_optimization": {"stage": lc.zero_stage},
-        "bf16": {"enabled": lc.bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _luffy_mask(b: dict) -> torch.Tensor:
-    """The LUFFY channel's tokens: the expert-answer tokens of samples the overlong filter kept
-    (it zeroes a filtered sample's policy mask); its normaliser counts exactly these."""
-    return b["expert_mask"] * (b["policy_mask"].sum(dim=1, keepdim=True) > 0).to(b["expert_mask"].dtype)
-
-
-class StepStats:
-    """Loss statistics of one train step, summed over micro-batches (weighted by their token
-    counts), then over ranks: the same numbers on every rank."""
-    SUMS = ("loss", "expert_sft_loss", "clip_frac", "kl_behav", "kept_tokens", "is_weight_mean", "dropped_frac",
-            "policy_tokens", "luffy_loss", "luffy_shaped", "luffy_tokens")
-
-    def __init__(self, sft: bool, luffy: bool = False):
-        self.sums, self.weight_max, self.sft, self.luffy = dict.fromkeys(self.SUMS, 0.0), float("-inf"), sft, luffy
-
-    def add(self, st: dict, loss: float, sft: float | None):
-        kept, policy = st["kept_tokens"], st["policy_tokens"]
-        for k, v in {"loss": loss, "expert_sft_loss": sft or 0.0, "clip_frac": st["clip_frac"] * kept,
-                     "kl_behav": st["kl_behav"] * kept, "kept_tokens": kept,
-                     "is_weight_mean": st["is_weight_mean"] * policy, "dropped_frac": st["dropped_frac"] * policy,
-                     "policy_tokens": policy, "luffy_loss": st.get("luffy_loss", 0.0),
-                     "luffy_shaped": st.get("luffy_shaped_mean", 0.0) * st.get("luffy_tokens", 0.0),
-                     "luffy_tokens": st.get("luffy_tokens", 0.0)}.items():
-            self.sums[k] += v
-        if policy:
-            self.weight_max = max(self.weight_max, st["is_weight_max"])
-
-    def reduce(self, all_reduce, world_size: int, n_updates: int) -> dict:
-        """Collective (all_reduce as Learner._all_reduce). Losses: per update (each rank's loss is
-        world_size x its share); fractions: per token; kept_tokens: per update, all ranks."""
-        t = dict(zip(self.SUMS, all_reduce(list(self.sums.values()))))
-        (weight_max,) = all_reduce([self.weight_max], ReduceOp.MAX)
-        kept, policy = max(t["kept_tokens"], 1.0), t["policy_tokens"]
-        out = {"loss": t["loss"] / world_size / n_updates, "clip_frac": t["clip_frac"] / kept,
-               "is_weight_mean": t["is_weight_mean"] / policy if policy else 1.0,
-               "is_weight_max": weight_max if policy else 1.0, "dropped_frac": t["dropped_frac"] / max(policy, 1.0),
-               "kl_behav": t["kl_behav"] / kept, "kept_tokens": t["kept_tokens"] / n_updates}
-        if self.sft:
-            out["expert_sft_loss"] = t["expert_sft_loss"] / world_size / n_updates
-        if self.luffy:  # the off-policy expert-token term: its loss, mean f(r), expert tokens per update
-            out["luffy_loss"] = t["luffy_loss"] / world_size / n_updates
-            out["luffy_shaped_mean"] = t["luffy_shaped"] / max(t["luffy_tokens"], 1.0)
-            out["luffy_tokens"] = t["luffy_tokens"] / n_updates
-        return out
 
 
 class Learner:
@@ -287,11 +140,11 @@ class Learner:
                 pol += float(normaliser(kept_mask(o, b["behav_logp"], b["policy_mask"], c.loss), c.loss.agg,
                                         c.rollout.max_response_tokens))
                 sft += float(b["expert_mask"].sum())
-                luffy += float(_luffy_mask(b).sum())
+                luffy += float(luffy_mask(b).sum())
                 log_w, finite = log_importance(o, b["behav_logp"])
                 on = (b["policy_mask"] > 0) & finite
-                gap = _add_gap(gap, log_w, on)
-                on_gap = _add_gap(on_gap, log_w, on & (b["version"] == self.version)[:, None])
+                gap = add_gap(gap, log_w, on)
+                on_gap = add_gap(on_gap, log_w, on & (b["version"] == self.version)[:, None])
             shares += [pol, sft, luffy]
         *shares, gsum, gcount, osum, ocount = self._all_reduce(shares + gap[:2] + on_gap[:2])
         gmax, omax = self._all_reduce([gap[2], on_gap[2]], ReduceOp.MAX)
@@ -317,7 +170,7 @@ class Learner:
             loss = loss + sft_loss(logp, b["expert_mask"], denom=norm["sft"], weight=w)
             sft = sft_loss(logp.detach(), b["expert_mask"], denom=norm["sft"])  # the unweighted NLL, logged
         if c.algo.expert_token_channel == "luffy":
-            lf, lst = luffy_loss(logp, b["expert_logp"], b["advantage"], _luffy_mask(b), c.algo.luffy_gamma,
+            lf, lst = luffy_loss(logp, b["expert_logp"], b["advantage"], luffy_mask(b), c.algo.luffy_gamma,
                                  denom=norm["luffy"])
             loss = loss + c.algo.luffy_coef * lf
             st = {**st, "luffy_loss": float(lf.detach()), **lst}
@@ -533,161 +386,7 @@ class Learner:
         return "pong"
 
 
-STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")  # frequencies that do not depend on the sequence length
-
-
-def unshareable(config) -> str | None:
-    """Why learner.share_prompts cannot be used for this model config (None: it can): a sliding
-    attention window would count the prompt's right padding inside the window, and the model's own
-    cache keeps only the window of a long prompt; rope that rescales with the sequence length sees
-    the prompt alone in the prompt pass. The set-up check's sequences are too short to notice."""
-    layers = getattr(config, "layer_types", None)
-    if layers and any(t != "full_attention" for t in layers):
-        return f"it has {sorted(set(layers) - {'full_attention'})} layers"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return f"sliding_window={config.sliding_window}"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return f"rope settings {rope!r} not understood"
-    nested = [v for v in rope.values() if isinstance(v, dict)]  # one dict per layer type (transformers 5)
-    kinds = {r.get("rope_type", r.get("type")) for r in nested + ([rope] if len(nested) < len(rope) else [])}
-    if not kinds <= set(STATIC_ROPE):
-        return f"rope type {sorted(map(str, kinds))}"
-    return None
-
-
-def sharing_agrees(module: PolicyLogProbs, vocab_size: int, device="cpu", atol: float = 1e-4) -> bool:
-    """Whether `module.shared_forward` gives the plain forward's response log-probs on a small
-    random batch (two prompts of different lengths, responses of different lengths, several
-    micro-batches). False for a model whose forward does not take a prompt's keys/values this way
-    (it then trains with the plain forward), or that raises trying."""
-    g = torch.Generator().manual_seed(0)
-    tok = lambda n: torch.randint(1, vocab_size, (n,), generator=g).tolist()  # noqa: E731
-    prompts, lens = [tok(7), tok(4)], [(0, 5), (0, 2), (1, 6), (1, 1), (0, 3)]
-    batch = {"input_ids": [prompts[i] + tok(n) for i, n in lens], "prompt_len": [len(prompts[i]) for i, _ in lens]}
-    resp = [seq[p:] for seq, p in zip(batch["input_ids"], batch["prompt_len"])]
-    batch.update(policy_mask=[[1] * len(r) for r in resp], expert_mask=[[0] * len(r) for r in resp],
-                 behav_logp=[[0.0] * len(r) for r in resp], advantage=[0.0] * len(resp), row=list(range(len(resp))))
-    try:
-        with torch.no_grad():
-            b = collate(batch)
-            plain = module(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).float().cpu()
-            _, parts = split_shared(batch, min_rows=2)
-            cols = [collate_responses(x) for x in parts]
-            got = module(shared={**{k: v.to(device) for k, v in collate_prompts(prompts).items()},
-                                 "buckets": [{k: v.to(device) for k, v in c.items()} for c in cols]})
-            got = [x.float().cpu() for x in got]
-        for x, lp in zip(parts, got, strict=True):
-            for i, (row, r) in enumerate(zip(x["row"], x["response_ids"])):
-                p = batch["prompt_len"][row]
-                if not torch.allclose(lp[i, :len(r)], plain[row, p - 1: p - 1 + len(r)], atol=atol):
-                    return False
-    except Exception:  # noqa: BLE001 -- a model this path does not fit trains the plain way
-        return False
-    return True
-
-
-def _add_gap(acc: list, log_w: torch.Tensor, where: torch.Tensor) -> list:
-    """acc = [sum, count, max] of |log_w| over the positions in `where`."""
-    if not where.any():
-        return acc
-    g = log_w[where].abs()
-    return [acc[0] + float(g.sum()), acc[1] + float(where.sum()), max(acc[2], float(g.max()))]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def get_all(refs: list) -> list:
-    """ray.get of every rank's result, raising as soon as ANY rank fails: a plain ray.get of the
-    list would first wait on a surviving rank, which blocks in a collective with the dead one
-    (gloo's timeout is 30 min)."""
-    from eapo_ray.ray_runtime import raise_if_interrupted
-
-    pending = list(refs)
-    while pending:
-        raise_if_interrupted()  # a recorded Ctrl-C is not held up by a long learner call
-        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-        ray.get(ready)  # a dead rank's error is raised here, at once
-    return ray.get(refs)
-
-
-class PlacementError(RuntimeError):
-    """The learners' resources could not be placed in time (learner.placement_timeout_s)."""
-
-
-def placement_error(bundle: dict, n: int, timeout_s: float) -> str:
-    """What the learners asked for against what the cluster has (in total and free now)."""
-    def show(res: dict) -> str:
-        return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k in bundle) or "none"
-
-    total = {k: v * n for k, v in bundle.items()}
-    return (f"the {n} learner(s) could not be placed within learner.placement_timeout_s={timeout_s:g}s: they ask "
-            f"for {n} x {{{show(bundle)}}} = {show(total)}; the cluster has {show(ray.cluster_resources())} "
-            f"({show(ray.available_resources())} free now). Lower learner.num_learners / learner.num_cpus / "
-            "learner.num_gpus, add nodes, or raise learner.placement_timeout_s if nodes are still coming up.")
-
-
-class LearnerGroup:
-    """Creates the N learner actors and fans calls out to all of them."""
-
-    def __init__(self, cfg: RunConfig, run_name: str, generation: int = 0):
-        """`generation`: how many times the launcher rebuilt the group (weight_sync.PublishedWeights)."""
-        self.generation = generation
-        lc = cfg.learner
-        n = lc.num_learners
-        cls = ray.remote(Learner)
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
-        self.pg = placement_group([bundle] * n, strategy="PACK", name=f"{run_name}-learners")
-        if not self.pg.wait(timeout_seconds=lc.placement_timeout_s):
-            ray.util.remove_placement_group(self.pg)
-            raise PlacementError(placement_error(bundle, n, lc.placement_timeout_s))
-        self.actors = [
-            cls.options(name=f"{run_name}-learner-{r}", num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(lc.torch_threads)}})
-            .remote(cfg, r, n)
-            for r in range(n)
-        ]
-
-    def call_all(self, method: str, *args) -> list:
-        """The one fan-out: `method(*args)` on every rank, waiting for all (the learner methods
-        are collectives: every rank must enter), raising as soon as any rank fails (get_all).
-        Results in rank order."""
-        return get_all([getattr(a, method).remote(*args) for a in self.actors])
-
-    def setup(self, resume_dir: str = "") -> int:
-        addr, port = ray.get(self.actors[0].endpoint.remote())  # rank 0's node: learners may span nodes
-        return self.call_all("setup", addr, port, resume_dir)[0]
-
-    def init_weight_sync(self, rollout_actors: list) -> None:
-        self.call_all("init_weight_sync", rollout_actors)
-
-    def sync_weights(self) -> float:
-        return self.call_all("sync_weights")[0]
-
-    def train_step(self, items: list) -> dict:
-        """items: buffer.BufferItem records; every rank gets every batch ref and trains its shard."""
-        results = self.call_all("train_step", [it.box for it in items])
-        out = dict(results[0])
-        out["learner_samples"] = sum(r["learner_samples"] for r in results)
-        return out
-
-    def publish(self):
-        """A weight_sync.PublishedWeights of the current version (rank 0's), stamped with the
-        group's generation: after a rebuild, versions are reused for other weights."""
-        return self.call_all("publish")[0]._replace(generation=self.generation)
-
-    def save(self, run_dir: str) -> str:
-        return self.call_all("save", run_dir)[0]
-
-    def shutdown(self):
-        for a in self.actors:
-            ray.kill(a)
-        ray.util.remove_placement_group(self.pg)
