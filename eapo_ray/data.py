@@ -3,7 +3,7 @@ rows of {"problem", "answer"} shown to the policy through one prompt template.""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from eapo_ray import task
@@ -14,6 +14,13 @@ class Example:
     problem: str
     answer: str
     level: int = 0
+    # the whole row as read (a file's or dataset's other fields too); reward.fn gets it as `row`
+    fields: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def row(self) -> dict:
+        """The problem row handed to a reward.fn: every field of the file's row, or (the bundled
+        task) problem, answer and level."""
+        return dict(self.fields) or {"problem": self.problem, "answer": self.answer, "level": self.level}
 
 
 class DataError(ValueError):
@@ -141,7 +148,7 @@ def load_rows(source: str, problem_key: str = "problem", answer_key: str = "answ
         if not problem or not answer:
             raise DataError(f"{where}: empty '{problem_key}' or '{answer_key}'")
         level = row.get("level")
-        out.append(Example(problem, answer, level if isinstance(level, int) else 0))
+        out.append(Example(problem, answer, level if isinstance(level, int) else 0, fields=row))
         if limit and len(out) >= limit:
             break
     if not out:
@@ -172,3 +179,69 @@ def heldout_examples(cfg, n: int | None = None, source: str | None = None) -> li
     d = cfg.data
     return load_split(source or d.heldout, "heldout", d.heldout_levels, d.num_heldout if n is None else n,
                       cfg.seed + 1, d.problem_key, d.answer_key)
+
+
+def check_data(cfg) -> str:
+    """Read and validate the run's (config.RunConfig) training and held-out data as the actors
+    will, before anything starts: a bad row is a DataError naming its file:line, and a file is
+    read to its end even where the run uses only its first data.num_train rows. Returns one
+    line with the row counts."""
+    d = cfg.data
+    parts = []
+    for what, source, n, examples in (("train", d.train, d.num_train, train_examples),
+                                      ("held-out", d.heldout, d.num_heldout, heldout_examples)):
+        used = len(examples(cfg))
+        if source in task.FAMILIES:
+            parts.append(f"{what} {used} problems drawn from the bundled {source}")
+            continue
+        total = used if source.startswith("hf:") else len(load_rows(source, d.problem_key, d.answer_key))
+        parts.append(f"{what} {used} of {total} rows of {source}" + (f" (data.num_{'train' if what == 'train' else 'heldout'}"
+                                                                    f"={n})" if n and n < total else ""))
+    return "data: " + "; ".join(parts)
+
+
+def zero_reward_causes(cfg, *, tokenizer_has_chat_template: bool, overlong_frac: float, formatted_frac: float) -> list[str]:
+    """The likely causes of a rollout batch in which no sample earned any reward (config.RunConfig
+    `cfg`; what the batch measured): the template, the answer tag, the length budget, the chat
+    template, the reward function. Printed once by the driver (`warn_zero_reward`)."""
+    d, p, r, rw = cfg.data, cfg.protocol, cfg.rollout, cfg.reward
+    out = []
+    if rw.fn:
+        out.append(f"reward.fn {rw.fn} returned 0 for every sample: check it on a few responses")
+    if rw.require_answer_tags and p.answer_open not in d.template:
+        out.append(f"data.template never mentions the answer tag {p.answer_open}...{p.answer_close}: the reward reads "
+                   f"only an answer inside it (reward.require_answer_tags). Tell the model, e.g. 'put the final answer "
+                   f"as {p.answer_open}\\boxed{{...}}{p.answer_close}' (docs/your_model.md)")
+    elif not rw.require_answer_tags and "boxed" not in d.template:
+        out.append("data.template never asks for \\boxed{...}: with reward.require_answer_tags=false the reward reads the "
+                   "last \\boxed{} of the response")
+    if overlong_frac >= 0.25:
+        out.append(f"{overlong_frac:.0%} of the responses were cut by the length budget before they answered "
+                   f"(rollout.max_response_tokens={r.max_response_tokens}, rollout.max_new_tokens_per_turn="
+                   f"{r.max_new_tokens_per_turn}): raise them for a model that reasons at length")
+    if tokenizer_has_chat_template and not d.chat_template and "<|" not in d.template:
+        out.append("the policy's tokenizer has a chat template but data.chat_template is false: an instruction-tuned "
+                   "model shown a bare prompt often rambles; set data.chat_template=true")
+    if formatted_frac == 0 and not rw.fn:
+        out.append("no response held a well-formed answer (reward.format_reward was never earned either)")
+    out.append(f"the gold answers ({d.answer_key!r} of {d.train}) may not be in the form the model writes; look at "
+               "a few responses: python -m eapo_ray.evaluate --config <run dir>/config.json --checkpoint "
+               f"{cfg.model.policy} --data {d.train} --limit 4")
+    return out
+
+
+_WARNED_ZERO_REWARD: list = []
+
+
+def warn_zero_reward(stats: dict) -> bool:
+    """Print the likely causes the first time a rollout batch's stats carry them (the batch had
+    zero reward on every sample: rollout.actor adds `zero_reward_causes`); once per process.
+    Returns whether it printed."""
+    causes = stats.get("zero_reward_causes")
+    if not causes or _WARNED_ZERO_REWARD:
+        return False
+    _WARNED_ZERO_REWARD.append(True)
+    lines = "\n".join(f"[eapo]   - {c}" for c in causes)
+    print(f"[eapo] warning: a rollout batch with zero reward on all {stats.get('samples', '?')} samples; "
+          f"likely causes:\n{lines}", flush=True)
+    return True

@@ -50,7 +50,8 @@ def run_eval(engine: Engine, tok, examples: list[Example], cfg: RunConfig, *, te
         chunk = jobs[start:start + batch]
         prompts = [encode_prompt(tok, cfg.data, ex.problem) for _, ex in chunk]
         trajs += run_episodes(engine, tok, prompts, [ex.answer for _, ex in chunk], settings, expert=expert,
-                              rng=random.Random(cfg.seed + start), groups=[i for i, _ in chunk])
+                              rng=random.Random(cfg.seed + start), groups=[i for i, _ in chunk],
+                              rows=[ex.row() for _, ex in chunk] if cfg.reward.fn else None)
         if progress:
             done = min(start + batch, len(jobs))
             print(f"[evaluate] {done}/{len(jobs)} samples ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)

@@ -2,9 +2,10 @@
 policy's sub-questions. Requests are batched per replica (`serve.batch`) and run on the
 same Engine interface as the rollout policy.
 
-``python -m eapo_ray.expert scale --run-dir runs/<run> --min A --max B`` changes the replica
-bounds of a running run's expert (Serve redeploys it; training goes on, queries that miss
-the switch read "unavailable")."""
+``python -m eapo_ray.expert scale --run-name <run> --address <ray> --min A --max B`` changes the
+replica bounds of a running run's expert in place (eapo_ray/expert_scale.py: the same replicas
+keep serving). With `expert.engine: openai` the replicas call an OpenAI-compatible server
+(eapo_ray/expert_http.py) instead of loading model.expert."""
 from __future__ import annotations
 
 import asyncio
@@ -26,18 +27,27 @@ class Expert:
         so the launcher turns them off otherwise (the replies' text and token ids are the same)."""
         torch.set_num_threads(cfg.torch_threads)
         self.cfg, self.answer_logprobs = cfg, answer_logprobs
+        self.remote = None
+        if cfg.engine == "openai":  # an OpenAI-compatible server answers; nothing is loaded here
+            from eapo_ray.expert_http import OpenAIExpert
+
+            self.remote = OpenAIExpert(cfg, logprobs=answer_logprobs, on_failure=_endpoint_failure_metric())
+            self.engine = self.tok = None
+            return
         self.engine = make_engine(cfg.engine, model_path, cfg.vllm)
         self.tok = self.engine.tokenizer
         self._batched.set_max_batch_size(cfg.max_batch_size)
 
     def answer_now(self, queries: list[str]) -> list[str]:
         """The replies as the policy reads them (plain text; evaluation and make_tiny use this)."""
-        return [r.text for r in self.answer_full(queries)]
+        return [r.text if r is not None else None for r in self.answer_full(queries)]
 
     def answer_full(self, queries: list[str]) -> list[ExpertReply]:
         """The replies with the span of the expert's own answer in each (the echoed query and
         the template around it are not the expert's) and the answer's token log-probs under the
         expert (the LUFFY-style channel's behaviour probabilities, algo.losses.luffy_loss)."""
+        if self.remote is not None:  # evaluation / tools outside Serve: one event loop for the batch
+            return asyncio.run(self._remote_many(queries))
         prompts = [self.tok(render_prompt(self.cfg.template, q))["input_ids"] for q in queries]
         gens = self.engine.generate(prompts, [self.cfg.max_new_tokens] * len(prompts), self.cfg.temperature, [])
         logps = self._answer_logprobs(prompts, gens) if self.answer_logprobs else [None] * len(gens)
@@ -45,22 +55,26 @@ class Expert:
         for q, g, lp in zip(queries, gens, logps):
             answer = self.tok.decode(g.tokens, skip_special_tokens=True).strip()
             pieces = [self.tok.decode([t], skip_special_tokens=True) for t in g.tokens]
-            # the tokens that make up the stripped answer: drop special/whitespace-only ones at either end
-            keep = [i for i, p in enumerate(pieces) if p.strip()]
-            lo, hi = (keep[0], keep[-1] + 1) if keep else (0, 0)
-            texts = pieces[lo:hi]
-            lps = lp[lo:hi] if lp is not None else None
-            if self.cfg.reverse_answer:  # the model writes the answer's characters last-first (tiny_mul experts)
-                answer, texts, lps = answer[::-1], texts[::-1], (lps[::-1] if lps is not None else None)
-            if "".join(texts).strip() != answer or lps is None:  # tokens do not add up to the answer: no log-probs
-                texts, lps = None, None
-            # the template split once at its (validated) {answer}: a query that itself contains
-            # "{answer}" is copied as is, and the span marks the expert's answer exactly
-            before, _, after = self.cfg.reply_template.partition("{answer}")
-            head = before.replace("{query}", q)
-            text = head + answer + after.replace("{query}", q)
-            out.append(ExpertReply(text, len(head), len(head) + len(answer), texts, lps))
+            out.append(make_reply(self.cfg, q, answer, pieces, lp))
         return out
+
+    async def _remote_many(self, queries: list[str]) -> list[ExpertReply | None]:
+        """None for a query the endpoint did not answer (the caller reads "unavailable")."""
+        from eapo_ray.expert_http import ExpertUnavailable
+
+        async def one(q):
+            try:
+                return await self._remote_one(q)
+            except ExpertUnavailable:
+                return None
+        try:
+            return list(await asyncio.gather(*[one(q) for q in queries]))
+        finally:
+            await self.remote.close()
+
+    async def _remote_one(self, query: str) -> ExpertReply:
+        a = await self.remote.answer(render_prompt(self.cfg.template, query))  # raises ExpertUnavailable
+        return make_reply(self.cfg, query, a.text.strip(), a.token_texts, a.token_logprobs)
 
     def _answer_logprobs(self, prompts, gens) -> list:
         """Log-probs of each generated token under the expert at T=1 (the model's own
@@ -88,10 +102,48 @@ class Expert:
         return await asyncio.to_thread(self.answer_full, queries)
 
     async def __call__(self, query: str) -> ExpertReply:
-        answer = await self._batched(query)
+        # a remote server batches by itself (continuous batching): each query is its own request, at most
+        # expert.max_concurrency in flight; one it cannot answer raises (the policy reads "unavailable")
+        answer = await (self._remote_one(query) if self.remote is not None else self._batched(query))
         if self.cfg.added_latency_s > 0:  # benchmarks only: a slower (remote, bigger) expert, as pure latency
             await asyncio.sleep(self.cfg.added_latency_s)
         return answer
+
+
+def make_reply(cfg: ExpertConfig, query: str, answer: str, pieces: list[str] | None, lp) -> ExpertReply:
+    """The reply shown to the policy (expert.reply_template around the stripped `answer`), with the
+    answer's tokens (`pieces`, their texts) and their log-probs `lp` when they add up to it."""
+    texts = lps = None
+    if pieces is not None:
+        # the tokens that make up the stripped answer: drop special/whitespace-only ones at either end
+        keep = [i for i, p in enumerate(pieces) if p.strip()]
+        lo, hi = (keep[0], keep[-1] + 1) if keep else (0, 0)
+        texts = pieces[lo:hi]
+        lps = lp[lo:hi] if lp is not None else None
+    if cfg.reverse_answer:  # the model writes the answer's characters last-first (tiny_mul experts)
+        answer = answer[::-1]
+        texts, lps = (texts[::-1] if texts is not None else None), (lps[::-1] if lps is not None else None)
+    if texts is None or "".join(texts).strip() != answer or lps is None:  # tokens do not add up: no log-probs
+        texts, lps = None, None
+    # the template split once at its (validated) {answer}: a query that itself contains
+    # "{answer}" is copied as is, and the span marks the expert's answer exactly
+    before, _, after = cfg.reply_template.partition("{answer}")
+    head = before.replace("{query}", query)
+    text = head + answer + after.replace("{query}", query)
+    return ExpertReply(text, len(head), len(head) + len(answer), texts, lps)
+
+
+def _endpoint_failure_metric():
+    """A callback counting a remote expert's failed queries by reason (eapo_expert_endpoint_failures),
+    tagged with the run (the app is <run>-expert)."""
+    try:
+        app = serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 -- outside Serve (evaluation, tools): no metric
+        return None
+    from eapo_ray import metrics
+
+    run = app.removesuffix("-expert")
+    return lambda reason: metrics.expert_endpoint_failure(run, reason)
 
 
 def replica_options(cfg: ExpertConfig) -> dict:
@@ -137,74 +189,11 @@ def run_expert_app(cfg, model_path: str, name: str = "expert"):
     return expert_app(model_path, cfg.expert, name, answer_logprobs=cfg.algo.expert_token_channel == "luffy")
 
 
-def scale(run_dir: str, min_replicas: int, max_replicas: int, address: str | None = None,
-          timeout_s: float = 300.0) -> dict:
-    """Redeploy run `run_dir`'s expert app with new autoscaling bounds, on the cluster the run
-    recorded (`<run_dir>/ray_address`), and wait until it is RUNNING. Returns the app's
-    replica counts by state."""
-    import json
-    import os
-    import time
-    from pathlib import Path
-
-    import ray
-
-    from eapo_ray.config import ConfigError, RunConfig, from_dict, validate
-
-    rd = Path(run_dir).resolve()
-    if not (rd / "config.json").exists():
-        raise ConfigError(f"{rd} is not a run directory (no config.json)")
-    cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
-    cfg.expert.min_replicas, cfg.expert.max_replicas = min_replicas, max_replicas
-    validate(cfg)
-    run_name = cfg.run_name or rd.name
-    addr = address or os.environ.get("RAY_ADDRESS") or (
-        (rd / "ray_address").read_text().strip() if (rd / "ray_address").exists() else None)
-    if not addr:
-        raise ConfigError(f"no Ray address: pass --address (or set RAY_ADDRESS); {rd}/ray_address is missing")
-    # Ray 2.60 clusters use token auth: run with RAY_AUTH_MODE=token (token in ~/.ray/auth_token);
-    # Ray reads it when imported, so it cannot be set from here
-    ray.init(address=addr, logging_level="WARNING")
-    try:
-        app = f"{run_name}-expert"
-        if app not in serve.status().applications:
-            raise ConfigError(f"no Serve app {app!r} on the cluster at {addr}")
-        from eapo_ray.models import resolve_model
-
-        serve.run(run_expert_app(cfg, resolve_model(cfg.model.expert)), name=app, route_prefix=None,
-                  logging_config={"log_level": "WARNING", "enable_access_log": False})
-        t0 = time.time()
-        while True:
-            st = serve.status().applications[app]
-            dep = st.deployments["expert"]
-            if str(st.status).endswith("RUNNING") or time.time() - t0 > timeout_s:
-                return {str(k).split(".")[-1]: v for k, v in dep.replica_states.items()}
-            time.sleep(1)
-    finally:
-        ray.shutdown()
-
-
 def main(argv=None) -> int:
-    import argparse
-    import sys
+    """`python -m eapo_ray.expert scale ...` (eapo_ray/expert_scale.py)."""
+    from eapo_ray.expert_scale import main as scale_main
 
-    from eapo_ray.config import ConfigError
-
-    ap = argparse.ArgumentParser(prog="python -m eapo_ray.expert")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sc = sub.add_parser("scale", help="change the replica bounds of a running run's expert")
-    sc.add_argument("--run-dir", required=True, help="the run directory (runs/<run>)")
-    sc.add_argument("--min", type=int, required=True, dest="min_replicas")
-    sc.add_argument("--max", type=int, required=True, dest="max_replicas")
-    sc.add_argument("--address", default=None, help="Ray address (default: the run's recorded one)")
-    args = ap.parse_args(argv)
-    try:
-        states = scale(args.run_dir, args.min_replicas, args.max_replicas, args.address)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"expert replicas {args.min_replicas}-{args.max_replicas}: {states}")
-    return 0
+    return scale_main(argv)
 
 
 if __name__ == "__main__":

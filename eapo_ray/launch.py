@@ -24,15 +24,21 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None,
                     help="YAML delta on the embedded default (keys it names; `base: other.yaml` chains files)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    ap.add_argument("--plan", action="store_true",
+                    help="print each role's GPU memory need against gpu_memory_gb and exit: 0 when all fit, "
+                         "1 naming the key to change (eapo_ray/plan.py)")
     ap.add_argument("--verbose", action="store_true",
                     help="also print Serve access logs and Ray/transformers INFO lines (config key: verbose)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (e.g. learner.lr=1e-4)")
     args = ap.parse_args(argv)
     from eapo_ray.accounting import AccountingError
+    from eapo_ray.data import DataError
     from eapo_ray.driver.recovery import LearnerFailed
     from eapo_ray.driver.system import ExpertStartError
     from eapo_ray.learner.group import PlacementError
+    from eapo_ray.plan import PlanError, main_plan
     from eapo_ray.rollout.fleet import FleetError
+    from eapo_ray.weight_sync import WeightSyncError
 
     try:
         cfg = load_config(args.config, args.overrides + (["verbose=true"] if args.verbose else []))
@@ -41,11 +47,14 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        if args.plan:
+            return main_plan(cfg)
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # a bad key or value, a bad data file (file:line): before anything starts
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed, ExpertStartError) as e:
+    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed, ExpertStartError,
+            PlanError, WeightSyncError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

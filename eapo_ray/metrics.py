@@ -24,6 +24,7 @@ STALENESS = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5]  # integer versions: bucket k+0
 SPECS: dict[str, tuple[str, str, tuple[str, ...], list | None]] = {
     "eapo_expert_latency_s": ("histogram", "Expert query latency seen by a rollout actor (queue + answer), s", ("actor",), LATENCY_S),
     "eapo_expert_inflight_queries": ("gauge", "Expert queries in flight from a rollout actor (its queue at the expert)", ("actor",), None),
+    "eapo_expert_endpoint_failures": ("counter", "Queries an OpenAI-compatible expert endpoint did not answer after retries, by reason (timeout, connection, http_429, http_500, deadline, ...)", ("reason",), None),
     "eapo_expert_unavailable": ("gauge", "Expert queries answered 'unavailable' (timeout, dead replica) so far", ("actor",), None),
     "eapo_rollout_tokens_per_s": ("gauge", "Response tokens generated per second by a rollout actor (last batch)", ("actor",), None),
     "eapo_rollout_episodes_per_s": ("gauge", "Episodes finished per second by a rollout actor (last batch)", ("actor",), None),
@@ -117,6 +118,11 @@ def heldout(run: str, accuracy: float) -> None:
 def expert_query(run: str, actor: int, seconds: float, unavailable_so_far: int) -> None:
     record("eapo_expert_latency_s", seconds, run, actor=actor)
     record("eapo_expert_unavailable", unavailable_so_far, run, actor=actor)
+
+
+def expert_endpoint_failure(run: str, reason: str) -> None:
+    """An expert replica gave up on a query to its HTTP endpoint (expert.engine: openai)."""
+    record("eapo_expert_endpoint_failures", 1, run, reason=reason)
 
 
 def expert_inflight(run: str, actor: int, n: int) -> None:

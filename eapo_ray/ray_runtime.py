@@ -85,11 +85,18 @@ def start_reaper(*args: str):
 
 
 class MetricsLog:
-    """JSONL + TensorBoard in the run directory (the Ray dashboard's metrics: eapo_ray.metrics)."""
+    """JSONL + TensorBoard in the run directory, and the trackers of config section `tracking`
+    (eapo_ray/tracking.py: W&B, MLflow; the same rows). The Ray dashboard's metrics: eapo_ray.metrics."""
 
-    def __init__(self, run_dir: Path, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, purge_step: int | None = None, cfg: RunConfig | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.trackers = None
+        if cfg is not None and (cfg.tracking.wandb or cfg.tracking.mlflow):
+            from eapo_ray.config import to_dict
+            from eapo_ray.tracking import Trackers
+
+            self.trackers = Trackers(cfg.tracking, cfg.run_name or run_dir.name, run_dir, to_dict(cfg))
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         # purge_step: on resume, TensorBoard hides events at or after it that an earlier attempt wrote
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
@@ -100,10 +107,18 @@ class MetricsLog:
         for k, v in row.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, row)
 
-    def close(self):
+    def close(self, failed: bool | None = None):
+        """`failed`: how trackers record the run's end (None: failed if an exception is propagating)."""
+        import sys
+
         self.jsonl.close()
         self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close(failed=sys.exc_info()[0] is not None if failed is None else failed)
+            self.trackers = None
 
 
 _INTERRUPTED = threading.Event()  # a SIGINT or SIGTERM reached the driver (see install_interrupt_handlers)

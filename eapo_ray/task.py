@@ -6,7 +6,8 @@ step (``3+4=7;7*5=35;35-2=33;``) and ends with ``<answer>\\boxed{33}</answer>``.
 Train and held-out problems are disjoint: a problem's split is a hash of its text.
 ``tiny:arith-mul`` (`make_mul_problem`) is the family built for EAPO: first value 1-99 and at
 least one multi-digit-by-digit product, which the bundled mul policy is weak at and its expert
-is not. Pure Python; no Ray, no torch.
+is not. ``tiny:arith-chain`` (`make_chain_problem`, levels 3-6) has one such product among its first
+two operations and only `+`/`-` steps after it. Pure Python; no Ray, no torch.
 """
 from __future__ import annotations
 
@@ -34,19 +35,22 @@ def make_problem(rng: random.Random, level: int, family: str = "arith") -> Probl
     """Draw one problem with `level` operations (rejection-sampled to stay in 0..999)."""
     if family == "mul":
         return make_mul_problem(rng, level)
+    if family == "chain":
+        return make_chain_problem(rng, level)
     while True:
         p = _chain(rng, rng.randint(1, 9), level, lambda op: rng.randint(1, 9))
         if p is not None:
             return p
 
 
-def _chain(rng: random.Random, value: int, level: int, right) -> Problem | None:
+def _chain(rng: random.Random, value: int, level: int, right, ops=None) -> Problem | None:
     """`level` operations from `value`, written with parentheses when `*` follows a top-level
-    `+`/`-`; `right(op)` draws the right operand. None when an intermediate leaves 0..MAX_VALUE."""
+    `+`/`-`; `right(op)` draws the right operand; `ops` (an iterator) fixes the operators (default:
+    uniform). None when an intermediate leaves 0..MAX_VALUE."""
     text, top = str(value), "*"  # `top`: "+" when the text is a sum/difference at top level
     steps = []
     for _ in range(level):
-        op = rng.choice(OPS)
+        op = next(ops) if ops is not None else rng.choice(OPS)
         b = right(op)
         result = _apply(value, op, b)
         if not 0 <= result <= MAX_VALUE:
@@ -79,7 +83,33 @@ def make_mul_problem(rng: random.Random, level: int) -> Problem:
             return p
 
 
-FAMILIES = {"tiny:arith": "arith", "tiny:arith-mul": "mul"}  # data.train / data.heldout value -> family
+CHAIN_LEVELS = (3, 4, 5, 6)
+CHAIN_HARD_LEFT = (12, 99)  # the hard product's left operand range in `tiny:arith-chain`
+
+
+def make_chain_problem(rng: random.Random, level: int) -> Problem:
+    """`tiny:arith-chain`: `level` (3-6) operations, exactly one of them a hard product (left
+    operand in CHAIN_HARD_LEFT, right 2-9) among the first two, every other one a `+`/`-` step
+    with a right operand 1-9; the first value 1-99 and every intermediate in 0..999
+    (rejection-sampled). The family that measures EAPO against chain length: one step the policy
+    is weak at (the bundled mul policy's teacher-forced accuracy on such products is in
+    docs/results.md), the rest steps it mostly gets right."""
+    if level not in CHAIN_LEVELS:
+        raise ValueError(f"tiny:arith-chain has {CHAIN_LEVELS} operations, got {level}")
+    lo, hi = CHAIN_HARD_LEFT
+    while True:
+        at = rng.randrange(2)  # the product is the first or the second operation
+        first = rng.randint(lo, hi) if at == 0 else rng.randint(1, 99)
+        ops = ["+" if rng.random() < 0.5 else "-" for _ in range(level)]
+        ops[at] = "*"
+        it = iter(ops)
+        p = _chain(rng, first, level, lambda op: rng.randint(2, 9) if op == "*" else rng.randint(1, 9), ops=it)
+        if p is not None and sum(op == "*" for _, op, _, _ in p.steps) == 1 and lo <= p.steps[at][0] <= hi:
+            return p
+
+
+FAMILIES = {"tiny:arith": "arith", "tiny:arith-mul": "mul",
+            "tiny:arith-chain": "chain"}  # data.train / data.heldout value -> family
 
 
 def final_answer(p: Problem) -> str:

@@ -14,12 +14,23 @@ the full weights in packed buckets of `rollout.sync_bucket_mb` (not one call per
 Every learner rank iterates the weights in lockstep because, under ZeRO-3, gathering a
 parameter is a collective; only rank 0 sends.
 
-The NCCL path is NOT exercised by the CPU test suite (no GPU); `benchmarks/gpu_check.py`
+The NCCL broadcast is NOT exercised by the CPU test suite (no GPU); `benchmarks/gpu_check.py`
 is the check to run on a GPU machine. The engine side of it is the rollout actor's `weights`
 concurrency group (`init_weight_transfer_engine`, `start/update/finish_weight_update`).
+
+Deadlines (`sync_engines`, the driver's side of every NCCL sync; tested on CPU with real rollout
+actors): the driver first pauses every engine and waits for its requests to drain
+(`rollout.pause_timeout_s`) while no learner is inside a collective (under ZeRO-3 ranks > 0
+would otherwise sit in their gathers, against DeepSpeed's 10-minute process-group timeout, while
+rank 0 waits for the drain), then runs the learners' sync under `rollout.sync_timeout_s` (vLLM's
+NCCL group has no timeout of its own: an engine that never joins a broadcast would hold rank 0
+forever), and resumes every engine in `finally`, through their `control` concurrency group, which
+a stuck weight update cannot block. Any failure comes back as one `WeightSyncError`.
 """
 from __future__ import annotations
 
+import sys
+import time
 from typing import NamedTuple
 
 import ray
@@ -58,6 +69,71 @@ def load_published(engine, weights: PublishedWeights | None, *, newer_only: bool
     return True
 
 
+class WeightSyncError(RuntimeError):
+    """An NCCL weight sync that failed or ran out of time; every engine was resumed."""
+
+
+def drain_engines(workers: list, timeout_s: float, rpc_slack_s: float = 30.0) -> None:
+    """Pause generation on every rollout actor and wait until no request is in flight, at most
+    `timeout_s` (+ `rpc_slack_s` for an actor that does not answer at all). Raises WeightSyncError
+    naming the engines that did not drain (the caller resumes them all)."""
+    refs = {w.pause_generation.remote(timeout_s): i for i, w in enumerate(workers)}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s + rpc_slack_s)
+    bad = [f"engine {refs[r]}: no answer within {timeout_s + rpc_slack_s:g} s" for r in refs if r not in ready]
+    for r in ready:
+        try:
+            ray.get(r)
+        except Exception as e:  # noqa: BLE001 -- TimeoutError from the actor, a dead actor, ...
+            bad.append(f"engine {refs[r]}: {first_line(e)}")
+    if bad:
+        raise WeightSyncError(f"rollout engines did not drain for the weight update within "
+                              f"rollout.pause_timeout_s={timeout_s:g} s ({'; '.join(sorted(bad))})")
+
+
+def resume_engines(workers: list, timeout_s: float = 30.0) -> list[str]:
+    """Resume generation on every rollout actor (idempotent), waiting at most `timeout_s`;
+    returns the engines that could not be resumed (said on stderr, not raised: a dead one is
+    the rollout fleet's to retire)."""
+    refs = {w.resume_generation.remote(): i for i, w in enumerate(workers)}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    bad = [f"engine {refs[r]}: no answer within {timeout_s:g} s" for r in refs if r not in ready]
+    for r in ready:
+        try:
+            ray.get(r)
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"engine {refs[r]}: {first_line(e)}")
+    if bad:
+        print(f"[eapo] could not resume generation after a weight update: {'; '.join(bad)}", file=sys.stderr,
+              flush=True)
+    return bad
+
+
+def sync_engines(learners, workers: list, *, drain_timeout_s: float, sync_timeout_s: float) -> float:
+    """The driver's side of one NCCL weight sync: drain every engine (bounded), then
+    `learners.sync_weights(timeout_s=sync_timeout_s)` (the broadcast, bounded), then resume every
+    engine, also when a step failed. Returns the seconds taken; raises WeightSyncError."""
+    t0 = time.time()
+    try:
+        drain_engines(workers, drain_timeout_s)
+        try:
+            learners.sync_weights(timeout_s=sync_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise WeightSyncError(f"the learners' NCCL weight broadcast to {len(workers)} engine(s) did not finish "
+                                  f"within rollout.sync_timeout_s={sync_timeout_s:g} s") from None
+        except Exception as e:  # noqa: BLE001 -- a learner or an engine failed inside the sync
+            raise WeightSyncError(f"the learners' NCCL weight broadcast failed: {first_line(e)}") from e
+    finally:
+        resume_engines(workers)
+    return time.time() - t0
+
+
+def first_line(e: BaseException) -> str:
+    """The exception's type and the last line of its message that says something (Ray wraps the
+    remote traceback; its last line is the original error)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
 def _weight_source_cls():
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
@@ -90,17 +166,20 @@ def _client_cls():
         """vLLM's Ray client, fanned out to independent engines: vLLM's trainer hands every
         engine rank_offset 1, which only fits one engine; here engine i gets 1 + i*tp."""
 
-        def __init__(self, actors: list, tp: int):
+        def __init__(self, actors: list, tp: int, timeout_s: float | None = None):
             super().__init__(list(actors))
-            self.tp, self.version = tp, None
+            self.tp, self.version, self.timeout_s = tp, None, timeout_s
 
         def init_weight_transfer_engine(self, init_info: dict) -> None:
             ray.get([h.init_weight_transfer_engine.remote(
                 WeightTransferInitRequest(init_info={**init_info, "rank_offset": 1 + i * self.tp}))
-                for i, h in enumerate(self.handles)])
+                for i, h in enumerate(self.handles)], timeout=self.timeout_s)
+
+        def start_weight_update(self) -> None:  # bounded: an engine that does not answer fails rank 0's send
+            ray.get([h.start_weight_update.remote() for h in self.handles], timeout=self.timeout_s)
 
         def finish_weight_update(self, weight_version: str | None = None) -> None:
-            ray.get([h.finish_weight_update.remote(self.version) for h in self.handles])
+            ray.get([h.finish_weight_update.remote(self.version) for h in self.handles], timeout=self.timeout_s)
 
     return EngineFleetClient
 
@@ -109,14 +188,14 @@ class NCCLWeightSync:
     """One per learner rank; `send(version)` is a collective over the learner ranks."""
 
     def __init__(self, module: torch.nn.Module, *, rank: int, zero3: bool, actors: list, tp: int, bucket_mb: int,
-                 master_address: str, master_port: int):
+                 master_address: str, master_port: int, timeout_s: float | None = None):
         check_vllm_version()
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
         info = NCCLTrainerInitInfo(master_address=master_address, master_port=master_port,
                                    world_size=1 + len(actors) * tp, packed=True,
                                    packed_buffer_size_bytes=bucket_mb << 20, rank=rank)
-        self.client = _client_cls()(actors, tp)
+        self.client = _client_cls()(actors, tp, timeout_s)  # its engine RPCs; the driver bounds the whole sync
         self.engine = NCCLTrainerWeightTransferEngine.trainer_init(
             info, client=self.client, source=_weight_source_cls()(module, zero3))
 

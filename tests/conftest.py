@@ -116,9 +116,11 @@ def _ray_down_at_the_end():
 # fixtures such as a module's vLLM engine are made once; ray_local's cluster serves every module of
 # a worker that leaves it clean). Files start longest
 # first (measured durations, serial, CI machine) so the two workers finish together.
-LONG_FIRST = ["test_faults_in_runs.py", "test_smollm2_run.py", "test_e2e.py", "test_engine_correctness.py",
-              "test_expert_serve.py", "test_vllm.py", "test_paper_table_run.py", "test_real_benchmarks.py",
-              "test_learner_correctness.py", "test_fault_tolerance.py"]
+LONG_FIRST = ["test_faults_in_runs.py", "test_resume_your_model.py", "test_smollm2_run.py", "test_e2e.py",
+              "test_gpu_check_dry_run.py", "test_expert_endpoint.py", "test_job_run_dir.py",
+              "test_engine_correctness.py", "test_expert_serve.py", "test_vllm.py", "test_placement_layout.py",
+              "test_paper_table_run.py", "test_real_benchmarks.py", "test_learner_correctness.py",
+              "test_weight_sync_deadlines.py", "test_fault_tolerance.py", "test_storage_tracking.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,26 +50,41 @@ def loss_mask(t, overlong_filter: bool) -> list[int]:
     return [0] * len(t.policy_mask) if overlong_filter and t.overlong else list(t.policy_mask)
 
 
-def to_batch(trajs, overlong_filter: bool = True) -> dict:
-    """A columnar, picklable batch (lists of per-sample lists) for the object store."""
+def to_batch(trajs, overlong_filter: bool = True, views=()) -> dict:
+    """A columnar, picklable batch (lists of per-sample lists) for the object store. `views`:
+    trajectories whose replay view (algo.replay: `replay_ids` / `replay_mask`, None for none)
+    becomes an extra row after the samples: the same prompt, the view as its response, no policy
+    or expert tokens, `replay_mask` on its expert-answer tokens, the sample's rho, advantage and
+    version, and `view` = 1 (a sample row has 0 and an all-zero replay_mask)."""
+    rows = [t for t in views if getattr(t, "replay_ids", None) and not (overlong_filter and t.overlong)]
+    zeros = [[0] * len(t.replay_ids) for t in rows]
     return {
-        "input_ids": [t.prompt_ids + t.response_ids for t in trajs],
-        "prompt_len": [len(t.prompt_ids) for t in trajs],
-        "policy_mask": [loss_mask(t, overlong_filter) for t in trajs],
-        "expert_mask": [t.expert_mask for t in trajs],
-        "behav_logp": [t.behav_logp for t in trajs],
-        "expert_logp": [getattr(t, "expert_logp", None) or [0.0] * len(t.expert_mask) for t in trajs],
-        "accept_prob": [getattr(t, "accept_prob", 0.0) for t in trajs],  # the rho each sample was generated under
-        "advantage": [t.advantage for t in trajs],
-        "version": [t.version for t in trajs],
+        "input_ids": [t.prompt_ids + t.response_ids for t in trajs] + [t.prompt_ids + t.replay_ids for t in rows],
+        "prompt_len": [len(t.prompt_ids) for t in trajs + rows],
+        "policy_mask": [loss_mask(t, overlong_filter) for t in trajs] + zeros,
+        "expert_mask": [t.expert_mask for t in trajs] + zeros,
+        "behav_logp": [t.behav_logp for t in trajs] + [[0.0] * len(z) for z in zeros],
+        "expert_logp": [getattr(t, "expert_logp", None) or [0.0] * len(t.expert_mask) for t in trajs]
+                       + [[0.0] * len(z) for z in zeros],
+        "replay_mask": [[0] * len(t.response_ids) for t in trajs] + [list(t.replay_mask) for t in rows],
+        # the rho each sample was generated under
+        "accept_prob": [getattr(t, "accept_prob", 0.0) for t in trajs + rows],
+        "advantage": [t.advantage for t in trajs + rows],
+        "version": [t.version for t in trajs + rows],
+        "view": [0] * len(trajs) + [1] * len(rows),
     }
+
+
+def sample_rows(batch: dict) -> int:
+    """The batch's samples (rows that are not replay views)."""
+    return len(batch["input_ids"]) - sum(batch.get("view", ()))
 
 
 def _loss_columns(batch: dict, starts: list[int], lengths: list[int], width: int) -> dict[str, torch.Tensor]:
     """The columns the loss reads, as tensors: the per-token ones ([B, width]; row i's lengths[i]
     response tokens at columns starts[i]..., zeros elsewhere) and the per-sample ones ([B])."""
     B = len(starts)
-    pmask, emask, blogp, elogp = (torch.zeros((B, width)) for _ in range(4))
+    pmask, emask, blogp, elogp, rmask = (torch.zeros((B, width)) for _ in range(5))
     for i, (a, r) in enumerate(zip(starts, lengths)):
         if r:
             pmask[i, a: a + r] = torch.tensor(batch["policy_mask"][i], dtype=torch.float)
@@ -77,7 +92,10 @@ def _loss_columns(batch: dict, starts: list[int], lengths: list[int], width: int
             blogp[i, a: a + r] = torch.tensor(batch["behav_logp"][i], dtype=torch.float)
             if "expert_logp" in batch:
                 elogp[i, a: a + r] = torch.tensor(batch["expert_logp"][i], dtype=torch.float)
+            if "replay_mask" in batch:
+                rmask[i, a: a + r] = torch.tensor(batch["replay_mask"][i], dtype=torch.float)
     return {"policy_mask": pmask, "expert_mask": emask, "behav_logp": blogp, "expert_logp": elogp,
+            "replay_mask": rmask, "view": torch.tensor(batch.get("view", [0] * B), dtype=torch.long),
             "accept_prob": torch.tensor(batch.get("accept_prob", [0.0] * B), dtype=torch.float),
             "advantage": torch.tensor(batch["advantage"], dtype=torch.float),
             "version": torch.tensor(batch.get("version", [0] * B), dtype=torch.long)}

@@ -86,3 +86,13 @@ def expert_sft_weight(algo_cfg, accept_prob):
     if getattr(algo_cfg, "expert_sft_anneal", False):
         return coef * accept_prob
     return coef + 0.0 * accept_prob
+
+
+def replay_weight(algo_cfg, accept_prob, advantage):
+    """The replay channel's per-sample weight on its view's expert-answer tokens
+    (algo.replay_weighting): "rho": replay_coef x the acceptance probability the sample was
+    generated under (an NLL annealed as help is withdrawn); "advantage": replay_coef x the
+    sample's group advantage (the answer tokens reinforced as the policy's own actions, by the
+    outcome of the episode they came from). Floats or [B] tensors."""
+    w = accept_prob if algo_cfg.replay_weighting == "rho" else advantage
+    return algo_cfg.replay_coef * w

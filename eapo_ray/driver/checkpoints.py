@@ -3,12 +3,14 @@ each learner checkpoint, and the metric rows of a resumed run trimmed back to it
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eapo_ray.config import ConfigError, RunConfig, to_dict
+from eapo_ray.config import RunConfig, config_diff, resume_base, to_dict
 from eapo_ray.driver.system import System
+from eapo_ray.storage import fetch_run, is_uri, resolve_run_root
 
 
 @dataclass
@@ -36,13 +38,42 @@ class LoopState:
 
 
 def prepare_run_dir(cfg: RunConfig) -> tuple[str, Path]:
+    root = resolve_run_root(cfg.run_root)  # absolute; never Ray's temporary --working-dir copy
+    if is_uri(cfg.resume):  # a run stored at storage_path: download it first
+        cfg.resume = str(fetch_run(cfg.resume, root))
     run_name = cfg.run_name or (Path(cfg.resume).name if cfg.resume else time.strftime("eapo-%Y%m%d-%H%M%S"))
-    run_dir = Path(cfg.resume).resolve() if cfg.resume else Path(cfg.run_root).resolve() / run_name
-    if cfg.resume and not (run_dir / "checkpoint").is_dir():
-        raise ConfigError(f"config key 'resume': {run_dir} has no checkpoint/ to resume from")
+    run_dir = Path(cfg.resume).expanduser().resolve() if cfg.resume else root / run_name
+    if cfg.resume:
+        write_attempt_config(cfg, run_dir)
+        return run_name, run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return run_name, run_dir
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a learner checkpoint to resume from (DeepSpeed's `latest` names its tag)."""
+    return (run_dir / "checkpoint" / "latest").is_file()
+
+
+def write_attempt_config(cfg: RunConfig, run_dir: Path) -> Path:
+    """A resume never overwrites the run's config.json: this attempt's config goes beside it
+    (config.attempt<N>.json, N = 2, 3, ...), and what the command line changed on top of the
+    config it resumed from is printed, key by key."""
+    base_path, saved = resume_base(run_dir)
+    n = max([1] + [int(m.group(1)) for p in run_dir.glob("config.attempt*.json")
+                   if (m := re.fullmatch(r"config\.attempt(\d+)\.json", p.name))]) + 1
+    path = run_dir / f"config.attempt{n}.json"
+    path.write_text(json.dumps(to_dict(cfg), indent=2))
+    diff = config_diff(saved, to_dict(cfg))
+    where = "" if has_checkpoint(run_dir) else " (no checkpoint yet: starting over from step 0)"
+    print(f"[eapo] resuming {run_dir}{where}, attempt {n}: the config of {base_path.name}"
+          + (", with the command line's changes:" if diff else ", unchanged (saved as " + path.name + ")"), flush=True)
+    for key, old, new in diff:
+        print(f"[eapo]   {key}: {old!r} -> {new!r}", flush=True)
+    if diff:
+        print(f"[eapo]   (this attempt's config: {path})", flush=True)
+    return path
 
 
 def resume_metrics(run_dir: Path, version: int, evaluations: bool = True) -> tuple[dict | None, dict | None]:
@@ -71,7 +102,15 @@ def save_checkpoint(s: System, state: LoopState, run_dir: Path) -> None:
     state.save(ckpt / f"driver_state_step{state.version}.json")
     s.learners.save(str(run_dir))
     state.save(ckpt / "driver_state.json")  # the newest, for people and tools
+    if s.app_name:  # replica bounds `python -m eapo_ray.expert scale` set from anywhere: kept for a resume
+        from eapo_ray.expert_scale import mirror_record
+
+        mirror_record(s.run_name, run_dir)
+    if s.upload:  # storage_path: the checkpoint, metrics so far and config, from every node
+        s.upload()
     tags = {p.name for p in ckpt.iterdir() if p.is_dir()}
+    if f"step{state.version}" not in tags:  # the learners wrote their tags on another node: nothing to match
+        return
     for p in ckpt.glob("driver_state_step*.json"):  # keep those of the tags the learners kept
         m = re.fullmatch(r"driver_state_(step\d+)\.json", p.name)
         if m and m.group(1) not in tags:

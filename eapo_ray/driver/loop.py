@@ -13,7 +13,7 @@ from eapo_ray.driver.checkpoints import LoopState, save_checkpoint
 from eapo_ray.driver.evaluation import PendingRows, replace_hung_evaluator
 from eapo_ray.driver.recovery import discarded_policy, rebuild_learners
 from eapo_ray.driver.summary import buffer_stats
-from eapo_ray.driver.system import BUFFER_CALL_S, System
+from eapo_ray.driver.system import BUFFER_CALL_S, System, sync_nccl_weights
 from eapo_ray.ray_runtime import raise_if_interrupted, wait_get
 
 
@@ -133,8 +133,9 @@ def train_loop(cfg: RunConfig, s: System, state: LoopState, weights, ev: dict | 
         eval_due = cfg.eval.enabled and (done or (cfg.eval.every and state.version % cfg.eval.every == 0))
         try:
             t = time.time()
-            if nccl:
-                stats["weight_sync_seconds"] = s.learners.sync_weights()
+            if nccl:  # drained, bounded, engines resumed in any case; a failure ends the run (WeightSyncError)
+                stats["weight_sync_seconds"] = sync_nccl_weights(cfg.rollout, s.learners, s.workers, run_dir,
+                                                                 f"after step {state.version}")
             weights = s.learners.publish() if eval_due or not nccl else None
             tm["publish_s"] = time.time() - t
         except LEARNER_DIED as e:

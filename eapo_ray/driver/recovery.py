@@ -7,7 +7,7 @@ from pathlib import Path
 from eapo_ray.config import RunConfig
 from eapo_ray.driver.checkpoints import LoopState, load_driver_state, resume_metrics
 from eapo_ray.driver.evaluation import PendingRows
-from eapo_ray.driver.system import BUFFER_CALL_S, System
+from eapo_ray.driver.system import BUFFER_CALL_S, System, resume_hint
 
 
 class LearnerFailed(RuntimeError):
@@ -31,22 +31,27 @@ def rebuild_learners(cfg: RunConfig, s: System, state: LoopState, run_dir: Path,
                f"rebuilt {s.learner_restarts} times already (learner.max_restarts={cfg.learner.max_restarts})")
         raise LearnerFailed(
             f"a learner died at step {state.version + 1} ({err}); {why}. "
-            + (f"Continue from the last checkpoint with: python -m eapo_ray.launch resume={run_dir} "
-               "(with this run's config and overrides)" if has_ckpt else
-               "There is no checkpoint to resume from (set checkpoint_every)."))
+            + resume_hint(run_dir))
     s.learner_restarts += 1
     if rows is not None:  # rows still waiting for an evaluation are written first (resume_metrics trims them)
         rows.flush(wait=True)
     print(f"[eapo] a learner died near step {state.version + 1} ({err}); rebuilding the learner group from "
-          + ("the last checkpoint" if has_ckpt else "the start (no checkpoint yet: set checkpoint_every)")
+          + ("the last checkpoint" if has_ckpt else "the start (no checkpoint yet: checkpoint_every)")
           + f" (restart {s.learner_restarts}/{cfg.learner.max_restarts})", flush=True)
     from eapo_ray.learner.group import LearnerGroup
 
+    # The new group reuses the old one's placement group: released, its GPUs could be taken by another
+    # role's pending actor (an evaluator being replaced, a rollout actor restarting) before the learners
+    # ask again. Ray re-places the bundles of a dead node by itself (on learner nodes only, with
+    # learner.node_resource); LearnerGroup waits for that, bounded by learner.placement_timeout_s.
+    old = s.learners
+    s.learners = None  # a failure below leaves only the placement group for teardown to remove
+    s.learner_pg = old.pg
     try:
-        s.learners.shutdown()
+        old.shutdown(keep_placement=True)
     except Exception:  # noqa: BLE001 -- the group is broken anyway
         pass
-    s.learners = LearnerGroup(cfg, s.run_name, generation=s.learner_restarts)
+    s.learners = LearnerGroup(cfg, s.run_name, generation=s.learner_restarts, pg=s.learner_pg)
     version = s.learners.setup(str(ckpt) if has_ckpt else "")
     state.version, state.samples = version, load_driver_state(run_dir, version).samples
     resume_metrics(run_dir, version)  # the steps after the checkpoint are redone: their rows go

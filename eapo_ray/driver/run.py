@@ -3,16 +3,27 @@ policy, run the training loop, save, write the summary and check the accounting;
 down."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
 
 from eapo_ray.config import RunConfig
-from eapo_ray.driver.checkpoints import LoopState, load_driver_state, prepare_run_dir, resume_metrics, save_checkpoint
+from eapo_ray.data import check_data
+from eapo_ray.driver.checkpoints import (
+    LoopState,
+    has_checkpoint,
+    load_driver_state,
+    prepare_run_dir,
+    resume_metrics,
+    save_checkpoint,
+)
 from eapo_ray.driver.loop import train_loop
 from eapo_ray.driver.summary import write_summary
 from eapo_ray.driver.system import System, start_system
 from eapo_ray.ray_runtime import MetricsLog, quiet_console, wait_get
+from eapo_ray.storage import sync_run
 
 
 class EvaluationFailed(RuntimeError):
@@ -24,13 +35,24 @@ def run(cfg: RunConfig) -> Path:
     import ray
 
     from eapo_ray import accounting, metrics
+    from eapo_ray.plan import check_before_start
 
+    check_before_start(cfg)  # a GPU config whose roles do not fit stops here, before any actor (nothing on CPU)
     t_start = time.time()
     quiet_console(cfg.verbose)
+    data_line = check_data(cfg)  # every data file read and validated before anything starts (DataError)
     run_name, run_dir = prepare_run_dir(cfg)
+    started_over = bool(cfg.resume) and not has_checkpoint(run_dir)
+    if started_over:  # interrupted before its first checkpoint: the same run starts over from step 0
+        resume_metrics(run_dir, -1)
+        cfg = dataclasses.replace(cfg, resume="")
     cfg.run_name = run_name  # actors tag their metrics with it
     print(f"[eapo] run directory: {run_dir}", flush=True)
+    print(f"[eapo] {data_line}", flush=True)
     s = System(accounting=accounting.Accounting())
+    if cfg.storage_path:  # uploaded at every checkpoint and at the end (eapo_ray/storage.py)
+        s.upload = functools.partial(sync_run, run_dir, cfg.storage_path, run_name, cfg.learner.checkpoint_keep)
+        print(f"[eapo] run storage: {cfg.storage_path.rstrip('/')}/{run_name}", flush=True)
     try:
         version = start_system(cfg, run_name, run_dir, s)
         state = load_driver_state(run_dir, version) if cfg.resume else LoopState()
@@ -42,7 +64,7 @@ def run(cfg: RunConfig) -> Path:
         ev0 = ev = None
         if cfg.resume:
             ev0, ev = resume_metrics(run_dir, version, evaluations=cfg.eval.enabled)
-        s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else None)
+        s.metrics = MetricsLog(run_dir, purge_step=version + 1 if cfg.resume else 0 if started_over else None, cfg=cfg)
         weights = s.learners.publish()
         if ev is None and cfg.eval.enabled:
             try:
@@ -68,17 +90,20 @@ def run(cfg: RunConfig) -> Path:
             raise EvaluationFailed(
                 f"the final held-out evaluation (step {state.version}) failed ({s.final_eval_error}); summary.json's "
                 f"heldout_end is from step {s.heldout_end_step}. The trained model is saved: evaluate it with "
-                f"python -m eapo_ray.evaluate --checkpoint {run_dir / 'final'}")
+                f"python -m eapo_ray.evaluate --config {run_dir / 'config.json'} --checkpoint {run_dir / 'final'} "
+                f"--data {cfg.data.heldout}" + (f" --limit {cfg.data.num_heldout}" if cfg.data.num_heldout else ""))
         s.metrics.close()
         s.metrics = None
         from eapo_ray.tools.plot import plot_run
 
         plot_run(run_dir)
+        if s.upload:
+            print(f"[eapo] uploaded {s.upload()} files to {cfg.storage_path.rstrip('/')}/{run_name}", flush=True)
     except KeyboardInterrupt:
-        ckpt = run_dir / "checkpoint"
-        hint = (f"; continue with: python -m eapo_ray.launch resume={run_dir}"
-                if ckpt.is_dir() and any(ckpt.iterdir()) else " (no checkpoint yet: set checkpoint_every to resume)")
-        print(f"[eapo] interrupted: shutting the run down{hint}", file=sys.stderr, flush=True)
+        # resume= takes the run's saved config: the command works as printed (no checkpoint yet: it starts over)
+        hint = "" if has_checkpoint(run_dir) else " (no checkpoint yet: it starts over from step 0, same config)"
+        print(f"[eapo] interrupted: shutting the run down; continue with: python -m eapo_ray.launch "
+              f"resume={run_dir}{hint}", file=sys.stderr, flush=True)
         raise
     finally:
         s.teardown()

@@ -1,5 +1,6 @@
-"""Start-up and teardown of a run's parts: Ray, the expert's Serve app, the buffer, the learner
-group, the rollout actors and the evaluator (`start_system`), and `System`, the handles of what
+"""Start-up and teardown of a run's parts: Ray, the learners' placement group (reserved first),
+the expert's Serve app, the buffer, the rollout actors, the evaluator and the learner group
+(`start_system`), and `System`, the handles of what
 was started, whose `teardown` (called in `finally`) releases each part on its own."""
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ class System:
     app_name: str | None = None  # the expert's Serve app (None: no expert this run)
     buffer: object = None
     learners: object = None  # learner.LearnerGroup
+    learner_pg: object = None  # the learners' placement group, reserved first (owned by `learners` once made)
     workers: list = field(default_factory=list)  # rollout actors
     fleet: object = None  # rollout.fleet.RolloutFleet
     evaluator: object = None
     evaluator_restarts: int = 0  # hung evaluators replaced (replace_hung_evaluator)
     metrics: MetricsLog | None = None
+    upload: object = None  # storage.sync_run for this run (config key storage_path): after each checkpoint, at the end
     accounting: object = None  # accounting.Accounting of this launch
     learner_restarts: int = 0  # learner groups rebuilt from a checkpoint
     rollbacks: list = field(default_factory=list)  # the version each rebuild went back to, in order
@@ -51,7 +54,8 @@ class System:
                      [w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=30)),
                  *[(f"rollout actor {i}", lambda w=w: ray.kill(w, no_restart=True)) for i, w in enumerate(self.workers)],
                  ("evaluator", lambda: self.evaluator and ray.kill(self.evaluator, no_restart=True)),
-                 ("learners", lambda: self.learners and self.learners.shutdown()),
+                 ("learners", lambda: self.learners.shutdown() if self.learners else (
+                     self.learner_pg and ray.util.remove_placement_group(self.learner_pg))),
                  ("buffer", lambda: self.buffer and ray.kill(self.buffer, no_restart=True))]
         if self.app_name:
             from ray import serve
@@ -91,15 +95,16 @@ def _restore_signals(held: dict) -> None:
 
 
 def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int:
-    """Ray, the Serve expert, buffer, learners, rollout actors and evaluator, filled into
-    `s` as they come up (so a failure half-way is torn down). Returns the policy version
-    (> 0 when resuming)."""
+    """Ray, the learners' placement group (reserved before anything else asks for resources:
+    docs/gpu.md, "Placement"), the Serve expert, buffer, rollout actors, evaluator and learners,
+    filled into `s` as they come up (so a failure half-way is torn down). Returns the policy
+    version (> 0 when resuming)."""
     import ray
     from ray import serve
 
     from eapo_ray.buffer import TrajectoryBuffer
     from eapo_ray.expert import run_expert_app
-    from eapo_ray.learner.group import LearnerGroup
+    from eapo_ray.learner.group import LearnerGroup, reserve_learners
     from eapo_ray.models import resolve_models
     from eapo_ray.rollout.actor import remote_worker_cls
     from eapo_ray.rollout.fleet import RolloutFleet
@@ -113,7 +118,17 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     print(f"[eapo] dashboard: {url or '(none)'}", flush=True)
     # where tools find this run's cluster (python -m eapo_ray.expert scale --run-dir ...)
     (run_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address + "\n")
+    # The learners' GPUs are reserved before any other part asks for resources (docs/gpu.md, "Placement"):
+    # started later, they could find the learner node's GPUs taken by an evaluator or rollout actor that
+    # has no node resource, and be split over nodes or starve (learner.group.reserve_learners)
+    s.learner_pg = reserve_learners(cfg, run_name)
+    print(f"[eapo] learners' resources reserved: {placement_summary(s.learner_pg)}", flush=True)
+    for warning in shared_learner_nodes(cfg, s.learner_pg):
+        print(f"[eapo] warning: {warning}", file=sys.stderr, flush=True)
     if cfg.acceptance.kind != "constant" or cfg.acceptance.start > 0:
+        from eapo_ray.expert_scale import start_bounds
+
+        start_bounds(cfg, run_name, run_dir)  # a resume keeps the replica bounds `expert scale` set
         s.app_name = f"{run_name}-expert"
         # no access line per expert request (the replica logs keep warnings and errors) unless --verbose
         logs = {} if cfg.verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
@@ -130,14 +145,10 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
         name=f"{run_name}-buffer", scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
     ).remote(cfg.buffer.capacity, cfg.buffer.max_staleness)
     # Rollout engines and the evaluator load their models while the learners set up.
-    s.workers = [remote_worker_cls().options(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus,
-                                             num_gpus=r.num_gpus, max_task_retries=0,
-                                             resources={r.node_resource: 1} if r.node_resource else None,
-                                             # a restarted engine cannot rejoin the NCCL weight group
-                                             max_restarts=0 if r.weight_sync == "nccl" else 3)
-                 .remote(cfg, i, s.app_name) for i in range(r.num_actors)]
+    s.workers = [remote_worker_cls().options(**rollout_actor_options(cfg, run_name, i)).remote(cfg, i, s.app_name)
+                 for i in range(r.num_actors)]
     s.evaluator = start_evaluator(cfg, run_name) if cfg.eval.enabled else None
-    s.learners = LearnerGroup(cfg, run_name)
+    s.learners = LearnerGroup(cfg, run_name, pg=s.learner_pg)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
     if s.app_name:
         wait_expert_running(s.app_name, ec.start_timeout_s)
@@ -145,23 +156,71 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches,
                            restart_timeout_s=r.restart_timeout_s)
     if r.weight_sync == "nccl":
-        start_nccl_weight_sync(s.learners, s.workers)
+        start_nccl_weight_sync(s.learners, s.workers, r, run_dir)
     return version
 
 
-def start_evaluator(cfg: RunConfig, name: str):
-    """The held-out evaluator actor (its own policy copy), preferring the driver's node (soft: a GPU
-    evaluator may go elsewhere)."""
+def rollout_actor_options(cfg: RunConfig, run_name: str, i: int) -> dict:
+    """Ray options of rollout actor `i`: one unit of rollout.node_resource when set (only the rollout
+    nodes advertise it: at most that many actors per node, none elsewhere)."""
+    r = cfg.rollout
+    return dict(name=f"{run_name}-rollout-{i}", num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_task_retries=0,
+                resources={r.node_resource: 1} if r.node_resource else None,
+                # a restarted engine cannot rejoin the NCCL weight group
+                max_restarts=0 if r.weight_sync == "nccl" else 3)
+
+
+def evaluator_options(cfg: RunConfig, name: str) -> dict:
+    """Ray options of the evaluator: one unit of eval.node_resource when set (e.g. the rollout nodes'
+    resource, for the rollout node's spare GPU); otherwise a soft preference for the driver's node
+    (a GPU evaluator goes wherever a GPU is free: on a multi-node GPU cluster set eval.node_resource)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    e = cfg.eval
+    where = ({"resources": {e.node_resource: 1}} if e.node_resource else
+             {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)})
+    return dict(name=f"{name}-evaluator", num_cpus=e.num_cpus, num_gpus=e.num_gpus, **where)
+
+
+def start_evaluator(cfg: RunConfig, name: str):
+    """The held-out evaluator actor (its own policy copy), placed by evaluator_options."""
+    import ray
+
     from eapo_ray.evaluate import Evaluator
 
-    here = ray.get_runtime_context().get_node_id()
-    return ray.remote(Evaluator).options(name=f"{name}-evaluator", num_cpus=cfg.eval.num_cpus,
-                                         num_gpus=cfg.eval.num_gpus,
-                                         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-                                         ).remote(cfg)
+    return ray.remote(Evaluator).options(**evaluator_options(cfg, name)).remote(cfg)
+
+
+def placement_summary(pg) -> str:
+    """How a placement group's bundles lie on the nodes: "4 bundles on 1 node (ab12cd34: 4)"."""
+    from collections import Counter
+
+    from ray.util import placement_group_table
+
+    nodes = Counter(placement_group_table(pg).get("bundles_to_node_id", {}).values())
+    where = ", ".join(f"{node[:8]}: {k}" for node, k in nodes.items())
+    return f"{sum(nodes.values())} bundles on {len(nodes)} node{'s' * (len(nodes) != 1)} ({where})"
+
+
+def shared_learner_nodes(cfg: RunConfig, pg) -> list[str]:
+    """A line per node the learners were placed on that advertises another role's node resource
+    (possible only without learner.node_resource): they took GPUs meant for that role."""
+    import ray
+    from ray.util import placement_group_table
+
+    roles = {"rollout.node_resource": cfg.rollout.node_resource, "eval.node_resource": cfg.eval.node_resource,
+             "expert.node_resource": cfg.expert.node_resource}
+    placed = set(placement_group_table(pg).get("bundles_to_node_id", {}).values())
+    out = []
+    for node in ray.nodes():
+        if node.get("NodeID") in placed:
+            theirs = [f"{k}={v}" for k, v in roles.items() if v and node.get("Resources", {}).get(v, 0) > 0]
+            if theirs:
+                out.append(f"learners placed on node {node['NodeID'][:8]}, which advertises {', '.join(theirs)}: "
+                           "set learner.node_resource to a resource only the learner nodes advertise "
+                           "(docs/gpu.md, \"Placement\")")
+    return out
 
 
 
@@ -197,9 +256,44 @@ def wait_expert_running(app_name: str, timeout_s: float, poll_s: float = 0.25) -
         time.sleep(poll_s)
 
 
-def start_nccl_weight_sync(learners, workers) -> float:
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a run that stopped: the resume command when it has a checkpoint."""
+    if (Path(run_dir) / "checkpoint" / "latest").exists():  # resume takes the run's saved config as its base
+        return f"Continue from the last checkpoint with: python -m eapo_ray.launch resume={run_dir}"
+    return (f"There is no checkpoint yet: python -m eapo_ray.launch resume={run_dir} starts the run over with its "
+            "saved config")
+
+
+def sync_nccl_weights(rc, learners, workers, run_dir: Path, when: str) -> float:
+    """One NCCL weight sync under the run's deadlines (weight_sync.sync_engines: drain every engine
+    within rollout.pause_timeout_s, broadcast within rollout.sync_timeout_s, resume every engine
+    in any case). A failure raises WeightSyncError naming `when` and the resume command."""
+    from eapo_ray.weight_sync import WeightSyncError, sync_engines
+
+    try:
+        return sync_engines(learners, workers, drain_timeout_s=rc.pause_timeout_s, sync_timeout_s=rc.sync_timeout_s)
+    except WeightSyncError as e:
+        raise WeightSyncError(f"the NCCL weight sync {when} failed: {e}; every rollout engine was resumed and the "
+                              f"run stops (the learners may be stuck in the broadcast). {resume_hint(run_dir)}") from None
+
+
+def start_nccl_weight_sync(learners, workers, rc=None, run_dir: Path | None = None) -> float:
     """GPU path: open the NCCL group between learner rank 0 and every rollout engine, then
     send the current weights at once (engines start from the base model; after a resume the
-    learner is ahead of them). Returns the seconds the first sync took."""
-    learners.init_weight_sync(workers)
-    return learners.sync_weights()
+    learner is ahead of them). Returns the seconds the first sync took. With `rc` (cfg.rollout)
+    both are bounded (rollout.sync_timeout_s) and a failure raises WeightSyncError."""
+    if rc is None:
+        learners.init_weight_sync(workers)
+        return learners.sync_weights()
+    import ray
+
+    from eapo_ray.weight_sync import WeightSyncError, first_line
+
+    try:
+        learners.init_weight_sync(workers, timeout_s=rc.sync_timeout_s)
+    except Exception as e:  # noqa: BLE001 -- a timeout (GetTimeoutError) or an engine/learner failure
+        why = (f"not open within rollout.sync_timeout_s={rc.sync_timeout_s:g} s"
+               if isinstance(e, ray.exceptions.GetTimeoutError) else first_line(e))
+        raise WeightSyncError(f"the NCCL weight group between the learners and the rollout engines could not be "
+                              f"opened ({why}). {resume_hint(run_dir or Path('.'))}") from None
+    return sync_nccl_weights(rc, learners, workers, run_dir or Path("."), "at start")

@@ -4,5 +4,5 @@ the batches pulled from the buffer, then rank 0 publishes the full weights once 
 object store with a version number.
 
 One module per part: `forward` (the log-prob forward, PolicyLogProbs), `actor` (one rank: the
-Learner actor), `stats` (a step's DeepSpeed config, batch fetch and loss statistics) and `group`
-(the group, its placement and the fan-out)."""
+Learner actor), `checkpoints` (its checkpoint tags, pruned), `stats` (a step's DeepSpeed config,
+batch fetch and loss statistics) and `group` (the group, its placement and the fan-out)."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import shutil
 import socket
 import sys
 import time
@@ -22,30 +20,18 @@ from eapo_ray.algo.batching import (
     collate_responses,
     merge_batches,
     padded_tokens,
+    sample_rows,
     split_batch,
     split_by_length,
     split_by_tokens,
     split_shared,
 )
 from eapo_ray.algo.losses import kept_mask, log_importance, luffy_loss, normaliser, policy_loss, sft_loss
-from eapo_ray.algo.schedules import expert_sft_weight
+from eapo_ray.algo.schedules import expert_sft_weight, replay_weight
 from eapo_ray.config import RunConfig
+from eapo_ray.learner.checkpoints import prune_checkpoints
 from eapo_ray.learner.forward import LOGP_CHUNK_TOKENS, PolicyLogProbs, sharing_agrees, unshareable
 from eapo_ray.learner.stats import StepStats, add_gap, ds_config, fetch_batches, luffy_mask
-
-
-def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Delete all but the newest `keep_last` DeepSpeed tag directories step<version> (never the
-    one the `latest` file names); keep_last <= 0 keeps all. Returns the deleted tags."""
-    if keep_last <= 0:
-        return []
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
-    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)),
-                  key=lambda p: int(p.name[4:]))
-    old = [p for p in tags[:-keep_last] if p.name != latest]
-    for p in old:
-        shutil.rmtree(p)
-    return [p.name for p in old]
 
 
 class Learner:
@@ -133,24 +119,28 @@ class Learner:
         exactly these weights (`logp_gap_*`: engine vs learner numerics, ~0 when they agree)."""
         c, shares, gap, on_gap = self.cfg, [], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]  # sum, count, max
         for mb, old in zip(micro, olds):
-            pol = sft = luffy = 0.0
+            pol = sft = luffy = replay = 0.0
             for b, o in zip(mb, old):
                 if b is None:
                     continue
-                pol += float(normaliser(kept_mask(o, b["behav_logp"], b["policy_mask"], c.loss), c.loss.agg,
+                keep = kept_mask(o, b["behav_logp"], b["policy_mask"], c.loss)
+                # replay-view rows (algo.replay) carry no policy tokens; they are not sequences of the policy loss
+                view = b.get("view")
+                pol += float(normaliser(keep if view is None else keep[view == 0], c.loss.agg,
                                         c.rollout.max_response_tokens))
                 sft += float(b["expert_mask"].sum())
                 luffy += float(luffy_mask(b).sum())
+                replay += float(b["replay_mask"].sum()) if "replay_mask" in b else 0.0
                 log_w, finite = log_importance(o, b["behav_logp"])
                 on = (b["policy_mask"] > 0) & finite
                 gap = add_gap(gap, log_w, on)
                 on_gap = add_gap(on_gap, log_w, on & (b["version"] == self.version)[:, None])
-            shares += [pol, sft, luffy]
+            shares += [pol, sft, luffy, replay]
         *shares, gsum, gcount, osum, ocount = self._all_reduce(shares + gap[:2] + on_gap[:2])
         gmax, omax = self._all_reduce([gap[2], on_gap[2]], ReduceOp.MAX)
         norms = [{"policy": max(p, 1.0) / self.world_size, "sft": max(e, 1.0) / self.world_size,
-                  "luffy": max(f, 1.0) / self.world_size}
-                 for p, e, f in zip(shares[0::3], shares[1::3], shares[2::3])]
+                  "luffy": max(f, 1.0) / self.world_size, "replay": max(r, 1.0) / self.world_size}
+                 for p, e, f, r in zip(shares[0::4], shares[1::4], shares[2::4], shares[3::4])]
         return norms, {"behav_gap_mean": gsum / gcount if gcount else 0.0, "behav_gap_max": gmax,
                        "logp_gap_mean": osum / ocount if ocount else 0.0, "logp_gap_max": omax,
                        "logp_gap_tokens": ocount}
@@ -174,6 +164,11 @@ class Learner:
                                  denom=norm["luffy"])
             loss = loss + c.algo.luffy_coef * lf
             st = {**st, "luffy_loss": float(lf.detach()), **lst}
+        if c.algo.expert_token_channel in ("replay", "own_steps"):  # the views' expert-answer tokens (algo.replay)
+            w = replay_weight(c.algo, b["accept_prob"], b["advantage"])
+            loss = loss + sft_loss(logp, b["replay_mask"], denom=norm["replay"], weight=w)
+            st = {**st, "replay_loss": float(sft_loss(logp.detach(), b["replay_mask"], denom=norm["replay"])),
+                  "replay_tokens": float(b["replay_mask"].sum())}
         acc.add(st, loss.item(), None if sft is None else sft.item())
         return loss
 
@@ -181,7 +176,7 @@ class Learner:
         """One policy update: `boxes` = [[ref], ...] of batches from the buffer; this rank
         trains on its 1/world_size slice of their samples. Collective: all ranks."""
         t0 = time.time()
-        c, lc = self.cfg, self.cfg.learner
+        lc = self.cfg.learner
         fetched = fetch_batches(boxes)
         t_fetch = time.time()
         # Train only on the batches every rank got: ranks that split different batches would run
@@ -229,7 +224,7 @@ class Learner:
                 olds = [[self._logp(b, chunks) for b in mb] for mb in micro]
             norms, gap = self._normalisers(micro, olds)
             tm["old_logp_s"] = time.time() - t_prep
-        acc, n_updates = StepStats(sft=c.algo.expert_sft_coef > 0, luffy=c.algo.expert_token_channel == "luffy"), 0
+        acc, n_updates = StepStats.of(self.cfg.algo), 0
         for _ in range(lc.epochs):
             for i, mb in enumerate(micro):
                 if not mb:
@@ -252,7 +247,7 @@ class Learner:
                 n_updates += 1
         self.version += 1
         stats = {**acc.reduce(self._all_reduce, self.world_size, n_updates), **gap} if n_updates else {}
-        stats["learner_samples"] = len(shard["input_ids"])
+        stats["learner_samples"] = sample_rows(shard)
         stats["lost_batches"] = lost
         stats["train_seconds"] = time.time() - t0
         # the breakdown: fetch (ray.get of the batches), prep (merge, split, collate), pi_old pass (0 when
@@ -267,7 +262,7 @@ class Learner:
         minibatch), take their detached log-probs as pi_old, then loss and backward one by one
         with the minibatch's global denominators, and one optimizer step. The same loss and
         gradient as one padded pass over the minibatch (up to float summation order)."""
-        acc = StepStats(sft=self.cfg.algo.expert_sft_coef > 0, luffy=self.cfg.algo.expert_token_channel == "luffy")
+        acc = StepStats.of(self.cfg.algo)
         t = time.time()
         logps = [self._logp(b, chunks) for b in mb]
         olds = [[lp.detach() for lp in logps]]
@@ -286,7 +281,7 @@ class Learner:
         tm["optim_s"] += time.time() - t
         self.version += 1
         stats = {**acc.reduce(self._all_reduce, self.world_size, 1), **gap}
-        stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
+        stats.update(learner_samples=sample_rows(shard), lost_batches=lost, train_seconds=time.time() - t0,
                      fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
         stats["staleness"] = self.version - 1 - min((min(b["version"]) for b in batches), default=self.version - 1)
         return stats
@@ -297,7 +292,7 @@ class Learner:
         the response micro-batches (by response length), their detached log-probs as pi_old, the
         loss over all of them with the minibatch's global denominators, one backward, one step.
         The same loss and gradient as `_train_buckets` (float order aside; tested)."""
-        acc = StepStats(sft=self.cfg.algo.expert_sft_coef > 0, luffy=self.cfg.algo.expert_token_channel == "luffy")
+        acc = StepStats.of(self.cfg.algo)
         pad, dev = self.tokenizer.pad_token_id or 0, self.engine.device
         prompts, parts = split_shared(shard)
         if parts:
@@ -326,7 +321,7 @@ class Learner:
         tm["optim_s"] = time.time() - t
         self.version += 1
         stats = {**acc.reduce(self._all_reduce, self.world_size, 1), **gap}
-        stats.update(learner_samples=len(shard["input_ids"]), lost_batches=lost, train_seconds=time.time() - t0,
+        stats.update(learner_samples=sample_rows(shard), lost_batches=lost, train_seconds=time.time() - t0,
                      fetch_s=t_fetch - t0, prep_s=t_prep - t_fetch, **tm)
         # tokens through the model on this rank (rank 0's in the metrics)
         stats["forward_tokens"] = PolicyLogProbs.shared_tokens(shared["prompt_ids"], mb) if parts else 0
@@ -357,7 +352,7 @@ class Learner:
         r = self.cfg.rollout
         addr, port = self.endpoint() if self.rank == 0 else ("", 0)
         self.weight_sync = NCCLWeightSync(
-            self.model, rank=self.rank, zero3=self.cfg.learner.zero_stage == 3, actors=rollout_actors,
+            self.model, rank=self.rank, zero3=self.cfg.learner.zero_stage == 3, actors=rollout_actors, timeout_s=r.sync_timeout_s,
             tp=r.vllm.tensor_parallel_size, bucket_mb=r.sync_bucket_mb, master_address=addr, master_port=port)
 
     def sync_weights(self) -> float:

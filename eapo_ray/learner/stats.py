@@ -45,10 +45,17 @@ class StepStats:
     """Loss statistics of one train step, summed over micro-batches (weighted by their token
     counts), then over ranks: the same numbers on every rank."""
     SUMS = ("loss", "expert_sft_loss", "clip_frac", "kl_behav", "kept_tokens", "is_weight_mean", "dropped_frac",
-            "policy_tokens", "luffy_loss", "luffy_shaped", "luffy_tokens")
+            "policy_tokens", "luffy_loss", "luffy_shaped", "luffy_tokens", "replay_loss", "replay_tokens")
 
-    def __init__(self, sft: bool, luffy: bool = False):
+    def __init__(self, sft: bool, luffy: bool = False, replay: bool = False):
         self.sums, self.weight_max, self.sft, self.luffy = dict.fromkeys(self.SUMS, 0.0), float("-inf"), sft, luffy
+        self.replay = replay
+
+    @classmethod
+    def of(cls, algo) -> "StepStats":
+        """The statistics a run's channels (config.AlgoConfig) report."""
+        return cls(sft=algo.expert_sft_coef > 0, luffy=algo.expert_token_channel == "luffy",
+                   replay=algo.expert_token_channel in ("replay", "own_steps"))
 
     def add(self, st: dict, loss: float, sft: float | None):
         kept, policy = st["kept_tokens"], st["policy_tokens"]
@@ -57,7 +64,8 @@ class StepStats:
                      "is_weight_mean": st["is_weight_mean"] * policy, "dropped_frac": st["dropped_frac"] * policy,
                      "policy_tokens": policy, "luffy_loss": st.get("luffy_loss", 0.0),
                      "luffy_shaped": st.get("luffy_shaped_mean", 0.0) * st.get("luffy_tokens", 0.0),
-                     "luffy_tokens": st.get("luffy_tokens", 0.0)}.items():
+                     "luffy_tokens": st.get("luffy_tokens", 0.0), "replay_loss": st.get("replay_loss", 0.0),
+                     "replay_tokens": st.get("replay_tokens", 0.0)}.items():
             self.sums[k] += v
         if policy:
             self.weight_max = max(self.weight_max, st["is_weight_max"])
@@ -78,6 +86,9 @@ class StepStats:
             out["luffy_loss"] = t["luffy_loss"] / world_size / n_updates
             out["luffy_shaped_mean"] = t["luffy_shaped"] / max(t["luffy_tokens"], 1.0)
             out["luffy_tokens"] = t["luffy_tokens"] / n_updates
+        if self.replay:  # the replay channel: its unweighted NLL per update, view answer tokens per update
+            out["replay_loss"] = t["replay_loss"] / world_size / n_updates
+            out["replay_tokens"] = t["replay_tokens"] / n_updates
         return out
 
 

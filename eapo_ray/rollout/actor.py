@@ -24,7 +24,7 @@ import torch
 from eapo_ray.algo import reward
 from eapo_ray.algo.batching import assign_advantages, to_batch
 from eapo_ray.config import RunConfig
-from eapo_ray.data import encode_prompt, train_examples
+from eapo_ray.data import encode_prompt, train_examples, zero_reward_causes
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
 from eapo_ray.rollout.factory import hf_options, make_engine
@@ -32,7 +32,10 @@ from eapo_ray.timing import Overlap
 from eapo_ray.weight_sync import load_published
 
 WEIGHTS_GROUP = "weights"
-CONCURRENCY_GROUPS = {WEIGHTS_GROUP: 1}  # pass to .options(concurrency_groups=...) with ray.remote(RolloutWorker)
+# The driver's pause/resume around an NCCL sync (weight_sync.sync_engines): a group of their own, so a
+# resume is never queued behind a weight update stuck in NCCL, nor behind a drain that is still waiting.
+CONTROL_GROUP = "control"
+CONCURRENCY_GROUPS = {WEIGHTS_GROUP: 1, CONTROL_GROUP: 2}  # for .options(concurrency_groups=...) / ray.remote
 
 
 class ServeExpert:
@@ -152,6 +155,7 @@ class RolloutWorker:
         d = cfg.data
         self.data = train_examples(cfg)
         self.prompts = [encode_prompt(self.tok, d, ex.problem) for ex in self.data]
+        self.has_chat_template = bool(getattr(self.tok, "chat_template", None))  # for zero_reward_causes
         self.expert = ServeExpert(expert_app, cfg.expert.timeout_s, cfg.run_name, index) if expert_app else None
 
     def ping(self) -> str:
@@ -168,8 +172,20 @@ class RolloutWorker:
     def init_weight_transfer_engine(self, request):
         self.engine.init_weight_transfer_engine(request)
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def pause_generation(self, timeout_s: float) -> None:
+        """The driver's drain before an NCCL sync: stop new requests, wait (at most `timeout_s`)
+        for the ones in flight; TimeoutError (generation resumed) if they do not finish."""
+        self.gen.pause(timeout_s=timeout_s)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def resume_generation(self) -> None:
+        """The driver's resume after an NCCL sync, also a failed one (idempotent)."""
+        self.gen.resume()
+
     @ray.method(concurrency_group=WEIGHTS_GROUP)
     def start_weight_update(self):
+        # already drained by the driver (pause_generation): returns at once; the wait is for direct callers
         self.gen.pause(timeout_s=self.cfg.rollout.pause_timeout_s)
         try:
             self.engine.start_weight_update()
@@ -211,9 +227,10 @@ class RolloutWorker:
             idx = [rng.randrange(len(self.data)) for _ in range(r.prompts_per_batch - len(kept) // r.group_size)]
             prompts = [self.prompts[i] for i in idx for _ in range(r.group_size)]
             golds = [self.data[i].answer for i in idx for _ in range(r.group_size)]
+            rows = [self.data[i].row() for i in idx for _ in range(r.group_size)] if c.reward.fn else None
             groups = [draw * 10_000 + k for k in range(len(idx)) for _ in range(r.group_size)]
             trajs = run_episodes(self.gen, self.tok, prompts, golds, settings, expert=self.expert, rng=rng,
-                                 groups=groups, timer=timer)
+                                 groups=groups, timer=timer, rows=rows)
             t_pack = time.time()
             all_trajs += trajs
             k, d = assign_advantages(trajs, adv_scale=c.algo.adv_scale, consult_cost=c.algo.consult_cost,
@@ -238,8 +255,15 @@ class RolloutWorker:
             "response_len": sum(len(t.response_ids) for t in all_trajs) / n,
             "gen_seconds": time.time() - t0,
         }
+        if not any(t.reward for t in all_trajs):  # printed once by the driver (data.warn_zero_reward)
+            stats["zero_reward_causes"] = zero_reward_causes(
+                c, tokenizer_has_chat_template=self.has_chat_template, overlong_frac=stats["overlong_frac"],
+                formatted_frac=sum(t.formatted for t in all_trajs) / n)
         t_pack = time.time()
-        batch = to_batch(kept, c.algo.overlong_filter) if kept else None
+        # replay views (algo.expert_token_channel replay) of every sample with accepted replies, dropped groups'
+        # too (their advantage is 0: the advantage-weighted variant gives them no weight)
+        batch = to_batch(kept, c.algo.overlong_filter, views=all_trajs) if kept else None
+        stats["replay_views"] = sum(batch["view"]) if batch else 0
         # the breakdown (seconds of wall time): engine = some generation in flight; expert_wait = an
         # expert query in flight and no generation (the batch blocked on the expert); reward = grading
         stats.update(load_weights_s=load_s, engine_s=timer.busy_s("engine"), expert_busy_s=timer.busy_s("expert"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from eapo_ray.algo.protocol import ExpertReply, ProtocolConfig, parse_action, render_replies
+from eapo_ray.algo.replay import TurnRecord, encode_view, own_step_pieces, own_step_sites, replay_pieces
 from eapo_ray.algo.reward import RewardConfig, quick_score, score
 from eapo_ray.algo.sampling import turn_seed
 from eapo_ray.algo.schedules import acceptance_prob, training_turns
@@ -39,6 +40,12 @@ class EpisodeSettings:
     temperature: float  # 0 = greedy
     accept_prob: float = 0.0  # probability that a query is answered (0: every consult reads "unavailable")
     ban_consult: bool = False  # the consult tag can never be written (evaluating the policy alone)
+    # algo.expert_token_channel "replay": the step template that rewrites accepted replies as the
+    # policy's own steps in each sample's replay view (algo.replay); "": no view
+    replay_template: str = ""
+    # algo.expert_token_channel "own_steps" (the matched-dose control): the regex of the policy's own steps
+    # that get an expert answer, each with probability accept_prob, into the sample's view; "": none
+    own_step_pattern: str = ""
 
     @classmethod
     def for_training(cls, cfg, step: int, *, with_expert: bool = True) -> "EpisodeSettings":
@@ -52,7 +59,9 @@ class EpisodeSettings:
         return cls(cfg.protocol, cfg.reward,
                    max_turns=training_turns(step, r.train_turns, r.eval_turns, horizon, r.min_train_turns),
                    max_new_tokens_per_turn=r.max_new_tokens_per_turn, max_response_tokens=r.max_response_tokens,
-                   temperature=r.temperature, accept_prob=rho)
+                   temperature=r.temperature, accept_prob=rho, ban_consult=r.ban_consult,
+                   replay_template=cfg.algo.replay_step_template if cfg.algo.expert_token_channel == "replay" else "",
+                   own_step_pattern=cfg.algo.own_step_pattern if cfg.algo.expert_token_channel == "own_steps" else "")
 
     @classmethod
     def for_eval(cls, cfg, *, temperature: float, with_expert: bool = False,
@@ -90,6 +99,10 @@ class Trajectory:
     turns: int = 0
     overlong: bool = False  # cut off by the token budget
     advantage: float = 0.0  # set by algo.batching.assign_advantages for kept samples
+    # the replay view (algo.replay; EpisodeSettings.replay_template): the response in the evaluation format
+    # and the mask of its expert-answer tokens; None for a sample without one
+    replay_ids: list[int] | None = None
+    replay_mask: list[int] | None = None
 
     def extend(self, ids, logps=None, expert_mask=None, expert_logp=None):
         """Append policy tokens (with their log-probs) or observation tokens (without)."""
@@ -137,7 +150,7 @@ def observation_ids(tokenizer, replies: list, accepted: list[bool], proto: Proto
 
 
 async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettings, *, expert: ExpertFn | None,
-                      rng: random.Random, timer: Overlap | None = None) -> Trajectory:
+                      rng: random.Random, timer: Overlap | None = None, row: dict | None = None) -> Trajectory:
     """Run one episode to the end and score it. Each generation and each expert call is
     awaited, so a batch of episodes interleaves: while some wait for the expert, others
     generate. `timer` (optional) records the wall time of generation ("engine"), expert calls
@@ -149,6 +162,7 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
     episode_seed = rng.getrandbits(63)
     stop, ban = [proto.consult_close, proto.answer_close], [proto.consult_open] if s.ban_consult else []
     final_text = ""  # the policy's own last turn: the only text the reward reads
+    turns: list[TurnRecord] = []  # for the replay view
     for turn in range(max_turns):
         room = max_response_tokens - len(t.response_ids)
         # the last turn gets all the room that is left, so a turn budget of 1 does not halve the cap
@@ -164,8 +178,10 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
             t.consults += len(action.queries)
         if g.finish == "length":  # cut off before a consult or an answer closed: overlong, not wrong
             t.overlong = True
+            turns.append(TurnRecord(final_text))
             break
         if action.kind != "consult" or turn == max_turns - 1:
+            turns.append(TurnRecord(final_text, tuple(action.queries)))  # a last-turn consult: no replies
             break
         flags = [expert is not None and rng.random() < s.accept_prob for _ in action.queries]
         asked = [q for q, f in zip(action.queries, flags) if f]
@@ -174,6 +190,7 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         replies = [next(answers) if f else None for f in flags]
         t.accepted += sum(r is not None for r in replies)
         t.expert_failures += sum(f and r is None for r, f in zip(replies, flags))
+        turns.append(TurnRecord(final_text, tuple(action.queries), tuple(replies)))
         ids, mask, elogp = observation_ids(tokenizer, replies, flags, proto)
         room = max_response_tokens - len(t.response_ids)
         if len(ids) >= room:  # no room left to continue after the observation
@@ -193,9 +210,36 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
         r = quick_score(final_text, t.gold, s.reward, proto)
         if r is None:
             r = await asyncio.get_running_loop().run_in_executor(_GRADER_THREAD, score, final_text, t.gold, s.reward,
-                                                                 proto)
+                                                                 proto, row)  # row: the problem row, for reward.fn
     t.reward, t.correct, t.formatted = r.reward, r.correct, r.formatted
+    if s.replay_template and t.accepted:
+        pieces = replay_pieces(turns, proto, s.replay_template)
+        if pieces:
+            ids, mask = encode_view(lambda x: tokenizer.encode(x, add_special_tokens=False), pieces)
+            t.replay_ids, t.replay_mask = ids[:max_response_tokens], mask[:max_response_tokens]
+    if s.own_step_pattern and expert is not None and s.accept_prob > 0:
+        await _own_step_view(t, tokenizer, s, expert, rng, timer)
     return t
+
+
+async def _own_step_view(t: Trajectory, tokenizer, s: EpisodeSettings, expert: ExpertFn, rng: random.Random,
+                         timer) -> None:
+    """The matched-dose control's view (algo.expert_token_channel own_steps): each of the policy's
+    own steps matching `s.own_step_pattern` is sent to the expert with probability rho (as a
+    consult would be accepted), and the sample's view is its own response with those steps'
+    answers replaced by the expert's (`t.accepted` counts them: the dose)."""
+    text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
+    sites = [x for x in own_step_sites(text, s.own_step_pattern) if rng.random() < s.accept_prob]
+    if not sites:
+        return
+    with timer.busy("expert"):
+        replies = await _ask(expert, [q for _, _, q in sites])
+    t.accepted += sum(r is not None for r in replies)
+    t.expert_failures += sum(r is None for r in replies)
+    pieces = own_step_pieces(text, sites, replies)
+    if pieces:
+        ids, mask = encode_view(lambda x: tokenizer.encode(x, add_special_tokens=False), pieces)
+        t.replay_ids, t.replay_mask = ids[:s.max_response_tokens], mask[:s.max_response_tokens]
 
 
 _GRADER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eapo-grade")
@@ -217,7 +261,7 @@ async def _ask(expert: ExpertFn, queries: list[str]) -> list[str | None]:
 
 def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: list[str], settings: EpisodeSettings, *,
                  expert: ExpertFn | None, rng: random.Random, groups: list[int] | None = None,
-                 timer: Overlap | None = None) -> list[Trajectory]:
+                 timer: Overlap | None = None, rows: list[dict] | None = None) -> list[Trajectory]:
     """Run one episode per prompt, all in flight at once, and score them. `expert=None` or
     `settings.accept_prob=0` means no help; consult turns then get "unavailable"."""
     trajs = [Trajectory(list(p), gold=g, group=(groups[i] if groups else i), version=engine.version,
@@ -228,7 +272,8 @@ def run_episodes(engine: Engine, tokenizer, prompts: list[list[int]], golds: lis
     rngs = [random.Random(rng.getrandbits(64)) for _ in trajs]
 
     async def all_episodes():
-        return await asyncio.gather(*[run_episode(engine, tokenizer, t, settings, expert=expert, rng=r, timer=timer)
-                                      for t, r in zip(trajs, rngs)])
+        return await asyncio.gather(*[run_episode(engine, tokenizer, t, settings, expert=expert, rng=r, timer=timer,
+                                                  row=rows[i] if rows else None)  # rows: reward.fn's problem rows
+                                      for i, (t, r) in enumerate(zip(trajs, rngs))])
 
     return asyncio.run(all_episodes())

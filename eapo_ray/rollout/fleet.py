@@ -22,6 +22,8 @@ from typing import Any
 
 import ray
 
+from eapo_ray.data import warn_zero_reward
+
 
 class FleetError(RuntimeError):
     pass
@@ -94,6 +96,7 @@ class RolloutFleet:
                 out.append(self._failed(worker, e))
                 continue
             self.failures[worker] = 0
+            warn_zero_reward(stats)  # the first batch with zero reward everywhere: its likely causes, once
             self.empty_in_a_row = 0 if stats["kept_samples"] else self.empty_in_a_row + 1
             if self.empty_in_a_row >= self.max_empty:
                 raise FleetError(

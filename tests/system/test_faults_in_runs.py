@@ -158,28 +158,58 @@ def _weights_base() -> dict:
     return load_file(str(TINY_DIR / "policy" / "model.safetensors"))
 
 
-def test_expert_scale_cli_changes_replica_bounds_while_training_goes_on(tmp_path):
-    """`python -m eapo_ray.expert scale --run-dir DIR --min 2 --max 2` on a running launch whose
-    expert was capped at 1 replica: the app comes back RUNNING with 2 replicas and the run keeps
-    taking steps. Then `kill` (SIGTERM to the driver alone) stops it: exit 130, the resume
-    command named, and no process of the run left (both replicas included)."""
+def _replica_pids(run: Launch, app: str) -> set:
+    return {q.pid for q in run.descendants() if f"ServeReplica:{app}" in cmdline(q)}
+
+
+def test_expert_scale_changes_only_the_bounds_keeps_the_replicas_and_survives_a_resume(tmp_path):
+    """`python -m eapo_ray.expert scale --run-name R --address A --min 2 --max 2`, run outside the run
+    directory, on a launch whose expert was capped at 1 replica: the replica that served before
+    still serves (same process: no model reload; a Python serve.run redeploy replaced it) beside a
+    second one, and training goes on. Bounds that cannot be reached in --timeout exit 1. The bounds
+    reach the run directory (the driver copies the cluster's record at its checkpoints), and a
+    resumed run (a fresh local cluster) starts its expert with them, not the config's 1-1."""
     run = Launch(tmp_path, "scale", "steps=100", "acceptance.kind=constant", "acceptance.start=1.0",
                  "checkpoint_every=1",  # so the interrupted run names its resume command
                  "expert.max_replicas=1")  # so the second replica can only come from the CLI
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+
+    def cli(*args, timeout=300):
+        return subprocess.run([sys.executable, "-m", "eapo_ray.expert", "scale", "--run-name", "scale", "--address",
+                               addr, *args], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+                              text=True, timeout=timeout)
+    resumed = None
     try:
         run.wait_for(r"^\[eapo\] step 1/100")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
-        p = subprocess.run([sys.executable, "-m", "eapo_ray.expert", "scale", "--run-dir", str(run.run_dir),
-                            "--min", "2", "--max", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
+        addr = (run.run_dir / "ray_address").read_text().strip()
+        before = _replica_pids(run, "scale-expert")
+        assert len(before) == 1
+        p = cli("--min", "2", "--max", "2")
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert "'RUNNING': 2" in p.stdout, p.stdout
-        assert len([q for q in run.descendants() if "ServeReplica:scale-expert" in " ".join(q.cmdline())]) == 2
+        assert "1-1 -> 2-2" in p.stdout and "'RUNNING': 2" in p.stdout, p.stdout
+        after = _replica_pids(run, "scale-expert")
+        assert before < after and len(after) == 2, (before, after)  # the serving replica kept its process
+        t0 = time.time()
+        p = cli("--min", "40", "--max", "40", "--timeout", "3")
+        assert p.returncode == 1 and "not within 40-40" in p.stderr and time.time() - t0 < 60, p.stderr[-3000:]
+        p = cli("--min", "2", "--max", "2")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert before < _replica_pids(run, "scale-expert")
         n = len(re.findall(r"^\[eapo\] step \d+/100", run.log, re.M))
-        run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on
+        run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on, checkpoints taken
+        rec = json.loads((run.run_dir / "expert_bounds.json").read_text())
+        assert (rec["min_replicas"], rec["max_replicas"]) == (2, 2), rec
         interrupt_and_check_nothing_is_left(run, "sigterm")
+        resumed = Launch(tmp_path, "scale", "steps=100", f"resume={run.run_dir}", "expert.max_replicas=1",
+                         out_name="resumed.out")
+        resumed.wait_for(r"^\[eapo\] expert Serve app 'scale-expert' up \(2-2 replicas\)")
+        assert "expert replicas 2-2, as `python -m eapo_ray.expert scale` set them" in resumed.log, resumed.log[-3000:]
+        resumed.wait_for(r"^\[eapo\] step \d+/100")
+        assert len(_replica_pids(resumed, "scale-expert")) == 2
     finally:
         run.kill_all()
+        if resumed is not None:
+            resumed.kill_all()
 
 
 def _ray_titles(root: psutil.Process) -> list[str]:

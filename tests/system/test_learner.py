@@ -72,3 +72,41 @@ def test_learners_that_cannot_be_placed_fail_clearly_within_the_bound(ray_local)
     assert "learner.num_cpus" in str(e.value)
     states = [pg["state"] for pg in placement_group_table().values() if pg["name"] == "unplaceable-learners"]
     assert states and all(st == "REMOVED" for st in states), states
+
+
+def test_learners_pinned_to_a_node_resource_no_node_has_fail_clearly(ray_local):
+    """learner.node_resource names a resource no node advertises (a cluster whose learner nodes
+    are not up, or a typo): every bundle asks one unit of it, so the learners are placed nowhere
+    else; the error names it (asked 2, the cluster has none) and the strategy."""
+    from eapo_ray.learner.group import PlacementError, reserve_learners
+
+    cfg = load_config(None, ["learner.num_learners=2", "learner.node_resource=learner_node",
+                             "learner.placement_strategy=STRICT_PACK", "learner.placement_timeout_s=2"])
+    with pytest.raises(PlacementError, match=r"2 x \{CPU 0.5, learner_node 1\} = CPU 1, learner_node 2; "
+                                             r"the cluster has CPU 4 .*learner.placement_strategy=STRICT_PACK"):
+        reserve_learners(cfg, "pinned")
+
+
+def test_a_rebuilt_learner_group_reuses_the_reserved_placement_group(ray_local):
+    """The driver reserves the learners' placement group before the other parts start and a
+    rebuild (driver/recovery.py) hands the old group's to the new one: the reservation is never
+    released in between (another role's pending actor could take its GPUs). The new learners run
+    in the same bundles; the last shutdown removes the group."""
+    ray = ray_local
+    from ray.util import placement_group_table
+
+    from eapo_ray.learner.group import reserve_learners
+
+    cfg = load_config(None, ["learner.num_learners=2"])
+    pg = reserve_learners(cfg, "reuse")
+    group = LearnerGroup(cfg, "reuse", pg=pg)
+    try:
+        ray.get([a.endpoint.remote() for a in group.actors], timeout=120)
+        group.shutdown(keep_placement=True)
+        assert placement_group_table(pg)["state"] == "CREATED"
+        group = LearnerGroup(cfg, "reuse", generation=1, pg=pg)
+        assert group.pg is pg
+        ray.get([a.endpoint.remote() for a in group.actors], timeout=120)  # the new ranks run in its bundles
+    finally:
+        group.shutdown()
+    assert placement_group_table(pg)["state"] == "REMOVED"

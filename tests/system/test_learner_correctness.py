@@ -17,7 +17,7 @@ from eapo_ray.algo.logprobs import hidden_token_logprobs, token_logprobs
 from eapo_ray.algo.losses import policy_loss, sft_loss
 from eapo_ray.buffer import BufferItem
 from eapo_ray.config import TINY_DIR, load_config
-from eapo_ray.learner.actor import prune_checkpoints
+from eapo_ray.learner.checkpoints import prune_checkpoints
 from eapo_ray.learner.forward import PolicyLogProbs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the closures below run inside the actors

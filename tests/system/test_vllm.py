@@ -62,13 +62,14 @@ def test_weight_sync_makes_vllm_greedy_equal_transformers(engines):
     def greedy(engine):
         return [g.tokens for g in engine.generate(prompts, [60] * len(prompts), 0.0, STOP)]
 
-    # the bytes path, which tensor-parallel engines take (their workers may be on other nodes), forced on tp=1
+    # the bytes path, which engines with Ray workers take (tensor parallel on other nodes), forced on tp=1
     newer = _perturbed(h.model.state_dict(), seed=1)
-    v.tensor_parallel_size = 2
+    assert v.remote_workers is False  # tp=1: in-process worker, the file path above
+    v.remote_workers = True
     try:
         v.load_weights(newer, version=8)
     finally:
-        v.tensor_parallel_size = 1
+        v.remote_workers = False
     h.load_weights(newer, version=8)
     assert greedy(v) == greedy(h) != after_v
     # a raw state_dict() of the tied model (embed_tokens and lm_head share memory; safetensors refuses

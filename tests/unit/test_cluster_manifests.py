@@ -197,6 +197,66 @@ def test_launcher_yaml_schema_and_node_types():
         assert doc["docker"]["image"].startswith("rayproject/ray:2.60")
 
 
+# ---- placement: every node resource a config names is advertised, with room for its role ----
+
+def node_groups(path: Path, doc: dict, kind: str) -> tuple[dict, list[tuple[str, dict, int]]]:
+    """(the head's resources, [(group name, Ray resources of one node incl. GPU, max nodes)])."""
+    if kind == "launcher":
+        types = doc["available_node_types"]
+        head = types[doc["head_node_type"]]["resources"]
+        return head, [(k, v["resources"], v.get("max_workers", 0)) for k, v in types.items()
+                      if k != doc["head_node_type"]]
+    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    res = lambda g: parse_ray_resources(g["rayStartParams"]["resources"]) if g.get(  # noqa: E731
+        "rayStartParams", {}).get("resources") else {}
+    return res(spec["headGroupSpec"]), [(g["groupName"], {**res(g), "GPU": gpus(g)}, g["maxReplicas"])
+                                        for g in spec["workerGroupSpecs"]]
+
+
+def role_demands(cfg) -> dict:
+    """{node resource: [(role, actors, units of it each, GPUs each)]} for the roles that name one."""
+    lc, r, e, ex = cfg.learner, cfg.rollout, cfg.eval, cfg.expert
+    out: dict = {}
+    for role, res, n, units, g in [("learner", lc.node_resource, lc.num_learners, 1, lc.num_gpus),
+                                   ("rollout", r.node_resource, r.num_actors, 1, r.num_gpus),
+                                   ("eval", e.node_resource, 1 if e.enabled else 0, 1, e.num_gpus),
+                                   ("expert", ex.node_resource, ex.max_replicas, 0.001, ex.num_gpus)]:
+        if res:
+            out.setdefault(res, []).append((role, n, units, g))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["launcher", "RayCluster", "RayJob"])
+def test_every_node_resource_a_config_names_is_advertised_with_room(kind):
+    """Each learner/rollout/eval/expert.node_resource of the manifest's config is advertised by
+    worker groups (never the head) whose units and GPUs hold every actor asking for it (at the
+    expert's max_replicas); the learners' resource by no group that another role's also names
+    (learners share their nodes with nothing); with learner.placement_strategy STRICT_PACK, one node
+    holds all the learners."""
+    for path, doc in docs_of(kind):
+        cfg = config_for(path)
+        head, groups = node_groups(path, doc, kind)
+        demands = role_demands(cfg)
+        assert {"learner", "rollout", "eval", "expert"} <= {d[0] for ds in demands.values() for d in ds}, \
+            f"{path.name}: the multi-node config must pin every role to its nodes: {demands}"
+        for res, users in demands.items():
+            assert res not in head, f"{path.name}: the head advertises {res}"
+            where = [(name, node, n) for name, node, n in groups if node.get(res, 0) > 0]
+            assert where, f"{path.name}: no node group advertises {res} ({[u[0] for u in users]})"
+            units = sum(node[res] * n for _, node, n in where)
+            gpus_ = sum(node.get("GPU", 0) * n for _, node, n in where)
+            assert units >= sum(k * u for _, k, u, _ in users), f"{path.name}: {res}: {units} units < {users}"
+            assert gpus_ >= sum(k * g for _, k, _, g in users), f"{path.name}: {res}: {gpus_} GPUs < {users}"
+        lres = cfg.learner.node_resource
+        for name, node, _ in groups:
+            others = [res for res in demands if res != lres and node.get(res, 0) > 0]
+            assert not (node.get(lres, 0) > 0 and others), f"{path.name}: group {name} hosts learners and {others}"
+        if cfg.learner.placement_strategy == "STRICT_PACK":
+            n, g = cfg.learner.num_learners, cfg.learner.num_gpus
+            assert any(node.get(lres, 0) >= n and node.get("GPU", 0) >= n * g for _, node, _ in groups), \
+                f"{path.name}: STRICT_PACK needs one node with {n} x {lres} and {n * g} GPUs"
+
+
 # ---- the GPU configs ----
 
 @pytest.mark.parametrize("path", GPU_CONFIGS)

@@ -383,3 +383,60 @@ def test_expert_without_answer_logprobs_gives_the_same_replies_and_tokens():
     for channel, wanted in (("masked", False), ("luffy", True)):
         cfg.algo.expert_token_channel = channel
         assert run_expert_app(cfg, path)._bound_deployment.init_args[-1] is wanted
+
+
+def test_replay_view_on_real_episodes_and_the_training_consult_ban(engine):
+    """algo.expert_token_channel replay: a sample with accepted replies carries its view in the
+    evaluation format: no consult or expert tag, each accepted reply written as `query=answer;`
+    with exactly the expert's answers marked; a sample with none carries no view. The training
+    key rollout.ban_consult makes episodes that never consult (RL with no consult action)."""
+    tok = engine.tokenizer
+    trajs = episodes(engine, accept_prob=0.7, expert=reply_expert, n=32, replay_template="{query}={answer};")
+    helped = [t for t in trajs if t.replay_ids]
+    assert helped and all(t.accepted for t in helped)
+    assert all(t.replay_ids is None for t in trajs if not t.accepted)
+    for t in helped:
+        view = tok.decode(t.replay_ids)
+        assert "<consult>" not in view and "<expert>" not in view
+        answers = tok.decode([i for i, m in zip(t.replay_ids, t.replay_mask) if m])
+        text = tok.decode(t.response_ids)
+        replies = [b.split("</expert>")[0] for b in text.split("<expert>")[1:]]
+        # the view holds the accepted replies up to the first unanswered query, each as its own step
+        steps = [f"{r};" for r in replies[:len(replies)]]
+        got = [s for s in steps if s in view]
+        assert got and answers == "".join(s.split("=", 1)[1][:-1] for s in got)
+    assert all(t.replay_ids is None for t in episodes(engine, accept_prob=0.7, expert=reply_expert, n=8))
+    banned = episodes(engine, accept_prob=1.0, n=16, ban_consult=True)
+    assert not any(t.consults for t in banned)
+    from eapo_ray.config import load_config
+
+    cfg = load_config(None, ["rollout.ban_consult=true", "algo.expert_token_channel=replay"])
+    s = EpisodeSettings.for_training(cfg, 0)
+    assert s.ban_consult and s.replay_template == "{query}={answer};"
+    assert EpisodeSettings.for_training(load_config(None), 0).replay_template == ""
+
+
+def test_own_steps_control_views_with_the_consult_tag_banned(engine):
+    """The matched-dose control (algo.expert_token_channel own_steps, rollout.ban_consult): no
+    consult is written; each of the policy's own hard products is sent to the expert with
+    probability rho and its answer replaces the policy's in the view (counted in `accepted`)."""
+    tok = engine.tokenizer
+    asked = []
+
+    def expert(queries):
+        asked.extend(queries)
+        return reply_expert(queries)
+
+    trajs = episodes(engine, accept_prob=1.0, expert=expert, n=16, ban_consult=True,
+                     own_step_pattern=r"(\d{2,}\*\d+)=(\d+);")
+    assert not any(t.consults for t in trajs) and asked
+    viewed = [t for t in trajs if t.replay_ids]
+    assert viewed and sum(t.accepted for t in trajs) == len(asked)
+    for t in viewed:
+        view = tok.decode(t.replay_ids)
+        a, b = view.rsplit("=", 1)  # the view ends with the last expert answer, which is the marked tokens' tail
+        assert tok.decode([i for i, m in zip(t.replay_ids, t.replay_mask) if m]).endswith(b)
+        assert b == str(eval(a.rsplit(";", 1)[-1]))  # the last answer is the true product (the expert's)
+    none = episodes(engine, accept_prob=0.0, expert=expert, n=8, ban_consult=True,
+                    own_step_pattern=r"(\d{2,}\*\d+)=(\d+);")
+    assert not any(t.replay_ids for t in none)

@@ -12,6 +12,7 @@ def test_added_latency_delays_each_reply_and_keeps_the_answer():
     cfg = load_config(None, ["expert.added_latency_s=0.3"])
     expert = object.__new__(Expert)
     expert.cfg = cfg.expert
+    expert.remote = None  # a model-loading expert (engine hf), not an OpenAI-compatible endpoint
 
     async def batched(query):
         return f"{query}={eval(query)}"

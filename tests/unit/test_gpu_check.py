@@ -64,3 +64,20 @@ def test_a_failing_part_subprocess_reports_a_failed_row(gc):
     assert status.startswith("FAILED") and secs < 120
     failed = [r for r in gc.ROWS if r[0].endswith("FAILED")]
     assert failed and failed[-1][0].startswith("(b)")
+
+
+def test_a_skipped_load_never_reads_yes(gc):
+    """(c)'s verdicts: an engine that skipped the load (it already held that (generation, version),
+    the bug of issue 22 item 2) still gives the base output, which alone would read "restored:
+    yes"; and an output that changed for another reason must not read "reached: yes" either."""
+    base, other = [[1, 2], [3, 4]], [[1, 2], [3, 5]]
+    assert gc.restored(False, base, base).startswith("NO") and gc.reached(False, base, other).startswith("NO")
+    assert gc.reached(True, base, other) == "yes" and gc.restored(True, base, base) == "yes"
+    assert gc.reached(True, base, base).startswith("NO") and gc.restored(True, base, other).startswith("NO")
+
+
+def test_vllm_config_fits_the_policys_positions(gc, tmp_path):
+    """The bundled tiny policy holds 512 positions: vLLM refuses a longer max_model_len (the dry run of
+    parts b and c failed on it)."""
+    assert gc.vllm_config(argparse.Namespace(policy=str(gc.TINY), vllm_dtype="float32"), 0.4).max_model_len == 512
+    assert gc.vllm_config(argparse.Namespace(policy=str(tmp_path), vllm_dtype="float32"), 0.4).max_model_len == 1024

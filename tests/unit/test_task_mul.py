@@ -111,3 +111,24 @@ def test_mul_warm_start_samples_speak_the_protocol():
         for a, op, b, c in p.steps:  # every step is stated: by the policy (`...=c;`) or in an accepted reply
             assert f"{a}{op}{b}={c};" in full or f"{proto.expert_open}{a}{op}{b}={c}{proto.expert_close}" in full
     assert consults > 100 and 0.15 < parallel / consults < 0.45
+
+
+def test_chain_family_one_hard_product_among_the_first_two_then_plus_minus():
+    import random
+
+    from eapo_ray import task
+
+    rng = random.Random(0)
+    for level in task.CHAIN_LEVELS:
+        for _ in range(50):
+            p = task.make_chain_problem(rng, level)
+            ops = [op for _, op, _, _ in p.steps]
+            assert len(ops) == level and ops.count("*") == 1 and ops.index("*") < 2
+            a, _, b, _ = p.steps[ops.index("*")]
+            assert task.CHAIN_HARD_LEFT[0] <= a <= task.CHAIN_HARD_LEFT[1] and 2 <= b <= 9
+            assert all(0 <= c <= task.MAX_VALUE for *_, c in p.steps) and str(p.steps[-1][3]) == p.answer
+            assert eval(p.problem) == int(p.answer)
+    with pytest.raises(ValueError):
+        task.make_chain_problem(rng, 2)
+    assert task.FAMILIES["tiny:arith-chain"] == "chain"
+    assert len(task.sample_problems(20, [3, 6], "heldout", 1, "chain")) == 20
