@@ -398,9 +398,14 @@ def part_c(args) -> None:
     cpu = args.cpu_dry_run
     share = 1 if n_gpu >= 2 else (0 if cpu else 0.5)  # with one GPU both actors share it
     nccl = n_gpu >= 2
+    # bf16 as the GPU configs train and send (the GB/s figure then describes them); fp32 in the CPU dry run.
+    # The engine then runs bf16 too: its base weights are the learner's, so "restored" can read yes
+    bf16 = n_gpu > 0
+    if bf16:
+        args = argparse.Namespace(**{**vars(args), "vllm_dtype": "bfloat16"})
     cfg = load_config(None, [f"model.policy={args.policy}", f"learner.backend={'gloo' if cpu else 'nccl'}",
                              f"learner.num_gpus={share}", "learner.zero_stage=0", "learner.torch_threads=2",
-                             f"rollout.sync_bucket_mb={args.bucket_mb}"])
+                             f"learner.bf16={str(bf16).lower()}", f"rollout.sync_bucket_mb={args.bucket_mb}"])
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
@@ -408,12 +413,15 @@ def part_c(args) -> None:
         t0 = time.perf_counter()
         learner = Lrn.options(num_cpus=1, num_gpus=share).remote(cfg, 0, 1)
         engine = Eng.options(num_cpus=1, num_gpus=share).remote(args.policy, vllm_config(args, 0.3), nccl)
-        addr, port = ray.get(learner.endpoint.remote())
-        ray.get(learner.setup.remote(addr, port))
-        row("(c) learner up", f"{time.perf_counter() - t0:.1f} s", f"eapo_ray Learner, DeepSpeed ZeRO-0 fp32, "
-            f"{cfg.learner.backend}, {share} GPU")
+        # the engine's first call returns once it is built: its start-up memory profiling must be over before
+        # the learner allocates on the same GPU (vLLM counts memory another process takes meanwhile as its own)
         base = ray.get(engine.greedy.remote())
         row("(c) vLLM engine up", f"{time.perf_counter() - t0:.1f} s", f"{share} GPU, dtype {args.vllm_dtype}")
+        t1 = time.perf_counter()
+        addr, port = ray.get(learner.endpoint.remote())
+        ray.get(learner.setup.remote(addr, port))
+        row("(c) learner up", f"{time.perf_counter() - t1:.1f} s", f"eapo_ray Learner, DeepSpeed ZeRO-0 "
+            f"{'bf16' if cfg.learner.bf16 else 'fp32'}, {cfg.learner.backend}, {share} GPU (after the engine)")
         nbytes = ray.get(learner.perturb.remote(args.perturb))
         # object-store path: learner.publish (GPU -> CPU, ray.put) then the engine's load_weights
         t1 = time.perf_counter()
@@ -494,8 +502,12 @@ def launch_overrides(args, n_gpu: int, run_root: str) -> tuple[str, list[str], s
         ov += ["learner.num_gpus=0.5", "learner.backend=nccl", "rollout.num_gpus=0.5", "rollout.weight_sync=object_store",
                "rollout.vllm.gpu_memory_utilization=0.3"]
         notes.append("learner and rollout share 1 GPU, object-store weight sync")
-    if cfg.eval.engine == "vllm":
-        ov += ["eval.num_gpus=0.1" if n_gpu < 2 else "eval.num_gpus=1", "eval.engine=vllm"]
+    if n_gpu < 2:  # never a second vLLM engine beside the rollout engine and DeepSpeed on one shared GPU:
+        # vLLM's start-up memory profiling counts what another process allocates meanwhile as its own
+        ov += ["eval.engine=hf", "eval.num_gpus=0"]
+        notes.append("evaluator on the CPU (transformers)")
+    elif cfg.eval.engine == "vllm":
+        ov += ["eval.num_gpus=1", "eval.engine=vllm"]
     load_config(config, ov)  # fail here, naming the key, rather than inside the launcher
     return config, ov, "; ".join(notes)
 
@@ -600,7 +612,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'bc' (default: abcd)")
     ap.add_argument("--budget-s", type=float, default=480, help="all parts together end within this (default 8 min)")
     ap.add_argument("--policy", default="smollm2-135m", help="model name (eapo_ray/models.py) or HF directory")
-    ap.add_argument("--vllm-dtype", default="float32", help="vLLM dtype in (b)-(d) (float32 matches the fp32 learner)")
+    ap.add_argument("--vllm-dtype", default="float32", help="vLLM dtype in (b) and (d) (float32 matches the fp32 "
+                    "learner); (c) on a GPU: bf16, learner and engine")
     ap.add_argument("--gen-tokens", type=int, default=128, help="(b) new tokens per request")
     ap.add_argument("--perturb", type=float, default=0.5, help="(c) noise, in units of each tensor's std")
     ap.add_argument("--model-size", choices=sorted(SIZES), help="(a) a random Llama of these shapes instead of the policy")

@@ -469,8 +469,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         node[keys[-1]] = value
     base, saved = to_dict(RunConfig()), None
     resume = data.get("resume")
-    if isinstance(resume, str) and resume and "://" not in resume:  # the run's own config, then the command line
+    if isinstance(resume, str) and "://" in resume:  # the launcher downloads it first (storage.fetch_resume)
+        raise ConfigError(f"config key 'resume': {resume} is a storage URI, which python -m eapo_ray.launch downloads "
+                          "before reading the config; from Python, pass your overrides through "
+                          "eapo_ray.storage.fetch_resume(config_path, overrides) first")
+    if isinstance(resume, str) and resume:  # the run's own config, then the command line
         saved_path, saved = resume_base(data["resume"])
+        # an earlier attempt's resume / resume_force are that attempt's, not this one's: a forced resume must
+        # not waive the pinned-key check for every later one
+        saved = {k: v for k, v in saved.items() if k not in _NOT_DIFFED}
         base = _merge(base, saved)
         data["resume"] = str(Path(data["resume"]).expanduser().resolve())
     cfg = from_dict(RunConfig, _merge(base, data))  # a partial section keeps the run's defaults
@@ -555,6 +562,8 @@ def validate(cfg: RunConfig) -> None:
         (not (cfg.eval.engine == "vllm" and cfg.rollout.vllm.tensor_parallel_size > 1 and cfg.eval.num_gpus > 0
               and cfg.eval.num_gpus < cfg.rollout.vllm.tensor_parallel_size), "eval.num_gpus",
          "must be >= rollout.vllm.tensor_parallel_size (the evaluator's vLLM engine shards over the GPUs it holds)"),
+        (not cfg.reward.fn or (cfg.reward.timeout_s or 0) > 0, "reward.timeout_s",
+         "must be > 0 with reward.fn (the function runs in the grading process under it: a hang cannot stall a rollout)"),
         (cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0 (behaviour log-probs need sampling)"),
         (cfg.rollout.turn_budget_steps >= -1, "rollout.turn_budget_steps", "must be >= -1 (-1: acceptance.total_steps)"),
         (cfg.rollout.min_train_turns >= 1, "rollout.min_train_turns", "must be >= 1"),
@@ -590,6 +599,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.algo.expert_sft_coef >= 0, "algo.expert_sft_coef", "must be >= 0"),
         (cfg.algo.expert_token_channel in ("masked", "luffy", "replay", "own_steps"), "algo.expert_token_channel",
          "must be 'masked', 'luffy', 'replay' or 'own_steps'"),
+        (cfg.algo.expert_token_channel != "own_steps" or cfg.rollout.ban_consult, "algo.expert_token_channel",
+         "'own_steps' (the no-consult control) needs rollout.ban_consult=true"),
         (_regex_groups(cfg.algo.own_step_pattern) == 2, "algo.own_step_pattern",
          "must be a regular expression with two groups (the step's query, its answer)"),
         (cfg.algo.replay_coef >= 0, "algo.replay_coef", "must be >= 0"),

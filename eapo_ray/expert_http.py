@@ -207,10 +207,18 @@ class OpenAIExpert:
                 self._fail("deadline")
                 raise ExpertUnavailable("deadline", f"no time left for attempt {retry + 1}")
             status, retry_after, reason = None, None, "connection"
+            try:  # a slot within the deadline (all max_concurrency slots may be busy), then the attempt's own time
+                await asyncio.wait_for(self._sem.acquire(), max(0.0, left - self.policy.min_attempt_s))
+            except asyncio.TimeoutError:
+                self._fail("deadline")
+                raise ExpertUnavailable("deadline", "no free connection slot before the query's deadline") from None
             try:
-                async with self._sem:
-                    self.stats.requests += 1
-                    return await asyncio.wait_for(self._send(client, prompt, timeout), timeout + 0.5)
+                timeout = attempt_timeout_s(self.policy, self.cfg.max_new_tokens, deadline - time.monotonic())
+                if timeout < self.policy.min_attempt_s:
+                    self._fail("deadline")
+                    raise ExpertUnavailable("deadline", f"no time left for attempt {retry + 1}")
+                self.stats.requests += 1
+                return await asyncio.wait_for(self._send(client, prompt, timeout), timeout + 0.5)
             except openai.APIStatusError as e:
                 status, reason = e.status_code, f"http_{e.status_code}"
                 retry_after = parse_retry_after(e.response.headers.get("retry-after"))
@@ -221,6 +229,8 @@ class OpenAIExpert:
             except (openai.APIError, ValueError, TypeError, AttributeError, IndexError) as e:  # a malformed reply
                 self._fail("bad_reply")
                 raise ExpertUnavailable("bad_reply", f"{type(e).__name__}: {e}") from None
+            finally:
+                self._sem.release()
             wait = next_wait(self.policy, retry, status, deadline - time.monotonic(), self.rng, retry_after)
             if wait is None:
                 self._fail(reason)

@@ -34,14 +34,16 @@ def main(argv=None) -> int:
     from eapo_ray.accounting import AccountingError
     from eapo_ray.data import DataError
     from eapo_ray.driver.recovery import LearnerFailed
-    from eapo_ray.driver.system import ExpertStartError
+    from eapo_ray.driver.system import ExpertStartError, StartupError
     from eapo_ray.learner.group import PlacementError
     from eapo_ray.plan import PlanError, main_plan
     from eapo_ray.rollout.fleet import FleetError
+    from eapo_ray.storage import fetch_resume
     from eapo_ray.weight_sync import WeightSyncError
 
     try:
-        cfg = load_config(args.config, args.overrides + (["verbose=true"] if args.verbose else []))
+        overrides = fetch_resume(args.config, args.overrides)  # resume=<URI>: the run downloaded, resumed locally
+        cfg = load_config(args.config, overrides + (["verbose=true"] if args.verbose else []))
         if args.print_config:
             import yaml
 
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:  # a bad key or value, a bad data file (file:line): before anything starts
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed, ExpertStartError,
+    except (FleetError, AccountingError, LearnerFailed, PlacementError, EvaluationFailed, ExpertStartError, StartupError,
             PlanError, WeightSyncError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -72,7 +72,10 @@ def learner_shape(cfg: RunConfig) -> mem.LearnerShape:
     from eapo_ray.learner.forward import LOGP_CHUNK_TOKENS
 
     lc, r = cfg.learner, cfg.rollout
-    rows = -(-r.prompts_per_batch * r.group_size // (lc.num_learners * lc.minibatches))
+    samples = r.prompts_per_batch * r.group_size
+    if cfg.algo.expert_token_channel in ("replay", "own_steps"):  # at most one replay-view row per sample
+        samples *= 2
+    rows = -(-samples // (lc.num_learners * lc.minibatches))
     return mem.LearnerShape(
         world=lc.num_learners, zero_stage=lc.zero_stage, bf16=lc.bf16, gradient_checkpointing=lc.gradient_checkpointing,
         max_tokens_per_microbatch=lc.max_tokens_per_microbatch, length_buckets=lc.length_buckets,

@@ -7,15 +7,22 @@
 * `storage_path` (a pyarrow.fs URI, s3://, gs://, hdfs://, file://, or a local/NFS path):
   `sync_run` uploads the run directory there at every checkpoint and at the end, from every alive
   node (each node's copy: the learners write their checkpoint shards on their own nodes), only
-  the files that changed; `fetch_run` downloads one back (onto the driver's node) for `resume=<URI>`.
+  the files that changed, all nodes within one deadline; a failed node raises `UploadFailed`
+  (after the others have uploaded), which the driver reports and lives with.
+* `resume=<URI>`: `fetch_resume` (called by the launcher before the config is read) downloads the
+  stored run (onto the driver's node) and points `resume` at the local copy, so the resume takes
+  the run's saved config and checks its pinned keys as for a local run directory.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 
-from eapo_ray.config import ConfigError
+from eapo_ray.config import ConfigError, parse_override, read_yaml
 
 JOB_RUN_ROOT = "~/eapo_runs"
 
@@ -123,33 +130,101 @@ def prune_remote(uri: str, keep: int) -> list[str]:
     return old
 
 
-def _on_every_node(fn, *args, timeout_s: float) -> list:
-    """fn(*args) here (the driver's node) and, as a 0-CPU task pinned to it, on every other alive node."""
+class UploadFailed(RuntimeError):
+    """A sync to storage_path failed on some node (the others' files are uploaded)."""
+
+
+def _on_every_node(fn, *args, timeout_s: float) -> tuple[list, list[str]]:
+    """fn(*args) here (the driver's node, in a thread) and, as a 0-CPU task pinned to it, on every
+    other alive node, all at once and all within one deadline of `timeout_s` seconds. Returns
+    (the results of the nodes that finished, one line per node that failed or ran past the
+    deadline: that node's task is cancelled; a local call past it is left in its daemon thread)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from eapo_ray.ray_runtime import wait_get
+    from eapo_ray.ray_runtime import bounded_call, wait_get
 
+    deadline = time.monotonic() + timeout_s
     here = ray.get_runtime_context().get_node_id()
     task = ray.remote(num_cpus=0, max_retries=0)(fn)
-    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
-            for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
-    return [fn(*args)] + [wait_get(r, timeout_s) for r in refs]
+    refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(*args) for n in ray.nodes() if n["Alive"] and n["NodeID"] != here}
+    results, errors = [], []
+    try:
+        results.append(bounded_call(lambda: fn(*args), timeout_s, "the driver's node"))
+    except Exception as e:  # noqa: BLE001 -- pyarrow OSError, TimeoutError, ...: reported, the others go on
+        errors.append(f"the driver's node: {type(e).__name__}: {e}")
+    for node, ref in refs.items():
+        try:
+            results.append(wait_get(ref, max(0.0, deadline - time.monotonic())))
+        except Exception as e:  # noqa: BLE001 -- GetTimeoutError, the task's error, a dead node
+            errors.append(f"node {node[:12]}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 -- already finished / node gone
+                pass
+    return results, errors
 
 
 def sync_run(run_dir: Path, storage_path: str, run_name: str, keep: int, timeout_s: float = 3600.0) -> int:
-    """Upload the run directory to <storage_path>/<run_name> from every node; returns the files copied."""
+    """Upload the run directory to <storage_path>/<run_name> from every node, within `timeout_s`
+    seconds in all; returns the files copied. Raises UploadFailed naming each node that failed
+    (then the store's old checkpoint tags are not pruned: its newest tag may be incomplete)."""
     uri = f"{storage_path.rstrip('/')}/{run_name}"
-    copied = sum(_on_every_node(upload_tree, str(run_dir), uri, timeout_s=timeout_s))
+    results, errors = _on_every_node(upload_tree, str(run_dir), uri, timeout_s=timeout_s)
+    if errors:
+        raise UploadFailed(f"upload to {uri} failed on {len(errors)} node(s) ({sum(results)} files copied from "
+                           f"the others; old checkpoint tags there kept): " + "; ".join(errors))
     prune_remote(uri, keep)
-    return copied
+    return sum(results)
+
+
+def run_name_of(uri: str) -> str:
+    """The run's name in a storage URI: its last path component (a ?query left out)."""
+    return uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def fetch_run(uri: str, run_root: Path) -> Path:
     """`resume=<URI>`: download the stored run into <run_root>/<its name> on the driver's node (only
     there: a multi-node run resumes from a URI only if run_root is shared by the nodes). Returns
-    the local run directory."""
-    local = run_root / uri.rstrip("/").rsplit("/", 1)[-1]
-    if download_tree(uri, local) == 0:
-        raise ConfigError(f"config key 'resume': nothing is stored at {uri}")
+    the local run directory. It goes into a temporary sibling first and is renamed into place
+    once complete. If <run_root>/<name> already exists, nothing is downloaded and the error says
+    so: a local copy may hold files newer than the store's (a later checkpoint not yet
+    uploaded), and mixing the two could pair one checkpoint's shards with another's."""
+    local = Path(run_root) / run_name_of(uri)
+    if local.exists():
+        raise ConfigError(f"config key 'resume': {uri} would be downloaded into {local}, which already exists "
+                          f"(it may hold newer files than the store): resume from it with resume={local}, or "
+                          "move it away to download the stored run")
+    part = local.with_name(local.name + ".download")
+    shutil.rmtree(part, ignore_errors=True)  # an earlier, interrupted download
+    try:
+        if download_tree(uri, part) == 0:
+            raise ConfigError(f"config key 'resume': nothing is stored at {uri}")
+        part.rename(local)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
     return local
+
+
+def fetch_resume(config_path: str | Path | None, overrides: list[str]) -> list[str]:
+    """The launcher's step before load_config: when `resume` (an override, else the --config
+    file's) is a storage URI, download that run with `fetch_run` into the run root (the command
+    line's / config file's run_root, else the default) and return the overrides with
+    `resume=<the local copy>`; otherwise the overrides unchanged."""
+    data = read_yaml(Path(config_path)) if config_path else {}
+    resume, root = data.get("resume"), data.get("run_root", "")
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys == ["resume"]:
+            resume = value
+        elif keys == ["run_root"]:
+            root = value
+    if not (isinstance(resume, str) and is_uri(resume)):
+        return list(overrides)
+    local = fetch_run(resume, resolve_run_root(root if isinstance(root, str) else str(root)))
+    import sys
+
+    print(f"[eapo] downloaded {resume} into {local}", file=sys.stderr, flush=True)  # stdout: --print-config's YAML
+    kept = [o for o in overrides if parse_override(o)[0] != ["resume"]]
+    return kept + [f"resume={json.dumps(str(local))}"]  # quoted: YAML reads it back as this very string

@@ -73,12 +73,29 @@ class WeightSyncError(RuntimeError):
     """An NCCL weight sync that failed or ran out of time; every engine was resumed."""
 
 
+def wait_all(refs: list, timeout_s: float, slice_s: float = 0.5) -> list:
+    """`ray.wait` for all of `refs`, at most `timeout_s`, in slices of `slice_s` with the driver's
+    `raise_if_interrupted` between them (a Ctrl-C does not wait out the deadline). Returns the ready ones."""
+    from eapo_ray.ray_runtime import raise_if_interrupted
+
+    deadline, waiting, ready = time.monotonic() + timeout_s, list(refs), []
+    while waiting:
+        raise_if_interrupted()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(slice_s, left))
+        ready += done
+    return ready
+
+
 def drain_engines(workers: list, timeout_s: float, rpc_slack_s: float = 30.0) -> None:
     """Pause generation on every rollout actor and wait until no request is in flight, at most
-    `timeout_s` (+ `rpc_slack_s` for an actor that does not answer at all). Raises WeightSyncError
-    naming the engines that did not drain (the caller resumes them all)."""
+    `timeout_s` (+ `rpc_slack_s` for an actor that does not answer at all), polled in short slices
+    (a Ctrl-C raises KeyboardInterrupt at once). Raises WeightSyncError naming the engines that did
+    not drain (the caller resumes them all)."""
     refs = {w.pause_generation.remote(timeout_s): i for i, w in enumerate(workers)}
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s + rpc_slack_s)
+    ready = wait_all(list(refs), timeout_s + rpc_slack_s)
     bad = [f"engine {refs[r]}: no answer within {timeout_s + rpc_slack_s:g} s" for r in refs if r not in ready]
     for r in ready:
         try:

@@ -161,6 +161,14 @@ def _call_fn(spec: str, response: str, gold: str, row: dict) -> float:
     return float(value)
 
 
+def _load_only(spec: str) -> None:
+    """Import reward.fn `spec` into this (grading) process; nothing to send back."""
+    _FNS.setdefault(spec, load_fn(spec))
+
+
+POOL_START_S = 120.0  # a new grading process's spawn and reward.fn import, not charged to the first grade
+
+
 _REPORTED: set = set()
 
 
@@ -184,10 +192,13 @@ class _Grader:
         """`fn(*args)` in the grading process; None if it takes longer than `timeout_s` (the
         process is then replaced); its exception if it raises."""
         with self._lock:
-            if self._pool is None:
+            fresh = self._pool is None
+            if fresh:
                 self._pool = multiprocessing.get_context("spawn").Pool(1)
             pool = self._pool
         try:
+            if fresh and fn is _call_fn:  # the spawn and the user module's import are not the grade's time
+                pool.apply_async(_load_only, (args[0],)).get(POOL_START_S)
             return pool.apply_async(fn, args).get(timeout_s)
         except multiprocessing.TimeoutError:
             with self._lock:
@@ -283,6 +294,7 @@ def _score_fn(response: str, gold: str, cfg: RewardConfig, protocol: ProtocolCon
     except Exception as e:  # noqa: BLE001 -- the user's function failed on this sample: it scores 0
         _report_once(cfg.fn, e)
         return RewardResult(0.0, False, False)
-    if value is None:  # timed out
+    if value is None:  # timed out (the grading process was replaced)
+        _report_once(cfg.fn, TimeoutError(f"no value within reward.timeout_s={cfg.timeout_s:g} s"))
         return RewardResult(0.0, False, False)
     return RewardResult(value, value >= 1.0, value > 0.0)

@@ -8,9 +8,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eapo_ray.config import RunConfig, config_diff, resume_base, to_dict
+from eapo_ray.config import ConfigError, RunConfig, config_diff, resume_base, to_dict
 from eapo_ray.driver.system import System
-from eapo_ray.storage import fetch_run, is_uri, resolve_run_root
+from eapo_ray.storage import is_uri, resolve_run_root
 
 
 @dataclass
@@ -39,8 +39,9 @@ class LoopState:
 
 def prepare_run_dir(cfg: RunConfig) -> tuple[str, Path]:
     root = resolve_run_root(cfg.run_root)  # absolute; never Ray's temporary --working-dir copy
-    if is_uri(cfg.resume):  # a run stored at storage_path: download it first
-        cfg.resume = str(fetch_run(cfg.resume, root))
+    if is_uri(cfg.resume):  # load_config refuses one: the launcher downloads it first (storage.fetch_resume)
+        raise ConfigError(f"config key 'resume': {cfg.resume} is a storage URI: download it with "
+                          "eapo_ray.storage.fetch_resume before load_config (python -m eapo_ray.launch does)")
     run_name = cfg.run_name or (Path(cfg.resume).name if cfg.resume else time.strftime("eapo-%Y%m%d-%H%M%S"))
     run_dir = Path(cfg.resume).expanduser().resolve() if cfg.resume else root / run_name
     if cfg.resume:
@@ -107,7 +108,7 @@ def save_checkpoint(s: System, state: LoopState, run_dir: Path) -> None:
 
         mirror_record(s.run_name, run_dir)
     if s.upload:  # storage_path: the checkpoint, metrics so far and config, from every node
-        s.upload()
+        upload_run(s, f"the checkpoint at step {state.version}")
     tags = {p.name for p in ckpt.iterdir() if p.is_dir()}
     if f"step{state.version}" not in tags:  # the learners wrote their tags on another node: nothing to match
         return
@@ -115,6 +116,20 @@ def save_checkpoint(s: System, state: LoopState, run_dir: Path) -> None:
         m = re.fullmatch(r"driver_state_(step\d+)\.json", p.name)
         if m and m.group(1) not in tags:
             p.unlink(missing_ok=True)
+
+
+def upload_run(s: System, what: str) -> int | None:
+    """s.upload() (storage.sync_run) without ending the run when it fails (a pyarrow OSError, a
+    node past the sync's deadline): the failure is printed on stderr, once per sync, and the run
+    goes on (the next sync uploads what this one missed). Returns the files copied, None if it failed."""
+    import sys
+
+    try:
+        return s.upload()
+    except Exception as e:  # noqa: BLE001 -- whatever the store raised: the run's own files are intact
+        print(f"[eapo] WARNING: uploading {what} to storage_path failed, the run goes on "
+              f"(its files are in the run directory): {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def load_driver_state(run_dir: Path, version: int) -> LoopState:

@@ -18,6 +18,7 @@ from eapo_ray.driver.checkpoints import (
     prepare_run_dir,
     resume_metrics,
     save_checkpoint,
+    upload_run,
 )
 from eapo_ray.driver.loop import train_loop
 from eapo_ray.driver.summary import write_summary
@@ -97,8 +98,8 @@ def run(cfg: RunConfig) -> Path:
         from eapo_ray.tools.plot import plot_run
 
         plot_run(run_dir)
-        if s.upload:
-            print(f"[eapo] uploaded {s.upload()} files to {cfg.storage_path.rstrip('/')}/{run_name}", flush=True)
+        if s.upload and (copied := upload_run(s, "the finished run")) is not None:  # a failure: warned, run kept
+            print(f"[eapo] uploaded {copied} files to {cfg.storage_path.rstrip('/')}/{run_name}", flush=True)
     except KeyboardInterrupt:
         # resume= takes the run's saved config: the command works as printed (no checkpoint yet: it starts over)
         hint = "" if has_checkpoint(run_dir) else " (no checkpoint yet: it starts over from step 0, same config)"

@@ -148,6 +148,8 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     s.workers = [remote_worker_cls().options(**rollout_actor_options(cfg, run_name, i)).remote(cfg, i, s.app_name)
                  for i in range(r.num_actors)]
     s.evaluator = start_evaluator(cfg, run_name) if cfg.eval.enabled else None
+    if engines_first(cfg):  # a shared GPU: vLLM's memory profiling must not see the learners' allocations
+        wait_actors_ready(s, r.restart_timeout_s, with_evaluator=True)
     s.learners = LearnerGroup(cfg, run_name, pg=s.learner_pg)
     version = s.learners.setup(str(run_dir / "checkpoint") if cfg.resume else "")
     if s.app_name:
@@ -156,8 +158,51 @@ def start_system(cfg: RunConfig, run_name: str, run_dir: Path, s: System) -> int
     s.fleet = RolloutFleet(s.workers, max_failures=r.max_actor_failures, max_empty=r.max_empty_batches,
                            restart_timeout_s=r.restart_timeout_s)
     if r.weight_sync == "nccl":
+        # the group's init is bounded by rollout.sync_timeout_s: engines still loading (a 7B vLLM load) must not count
+        wait_actors_ready(s, r.restart_timeout_s, with_evaluator=False)
         start_nccl_weight_sync(s.learners, s.workers, r, run_dir)
     return version
+
+
+def engines_first(cfg: RunConfig) -> bool:
+    """Whether the rollout actors and the evaluator must be up before the learners set up: when a
+    role holds a fraction of a GPU (rollout.num_gpus, eval.num_gpus or learner.num_gpus strictly
+    between 0 and 1), roles may share a card, and vLLM's start-up memory profiling counts what another
+    process allocates meanwhile (a learner's DeepSpeed set-up, a second engine) as its own and fails
+    (vllm/v1/worker/gpu_worker.py asserts the free memory did not grow; utils.py checks it at start)."""
+    gpus = [cfg.rollout.num_gpus, cfg.learner.num_gpus] + ([cfg.eval.num_gpus] if cfg.eval.enabled else [])
+    return any(0 < g < 1 for g in gpus)
+
+
+class StartupError(RuntimeError):
+    """A rollout actor or the evaluator did not come up (failed, or not within the time allowed)."""
+
+
+def wait_actors_ready(s: System, timeout_s: float, *, with_evaluator: bool, slice_s: float = 0.5) -> None:
+    """Block until every rollout actor (its `ping`) and, `with_evaluator`, the evaluator are constructed
+    (their engines loaded), at most `timeout_s` (rollout.restart_timeout_s), polling in slices with
+    raise_if_interrupted. Raises StartupError naming the actors and the key."""
+    import ray
+
+    refs = {w.ping.remote(): f"rollout actor {i}" for i, w in enumerate(s.workers)}
+    if with_evaluator and s.evaluator is not None:
+        refs[s.evaluator.__ray_ready__.remote()] = "the evaluator"
+    deadline, waiting = time.monotonic() + timeout_s, list(refs)
+    while waiting:
+        raise_if_interrupted()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StartupError(f"{', '.join(refs[r] for r in waiting)} not up within rollout.restart_timeout_s="
+                               f"{timeout_s:g} s (its engine still loading, or no resources to place it: check "
+                               "rollout.num_gpus / eval.num_gpus against the cluster, or raise the key)")
+        ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(slice_s, left))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 -- its constructor failed (e.g. the engine ran out of memory)
+                from eapo_ray.weight_sync import first_line
+
+                raise StartupError(f"{refs[ref]} failed to start: {first_line(e)}") from None
 
 
 def rollout_actor_options(cfg: RunConfig, run_name: str, i: int) -> dict:

@@ -330,12 +330,15 @@ class Learner:
         return stats
 
     def full_state_dict(self) -> dict:
-        """The unsharded weights on every rank (a collective under ZeRO-3)."""
+        """The unsharded weights, on CPU, on rank 0 ({} on the others, which only publish and save
+        through rank 0: a full copy per rank was 15 GB of host RAM per 7B rank); a collective under ZeRO-3."""
         import deepspeed
 
         module = self.model
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.learner.zero_stage == 3):
+            if self.rank != 0:
+                return {}
             return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
     def publish(self):
@@ -363,7 +366,8 @@ class Learner:
 
     def save(self, run_dir: str, hf: bool = True) -> str:
         """Collective. A DeepSpeed checkpoint (for resume) and, on rank 0, an HF directory; then
-        rank 0 deletes all but the newest learner.checkpoint_keep checkpoint tags."""
+        every rank deletes all but the newest learner.checkpoint_keep checkpoint tags of its
+        node's copy (learner/checkpoints.py: nodes without a shared run_root hold their own)."""
         ckpt = Path(run_dir) / "checkpoint"
         self.engine.save_checkpoint(str(ckpt), tag=f"step{self.version}", client_state={"version": self.version})
         sd = self.full_state_dict()
@@ -373,8 +377,7 @@ class Learner:
             self.tokenizer.save_pretrained(out)
         if self.world_size > 1:
             torch.distributed.barrier()  # every rank has written its part of this tag
-        if self.rank == 0:
-            prune_checkpoints(ckpt, self.cfg.learner.checkpoint_keep)
+        prune_checkpoints(ckpt, self.cfg.learner.checkpoint_keep, current=f"step{self.version}")
         return str(ckpt)
 
     def ping(self) -> str:

@@ -4,9 +4,10 @@ path) or receives them mid-batch (NCCL path), asks the Serve expert through a
 DeploymentHandle, and RETURNS each finished batch: the caller owns it, so an actor that
 dies afterwards loses nothing it finished.
 
-Two concurrency groups: `produce` runs in the default one (one batch at a time); the
+Concurrency groups: `produce` runs in the default one (one batch at a time); the
 weight-update methods run in their own ("weights"), so a weight update is never queued
-behind a batch that is being generated. Around an update, generation is paused: new
+behind a batch that is being generated; the driver's pause/resume and `weight_state` run in
+"control", which neither a batch nor an update stuck in NCCL can block. Around an update, generation is paused: new
 requests wait, requests in flight drain, the weights change, generation resumes. A
 trajectory therefore may mix policy versions across turns; every token keeps the
 behaviour log-prob it was sampled with, which is what the learner's correction uses.
@@ -204,9 +205,10 @@ class RolloutWorker:
         finally:
             self.gen.resume()
 
-    @ray.method(concurrency_group=WEIGHTS_GROUP)
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def weight_state(self) -> dict:
-        """The engine's policy version and whether generation is paused (for tests and the console)."""
+        """The engine's policy version and whether generation is paused (for tests and the console);
+        in the `control` group, so it answers while a weight update is stuck in NCCL."""
         return {"version": self.engine.version, "paused": self.gen.paused}
 
     @ray.method(num_returns=2)
@@ -260,9 +262,9 @@ class RolloutWorker:
                 c, tokenizer_has_chat_template=self.has_chat_template, overlong_frac=stats["overlong_frac"],
                 formatted_frac=sum(t.formatted for t in all_trajs) / n)
         t_pack = time.time()
-        # replay views (algo.expert_token_channel replay) of every sample with accepted replies, dropped groups'
-        # too (their advantage is 0: the advantage-weighted variant gives them no weight)
-        batch = to_batch(kept, c.algo.overlong_filter, views=all_trajs) if kept else None
+        # replay views (algo.expert_token_channel replay / own_steps) of the training samples with accepted replies
+        # (at most one per sample; a dropped group's samples are not trained on, nor are their views)
+        batch = to_batch(kept, c.algo.overlong_filter, views=kept) if kept else None
         stats["replay_views"] = sum(batch["view"]) if batch else 0
         # the breakdown (seconds of wall time): engine = some generation in flight; expert_wait = an
         # expert query in flight and no generation (the batch blocked on the expert); reward = grading

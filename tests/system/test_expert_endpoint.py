@@ -102,6 +102,19 @@ def test_a_reply_slower_than_the_deadline_gives_up_at_the_deadline(fault_server)
     assert all(isinstance(r, ExpertUnavailable) for r in rs) and 1.4 < took < 2.0, (rs, took)
 
 
+def test_queries_queued_behind_the_concurrency_limit_still_end_at_their_deadline(fault_server):
+    """max_concurrency=1 and three distinct slow queries: the two queued behind the first give up at
+    their own deadline (1.6 s) instead of starting an attempt after it (before: each waited for the
+    slot with no bound and then ran a whole attempt: ~3 x the deadline)."""
+    port, _ = fault_server
+    c = _client(port, "slow", timeout_s=2.0, max_concurrency=1, cache=False)
+    t0 = time.monotonic()
+    rs = asyncio.run(_ask(c, [f"Q:12*{k}\nA:" for k in (2, 3, 4)]))
+    took = time.monotonic() - t0
+    assert all(isinstance(r, ExpertUnavailable) for r in rs) and took < 2.5, (rs, took)
+    assert c.stats.requests == 1  # only the first ever reached the server
+
+
 def test_identical_queries_at_temperature_0_are_asked_once(fault_server):
     port, _ = fault_server
     c = _client(port, "ok")

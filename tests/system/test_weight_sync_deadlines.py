@@ -16,16 +16,18 @@ cannot be provoked on demand:
 Every driver call runs in a daemon thread with a bound, so the old code (no drain, no deadline)
 fails these tests instead of hanging them.
 """
+import dataclasses
 import threading
 import time
 
 import pytest
 import ray as ray_mod
 
+from eapo_ray import ray_runtime, weight_sync
 from eapo_ray.config import load_config
 from eapo_ray.driver import system
 from eapo_ray.learner.group import LearnerGroup
-from eapo_ray.rollout.actor import CONCURRENCY_GROUPS, RolloutWorker, remote_worker_cls
+from eapo_ray.rollout.actor import CONCURRENCY_GROUPS, WEIGHTS_GROUP, RolloutWorker, remote_worker_cls
 from eapo_ray.weight_sync import WeightSyncError
 
 pytestmark = pytest.mark.slow
@@ -39,6 +41,19 @@ def _stuck_worker_cls():
     local class: Ray ships it by value, the workers cannot import this test module)."""
 
     class _StuckWorker(RolloutWorker):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self._unstick = threading.Event()
+
+        @ray_mod.method(concurrency_group=WEIGHTS_GROUP)
+        def stick_in_weights(self, limit_s: float) -> None:
+            """Hold the `weights` group as an update_weights stuck in NCCL does (stand-in: NCCL needs GPUs)."""
+            self._unstick.wait(limit_s)
+
+        @ray_mod.method(concurrency_group="control")
+        def unstick(self) -> None:
+            self._unstick.set()
+
         def hold_request(self) -> None:
             assert self.gen._try_enter()
 
@@ -57,10 +72,11 @@ class _Rank0StandIn:
     raises; 'ok': it completes."""
 
     def __init__(self, workers: list, mode: str):
-        self.workers, self.mode, self.calls = workers, mode, 0
+        self.workers, self.mode, self.calls, self.entered = workers, mode, 0, None
 
     def sync_weights(self) -> float:
         self.calls += 1
+        self.entered = time.time()  # the learners entered the sync (the drain is over)
         ray_mod.get([w.start_weight_update.remote() for w in self.workers], timeout=30)
         if self.mode == "hang":
             time.sleep(3600)
@@ -71,6 +87,9 @@ class _Rank0StandIn:
 
     def num_calls(self) -> int:
         return self.calls
+
+    def entered_at(self) -> float | None:
+        return self.entered
 
 
 def _standin(workers: list, mode: str):
@@ -145,6 +164,45 @@ def test_an_engine_that_never_drains_stops_the_sync_before_the_learners_enter_it
         ray_mod.get(workers[1].release_request.remote(), timeout=10)
 
 
+def test_weight_state_answers_while_a_weight_update_is_stuck(fleet):
+    """weight_state is in the `control` group: a status call does not wait behind an update stuck in
+    NCCL in the `weights` group (on the old code it did: GetTimeoutError here)."""
+    _, workers = fleet
+    stuck = workers[1].stick_in_weights.remote(120)
+    try:
+        time.sleep(1.0)  # the stand-in update has entered the weights group
+        assert not ray_mod.wait([stuck], timeout=0)[0]  # still stuck
+        assert ray_mod.get(workers[1].weight_state.remote(), timeout=20)["paused"] is False
+    finally:
+        ray_mod.get(workers[1].unstick.remote(), timeout=30)
+        ray_mod.get(stuck, timeout=30)
+
+
+def test_a_ctrl_c_stops_the_drain_at_once(fleet):
+    """drain_engines polls raise_if_interrupted in short slices: a signal during a long drain raises
+    KeyboardInterrupt within a second or so, not after rollout.pause_timeout_s (30 s here; the old code
+    waited it out in one ray.wait)."""
+    _, workers = fleet
+    ray_mod.get(workers[1].hold_request.remote(), timeout=10)
+    timer = threading.Timer(1.0, ray_runtime._INTERRUPTED.set)
+    try:
+        timer.start()
+        err, secs = _bounded(lambda: weight_sync.drain_engines(workers, 30.0), 15)
+        assert isinstance(err, KeyboardInterrupt), err
+        assert secs < 10
+    finally:
+        timer.cancel()
+        ray_runtime._INTERRUPTED.clear()
+        ray_mod.get(workers[1].release_request.remote(), timeout=10)
+        assert weight_sync.resume_engines(workers) == []
+    assert _paused(workers) == [False, False]
+
+
+# The broadcast cases are not about the drain: the batch in flight may take a while to drain on a loaded
+# 2-core machine, so they allow it DRAIN_S (the drain's own bound is the first test's, 2 s).
+DRAIN_S = 120
+
+
 @pytest.mark.parametrize("mode", ["hang", "fail"])
 def test_a_broadcast_that_hangs_or_fails_resumes_every_engine_and_ends_with_an_error_line(fleet, tmp_path, mode,
                                                                                          monkeypatch, capsys):
@@ -152,13 +210,17 @@ def test_a_broadcast_that_hangs_or_fails_resumes_every_engine_and_ends_with_an_e
     produce = workers[0].produce.remote(step=0, serial=1)[0]  # generation under way: the drain waits for it
     time.sleep(0.5)
     standin = _standin(workers, mode)
+    rc = dataclasses.replace(cfg.rollout, pause_timeout_s=DRAIN_S)
     try:
-        err, secs = _bounded(lambda: system.sync_nccl_weights(cfg.rollout, _group(standin), workers, tmp_path,
-                                                               "after step 3"), 90)
+        err, secs = _bounded(lambda: system.sync_nccl_weights(rc, _group(standin), workers, tmp_path,
+                                                               "after step 3"), DRAIN_S + 90)
         assert isinstance(err, WeightSyncError), err
         msg = str(err)
-        if mode == "hang":
-            assert "rollout.sync_timeout_s=4" in msg and secs < 4 + 30
+        ended = time.time()
+        assert "did not drain" not in msg, msg
+        if mode == "hang":  # the broadcast's deadline, counted from the learners' entry (the drain excluded)
+            entered = ray_mod.get(standin.entered_at.remote(), timeout=30)
+            assert "rollout.sync_timeout_s=4" in msg and ended - entered < 4 + 30, (ended - entered, secs)
         else:
             assert "engine 1 left the weight group" in msg
         assert "There is no checkpoint yet" in msg and "resume=" in msg  # this run dir has none

@@ -81,3 +81,33 @@ def test_vllm_config_fits_the_policys_positions(gc, tmp_path):
     parts b and c failed on it)."""
     assert gc.vllm_config(argparse.Namespace(policy=str(gc.TINY), vllm_dtype="float32"), 0.4).max_model_len == 512
     assert gc.vllm_config(argparse.Namespace(policy=str(tmp_path), vllm_dtype="float32"), 0.4).max_model_len == 1024
+
+
+def _vllm_engines_on_fractional_gpus(cfg) -> list[str]:
+    out = []
+    if cfg.rollout.engine == "vllm" and 0 < cfg.rollout.num_gpus < 1:
+        out.append("rollout")
+    if cfg.eval.enabled and cfg.eval.engine == "vllm" and 0 < cfg.eval.num_gpus < 1:
+        out.append("eval")
+    if cfg.expert.engine == "vllm" and 0 < cfg.expert.num_gpus < 1:
+        out.append("expert")
+    return out
+
+
+@pytest.mark.parametrize("policy", ["/models/smollm2", "tiny"])
+@pytest.mark.parametrize("vllm_evaluator", [False, True])
+def test_launch_overrides_one_gpu_never_two_vllm_engines_on_it(gc, tmp_path, monkeypatch, policy, vllm_evaluator):
+    """(d) on one GPU: a second vLLM engine starting beside the rollout engine and DeepSpeed on a shared
+    card fails vLLM's start-up memory profiling (it counts the others' allocations as its own), so
+    at most one vLLM engine holds a fraction of it, also when the base config has a vLLM evaluator
+    (`vllm_evaluator`: load_config gives eval.engine=vllm as the base config's value)."""
+    import eapo_ray.config
+
+    if vllm_evaluator:
+        real = eapo_ray.config.load_config
+        monkeypatch.setattr(eapo_ray.config, "load_config",
+                            lambda path=None, overrides=(): real(path, ["eval.engine=vllm", *(overrides or [])]))
+    config, ov, _ = gc.launch_overrides(_args(str(gc.TINY) if policy == "tiny" else policy), 1, str(tmp_path))
+    cfg = _cfg(config, ov)
+    assert len(_vllm_engines_on_fractional_gpus(cfg)) <= 1, (_vllm_engines_on_fractional_gpus(cfg), ov)
+    assert cfg.rollout.engine == "vllm" and 0 < cfg.rollout.num_gpus < 1  # the rollout engine is the one on the GPU

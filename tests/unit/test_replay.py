@@ -165,7 +165,10 @@ def test_the_controls_view_puts_the_experts_answers_into_the_policys_own_steps()
 def test_own_step_pattern_must_have_two_groups():
     from eapo_ray.config import ConfigError, load_config
 
-    assert load_config(None, ["algo.expert_token_channel=own_steps"]).algo.own_step_pattern
+    ok = ["algo.expert_token_channel=own_steps", "rollout.ban_consult=true"]
+    assert load_config(None, ok).algo.own_step_pattern
+    with pytest.raises(ConfigError, match="needs rollout.ban_consult"):
+        load_config(None, ok[:1])
     for bad in ("algo.own_step_pattern=(\\d+)=", "algo.own_step_pattern=(("):
         with pytest.raises(ConfigError, match="own_step_pattern"):
             load_config(None, [bad])

@@ -101,3 +101,68 @@ def test_a_tracker_that_is_not_installed_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     with pytest.raises(ConfigError, match=r"tracking.wandb.*pip install 'eapo_ray\[wandb\]'"):
         Trackers(TrackingConfig(wandb=True), "r", tmp_path, {})
+
+
+def test_resume_from_a_uri_takes_the_stored_runs_config_and_checks_its_pinned_keys(tmp_path, monkeypatch, capsys):
+    """resume=file://<store>/<name> through the launcher: the run is downloaded first, so the
+    resume takes its saved config (seed=7 here, not the default) and refuses a changed model key,
+    as a resume from a local run directory does (before the fix, a URI skipped both)."""
+    from eapo_ray.launch import main
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    _, src = prepare_run_dir(load_config(None, [f"run_root={tmp_path / 'src'}", "run_name=r1", "seed=7"]))
+    _tree(src, {"checkpoint/latest": "step2", "checkpoint/step2/model.pt": "w"})
+    upload_tree(src, f"file://{tmp_path}/store/r1")
+    here = tmp_path / "here"
+    assert main(["--print-config", f"resume=file://{tmp_path}/store/r1", f"run_root={here}"]) == 0
+    import yaml
+
+    printed = yaml.safe_load(capsys.readouterr().out)  # stdout is the YAML alone (the download line: stderr)
+    assert printed["seed"] == 7 and printed["resume"] == str(here / "r1")
+    assert (here / "r1" / "checkpoint" / "step2" / "model.pt").read_text() == "w"
+    assert main([f"resume=file://{tmp_path}/store/r1", f"run_root={tmp_path / 'there'}", "model.policy=other"]) == 2
+    assert "config key 'model.policy'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="config key 'resume'.*storage URI"):  # not silently without its config
+        load_config(None, [f"resume=file://{tmp_path}/store/r1"])
+
+
+def test_fetch_run_never_overwrites_a_local_copy(tmp_path):
+    """An existing <run_root>/<name> may hold newer files than the store (a checkpoint not yet
+    uploaded): fetch_run refuses, naming resume=<local>, and changes nothing there. A download
+    goes into <name>.download first, so an interrupted one never passes for a run directory."""
+    _tree(tmp_path / "store" / "r1", {"config.json": "{}", "checkpoint/latest": "step2"})
+    _tree(tmp_path / "here" / "r1", {"config.json": "{}", "checkpoint/latest": "step4"})
+    with pytest.raises(ConfigError, match=f"already exists.*resume={tmp_path / 'here' / 'r1'}"):
+        fetch_run(f"file://{tmp_path}/store/r1", tmp_path / "here")
+    assert (tmp_path / "here/r1/checkpoint/latest").read_text() == "step4"
+    _tree(tmp_path / "new" / "r1.download", {"junk": "x"})  # an interrupted earlier download
+    local = fetch_run(f"file://{tmp_path}/store/r1", tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r1"]
+    assert not (local / "junk").exists() and (local / "checkpoint/latest").read_text() == "step2"
+
+
+def test_every_rank_prunes_and_ranks_sharing_a_directory_do_not_trip_over_each_other(tmp_path, monkeypatch):
+    """Every learner rank prunes its node's checkpoint directory after the barrier. On a node
+    without `latest` (DeepSpeed's rank 0 writes it) the tag just saved is kept all the same; where
+    ranks share the directory, a tag the other rank deleted between this rank's listing and its
+    rmtree is not an error (the race is made to happen: the other rank's rmtree runs first)."""
+    import shutil
+
+    from eapo_ray.learner.checkpoints import prune_checkpoints
+
+    ckpt = tmp_path / "node2" / "checkpoint"
+    _tree(ckpt, {f"step{i}/zero_pp_rank_1_optim_states.pt": "s" for i in (1, 2, 3, 5)})  # no `latest`
+    assert prune_checkpoints(ckpt, 1, current="step3") == ["step1", "step2"]  # step5: a stale newer tag
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step3", "step5"]
+
+    shared = tmp_path / "shared" / "checkpoint"
+    _tree(shared, {"latest": "step3", **{f"step{i}/f{j}": "s" for i in (1, 2, 3) for j in range(3)}})
+    real_rmtree = shutil.rmtree
+
+    def other_rank_first(path, *args, **kwargs):
+        real_rmtree(path, ignore_errors=True)  # the other rank's prune got there first
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", other_rank_first)
+    assert prune_checkpoints(shared, 1, current="step3") == ["step1", "step2"]
+    assert sorted(p.name for p in shared.iterdir()) == ["latest", "step3"]

@@ -50,6 +50,10 @@ def test_resume_refuses_a_new_model_or_task_unless_forced(tmp_path):
             load_config(None, [f"resume={d}", change])
     cfg = load_config(None, [f"resume={d}", "data.train=tiny:arith", "resume_force=true"])
     assert cfg.data.train == "tiny:arith"
+    # the forced attempt's saved config (resume_force: true in it) does not waive the check for the next resume
+    (d / "config.attempt2.json").write_text(json.dumps(to_dict(cfg)))
+    with pytest.raises(ConfigError, match=r"config key 'model.policy'.*resume_force=true"):
+        load_config(None, [f"resume={d}", "model.policy=" + str(ROOT / "eapo_ray/assets/tiny/policy")])
     # a --config file on a resume is a delta on the saved config, checked the same way
     with pytest.raises(ConfigError, match=r"config key 'data.chat_template' \(and .*model.policy"):
         load_config(ROOT / "configs" / "smollm2_cpu.yaml", [f"resume={d}"])
@@ -276,3 +280,31 @@ def test_ctrl_c_before_the_first_checkpoint_names_a_resume_that_works(tmp_path, 
         driver_run.run(again)
     assert seen[-1].resume == "" and seen[-1].steps == 3 and seen[-1].data.train == "tiny:arith-mul"  # from step 0
     assert "no checkpoint yet: starting over from step 0" in capsys.readouterr().out
+
+
+def test_a_reward_fn_whose_import_is_slower_than_the_timeout_still_scores(tmp_path, monkeypatch, capsys):
+    """The grading process's spawn and the user module's import are not charged to the first grade
+    (before: a module importing for longer than reward.timeout_s timed out every grade, each on a fresh
+    process, silently: every reward 0); a grade that does time out is reported once. And reward.fn
+    without a timeout is refused (it would run inline: a hang would stall the rollout)."""
+    from eapo_ray.algo import reward as reward_mod
+
+    (tmp_path / "slow_import_rewards.py").write_text(
+        "import time\ntime.sleep(2.5)\n\ndef one(response, gold, row):\n    return 1.0\n\n"
+        "def hang(response, gold, row):\n    time.sleep(30)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    grader = reward_mod._Grader()
+    monkeypatch.setattr(reward_mod, "_grader", grader)
+    monkeypatch.setattr(reward_mod, "_REPORTED", set())
+    try:
+        cfg = reward_mod.RewardConfig(fn="slow_import_rewards:one", timeout_s=1.0)
+        assert reward_mod.score("x", "7", cfg, row={}).reward == 1.0
+        assert reward_mod.score("x", "7", reward_mod.RewardConfig(fn="slow_import_rewards:hang", timeout_s=1.0),
+                                row={}).reward == 0.0
+        assert "reward.fn slow_import_rewards:hang failed (TimeoutError" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("slow_import_rewards", None)
+        if grader._pool is not None:
+            grader._pool.terminate()
+    with pytest.raises(ConfigError, match="reward.timeout_s"):
+        load_config(None, ["reward.fn=eapo_ray.algo.reward:load_fn", "reward.timeout_s=0"])
