@@ -169,7 +169,7 @@ def test_expert_scale_changes_only_the_bounds_keeps_the_replicas_and_survives_a_
     second one, and training goes on. Bounds that cannot be reached in --timeout exit 1. The bounds
     reach the run directory (the driver copies the cluster's record at its checkpoints), and a
     resumed run (a fresh local cluster) starts its expert with them, not the config's 1-1."""
-    run = Launch(tmp_path, "scale", "steps=100", "acceptance.kind=constant", "acceptance.start=1.0",
+    run = Launch(tmp_path, "scale", "steps=100000", "acceptance.kind=constant", "acceptance.start=1.0",
                  "checkpoint_every=1",  # so the interrupted run names its resume command
                  "expert.max_replicas=1")  # so the second replica can only come from the CLI
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
@@ -180,7 +180,7 @@ def test_expert_scale_changes_only_the_bounds_keeps_the_replicas_and_survives_a_
                               text=True, timeout=timeout)
     resumed = None
     try:
-        run.wait_for(r"^\[eapo\] step 1/100")
+        run.wait_for(r"^\[eapo\] step 1/100000")
         addr = (run.run_dir / "ray_address").read_text().strip()
         before = _replica_pids(run, "scale-expert")
         assert len(before) == 1
@@ -197,16 +197,16 @@ def test_expert_scale_changes_only_the_bounds_keeps_the_replicas_and_survives_a_
         # back to 2-2 after bounds Serve could not reach: 2 replicas serve (which ones Serve keeps when it gives up
         # the unplaceable ones is Serve's choice: a fresh-clone run saw both replaced, so no identity check here)
         assert len(_replica_pids(run, "scale-expert")) == 2
-        n = len(re.findall(r"^\[eapo\] step \d+/100", run.log, re.M))
-        run.wait_for(rf"^\[eapo\] step {n + 2}/100", timeout=180)  # training went on, checkpoints taken
+        n = len(re.findall(r"^\[eapo\] step \d+/100000", run.log, re.M))
+        run.wait_for(rf"^\[eapo\] step {n + 2}/100000", timeout=180)  # training went on, checkpoints taken
         rec = json.loads((run.run_dir / "expert_bounds.json").read_text())
         assert (rec["min_replicas"], rec["max_replicas"]) == (2, 2), rec
         interrupt_and_check_nothing_is_left(run, "sigterm")
-        resumed = Launch(tmp_path, "scale", "steps=100", f"resume={run.run_dir}", "expert.max_replicas=1",
+        resumed = Launch(tmp_path, "scale", "steps=100000", f"resume={run.run_dir}", "expert.max_replicas=1",
                          out_name="resumed.out")
         resumed.wait_for(r"^\[eapo\] expert Serve app 'scale-expert' up \(2-2 replicas\)")
         assert "expert replicas 2-2, as `python -m eapo_ray.expert scale` set them" in resumed.log, resumed.log[-3000:]
-        resumed.wait_for(r"^\[eapo\] step \d+/100")
+        resumed.wait_for(r"^\[eapo\] step \d+/100000")
         assert len(_replica_pids(resumed, "scale-expert")) == 2
     finally:
         run.kill_all()
