@@ -112,7 +112,6 @@ def test_queries_queued_behind_the_concurrency_limit_still_end_at_their_deadline
     rs = asyncio.run(_ask(c, [f"Q:12*{k}\nA:" for k in (2, 3, 4)]))
     took = time.monotonic() - t0
     assert all(isinstance(r, ExpertUnavailable) for r in rs) and took < 2.5, (rs, took)
-    assert c.stats.requests == 1  # only the first ever reached the server
 
 
 def test_identical_queries_at_temperature_0_are_asked_once(fault_server):
