@@ -215,8 +215,7 @@ async def run_episode(engine: Engine, tokenizer, t: Trajectory, s: EpisodeSettin
     if s.replay_template and t.accepted:
         pieces = replay_pieces(turns, proto, s.replay_template)
         if pieces:
-            ids, mask = encode_view(lambda x: tokenizer.encode(x, add_special_tokens=False), pieces)
-            t.replay_ids, t.replay_mask = ids[:max_response_tokens], mask[:max_response_tokens]
+            _set_view(t, tokenizer, pieces, max_response_tokens)
     if s.own_step_pattern and expert is not None and s.accept_prob > 0:
         await _own_step_view(t, tokenizer, s, expert, rng, timer)
     return t
@@ -238,8 +237,13 @@ async def _own_step_view(t: Trajectory, tokenizer, s: EpisodeSettings, expert: E
     t.expert_failures += sum(r is None for r in replies)
     pieces = own_step_pieces(text, sites, replies)
     if pieces:
-        ids, mask = encode_view(lambda x: tokenizer.encode(x, add_special_tokens=False), pieces)
-        t.replay_ids, t.replay_mask = ids[:s.max_response_tokens], mask[:s.max_response_tokens]
+        _set_view(t, tokenizer, pieces, s.max_response_tokens)
+
+
+def _set_view(t: Trajectory, tokenizer, pieces: list[tuple[str, bool]], max_tokens: int) -> None:
+    """The sample's view (algo.replay pieces) as token ids and its answer mask, cut at the response budget."""
+    ids, mask = encode_view(lambda x: tokenizer.encode(x, add_special_tokens=False), pieces)
+    t.replay_ids, t.replay_mask = ids[:max_tokens], mask[:max_tokens]
 
 
 _GRADER_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eapo-grade")
