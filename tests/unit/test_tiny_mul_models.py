@@ -74,3 +74,24 @@ def test_policy_is_weak_on_multi_digit_products_only():
     assert acc["mul_hard"]["accuracy"] <= 0.35, acc
     assert acc["add"]["accuracy"] >= 0.7 and acc["sub"]["accuracy"] >= 0.7, acc
     assert min(acc["add"]["accuracy"], acc["sub"]["accuracy"]) - acc["mul_hard"]["accuracy"] >= 0.35, acc
+
+
+def test_chain_policy_writes_long_chains_and_stays_weak_on_products():
+    """The bundled tiny:arith-chain policy (eapo_ray/assets/tiny_chain, make_tiny_chain.py) writes
+    every step of 5-6-operation chains alone (the mul policy stops after four: it fails here),
+    and its multi-digit products stay weak while the +/- steps are right."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from eapo_ray.tools.make_tiny_chain import chain_alone
+
+    torch.set_num_threads(1)
+    d = PACKAGE_DIR / "assets" / "tiny_chain" / "policy"
+    tok = AutoTokenizer.from_pretrained(d)
+    model = LlamaForCausalLM.from_pretrained(d).eval()
+    probs = sample_problems(80, [5, 6], "heldout", SEED, "chain")
+    alone = chain_alone(model, tok, probs, "Q:{problem}\nA:")
+    assert alone["writes_whole_chain"] >= 0.9, alone  # make_tiny.json: 1.0 on 200 per length
+    acc = policy_step_accuracy(model, tok, probs, "Q:{problem}\nA:")
+    # make_tiny.json (200 problems per length): products 0.14-0.145, +/- 0.97-0.99
+    assert acc["mul_hard"]["accuracy"] <= 0.3, acc
+    assert min(acc["add"]["accuracy"], acc["sub"]["accuracy"]) >= 0.9, acc
