@@ -5,7 +5,8 @@ tiny:arith-mul and for EAPO against chain length on tiny:arith-chain.
     python -m experiments.channel_figure --mul runs/mul_replay --chain runs/chain_L3 runs/chain_L4 ... \
         --png docs/results/eapo_minus_rl.png
 
-Each --chain directory is a paper_table output with rows rl and eapo (its name ends in L<length>).
+Each --chain directory is a paper_table output with rows rl, eapo and (optionally) eapo_replay (its name
+ends in L<length>). Rows absent from a directory are skipped.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from pathlib import Path
 from experiments.paired import compare
 
 MUL_ROWS = [("eapo", "EAPO (masked)"), ("eapo_replay", "EAPO + replay (rho)"),
-            ("eapo_replay_adv", "EAPO + replay (advantage)"), ("control_own_steps", "control: own-step NLL, no consult"),
-            ("rl_noconsult", "control: RL, no consult action")]
+            ("eapo_replay_coef4", "EAPO + replay (rho, x4)"), ("eapo_replay_adv", "EAPO + replay (advantage)"),
+            ("control_own_steps", "control: own-step NLL, no consult"), ("rl_noconsult", "control: RL, no consult action"),
+            ("distill", "distillation (SFT on expert solutions)")]
+CHAIN_ROWS = [("eapo", "EAPO (masked)"), ("eapo_replay", "EAPO + replay (rho)")]
 
 
 def main(argv=None) -> int:
@@ -37,10 +40,11 @@ def main(argv=None) -> int:
         if r:
             bars.append((f"mul: {label}", r["mean"], *r["ci95"], len(r["per_seed"])))
     for d in args.chain:
-        r = compare(Path(d), "eapo", "rl").get("greedy")
-        if r:
-            length = re.search(r"L(\d+)$", d.rstrip("/")).group(1)
-            bars.append((f"chain, {length} ops: EAPO (masked)", r["mean"], *r["ci95"], len(r["per_seed"])))
+        length = re.search(r"L(\d+)$", d.rstrip("/")).group(1)
+        for row, label in CHAIN_ROWS:
+            r = compare(Path(d), row, "rl").get("greedy")
+            if r:
+                bars.append((f"chain, {length} ops: {label}", r["mean"], *r["ci95"], len(r["per_seed"])))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1.2))
     ys = list(range(len(bars)))[::-1]
     for y, (label, m, lo, hi, n) in zip(ys, bars):
