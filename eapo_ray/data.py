@@ -231,6 +231,38 @@ def zero_reward_causes(cfg, *, tokenizer_has_chat_template: bool, overlong_frac:
 
 
 _WARNED_ZERO_REWARD: list = []
+OVERLONG_WARN_FRAC = 0.1  # a batch with at least this share of responses cut by the length budget is warned about
+
+
+def overlong_warning(cfg, overlong_frac: float) -> str | None:
+    """The warning for a rollout batch in which `overlong_frac` of the responses were cut by the
+    length budget (config.RunConfig `cfg`), or None below OVERLONG_WARN_FRAC. A cut response scores
+    0 and (algo.overlong_filter) is masked out, so a budget that cuts right answers teaches the
+    policy to answer short: on tiny:arith-chain, 6 operations need 66-75 tokens, a 64-token turn cut
+    them and RL learned short, formatted, wrong chains. Printed once by the driver (`warn_overlong`)."""
+    if overlong_frac < OVERLONG_WARN_FRAC:
+        return None
+    r = cfg.rollout
+    return (f"{overlong_frac:.0%} of a rollout batch's responses were cut by the length budget before they answered "
+            f"(every training turn but the last gets rollout.max_new_tokens_per_turn={r.max_new_tokens_per_turn} "
+            f"tokens, the whole response rollout.max_response_tokens={r.max_response_tokens}); a cut response scores "
+            f"0, so a budget shorter than a right answer teaches the policy to answer short: raise them "
+            f"(rollout_overlong_frac in metrics.jsonl, per batch)")
+
+
+_WARNED_OVERLONG: list = []
+
+
+def warn_overlong(stats: dict) -> bool:
+    """Print a batch's `overlong_warning` (rollout.actor adds it to the stats) the first time one
+    comes; once per process. Takes the text out of `stats` (the metrics rows stay numeric).
+    Returns whether it printed."""
+    text = stats.pop("overlong_warning", None)
+    if not text or _WARNED_OVERLONG:
+        return False
+    _WARNED_OVERLONG.append(True)
+    print(f"[eapo] warning: {text}", flush=True)
+    return True
 
 
 def warn_zero_reward(stats: dict) -> bool:

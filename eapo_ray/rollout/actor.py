@@ -25,7 +25,7 @@ import torch
 from eapo_ray.algo import reward
 from eapo_ray.algo.batching import assign_advantages, to_batch
 from eapo_ray.config import RunConfig
-from eapo_ray.data import encode_prompt, train_examples, zero_reward_causes
+from eapo_ray.data import encode_prompt, overlong_warning, train_examples, zero_reward_causes
 from eapo_ray.rollout.engine import Engine
 from eapo_ray.rollout.episode import EpisodeSettings, run_episodes
 from eapo_ray.rollout.factory import hf_options, make_engine
@@ -257,6 +257,8 @@ class RolloutWorker:
             "response_len": sum(len(t.response_ids) for t in all_trajs) / n,
             "gen_seconds": time.time() - t0,
         }
+        if warning := overlong_warning(c, stats["overlong_frac"]):  # printed once by the driver (data.warn_overlong)
+            stats["overlong_warning"] = warning
         if not any(t.reward for t in all_trajs):  # printed once by the driver (data.warn_zero_reward)
             stats["zero_reward_causes"] = zero_reward_causes(
                 c, tokenizer_has_chat_template=self.has_chat_template, overlong_frac=stats["overlong_frac"],

@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from eapo_ray.data import warn_zero_reward
+from eapo_ray.data import warn_overlong, warn_zero_reward
 
 
 class FleetError(RuntimeError):
@@ -97,6 +97,7 @@ class RolloutFleet:
                 continue
             self.failures[worker] = 0
             warn_zero_reward(stats)  # the first batch with zero reward everywhere: its likely causes, once
+            warn_overlong(stats)  # the first batch with many responses cut by the length budget, once
             self.empty_in_a_row = 0 if stats["kept_samples"] else self.empty_in_a_row + 1
             if self.empty_in_a_row >= self.max_empty:
                 raise FleetError(

@@ -178,6 +178,26 @@ def test_zero_reward_causes_name_the_template_the_length_and_the_chat_template(c
     data_mod._WARNED_ZERO_REWARD.clear()
 
 
+def test_a_length_budget_that_cuts_answers_is_warned_about_once(capsys):
+    """A rollout batch with >= 10% of its responses cut by the length budget gets one warning that
+    names both budget keys (on tiny:arith-chain a 64-token turn cut every 6-operation answer and RL
+    learned short wrong chains with no message); below 10% nothing; the text leaves the stats."""
+    import eapo_ray.data as data_mod
+    from eapo_ray.data import overlong_warning, warn_overlong
+
+    cfg = load_config(None, ["rollout.max_new_tokens_per_turn=64"])
+    assert overlong_warning(cfg, 0.05) is None
+    text = overlong_warning(cfg, 0.24)
+    assert "24%" in text and "rollout.max_new_tokens_per_turn=64" in text and "rollout.max_response_tokens=160" in text
+    data_mod._WARNED_OVERLONG.clear()
+    assert not warn_overlong({"samples": 8})
+    stats = {"samples": 8, "overlong_warning": text}
+    assert warn_overlong(stats) and "overlong_warning" not in stats
+    assert not warn_overlong({"samples": 8, "overlong_warning": text})
+    assert capsys.readouterr().out.count("cut by the length budget") == 1
+    data_mod._WARNED_OVERLONG.clear()
+
+
 # ---- 4. your reward ------------------------------------------------------------------------------
 
 REWARD_MODULE = '''
