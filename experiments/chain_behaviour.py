@@ -1,0 +1,85 @@
+"""What each trained policy of a chain table run writes alone, greedy, consult tag banned (the
+evaluation's setting): how many steps it writes against the chain's length, whether its own
+product step is right (its result against its own operands), and the exact-answer accuracy.
+The mechanism beside the end score: on 6-operation chains a policy can fail by miscounting the
+steps as well as by getting the product wrong.
+
+    python -m experiments.chain_behaviour --out runs/chain2_L6 --level 6 [--n 200]
+
+Reads <out>/runs/<row>-s<seed>/final and the untrained chain policy (row `base`); writes
+<out>/chain_behaviour.json (resumable) and prints a table, mean over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+);")
+
+
+def behaviour(model_dir: str, problems, threads: int = 2) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eapo_ray.algo.reward import score
+    from eapo_ray.tools.make_tiny import TEMPLATE
+    from eapo_ray.tools.make_tiny_mul import complete
+
+    torch.set_num_threads(threads)
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    stop = [tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
+    replies = complete(model, tok, [TEMPLATE.format(problem=p.problem) for p in problems], 160, stop,
+                       bad_words_ids=[[tok.convert_tokens_to_ids("<consult>")]])
+    n = len(problems)
+    exact = more = fewer = prod_written = prod_right = correct = 0
+    for r, p in zip(replies, problems):
+        steps = STEP.findall(r)
+        exact += len(steps) == p.level
+        more += len(steps) > p.level
+        fewer += len(steps) < p.level
+        prods = [s for s in steps if s[1] == "*" and len(s[0]) >= 2]
+        prod_written += bool(prods)
+        prod_right += bool(prods) and int(prods[0][0]) * int(prods[0][2]) == int(prods[0][3])
+        correct += score(r if r.endswith("</answer>") else r + "</answer>", p.answer).correct
+    return {"problems": n, "accuracy": correct / n, "steps_exact": exact / n, "steps_more": more / n,
+            "steps_fewer": fewer / n, "product_written": prod_written / n,
+            "product_right_when_written": prod_right / max(1, prod_written)}
+
+
+def main(argv=None) -> int:
+    from eapo_ray import task
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.chain_behaviour", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="a paper_table output directory (its runs/ are read)")
+    ap.add_argument("--level", type=int, required=True, choices=task.CHAIN_LEVELS)
+    ap.add_argument("--n", type=int, default=200, help="held-out problems (the same for every model)")
+    ap.add_argument("--policy", default="eapo_ray/assets/tiny_chain/policy", help="the untrained policy (row base)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    problems = task.sample_problems(args.n, [args.level], "heldout", 12345, "chain")
+    out = Path(args.out)
+    path = out / "chain_behaviour.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    models = {"base-s0": args.policy} | {d.name: str(d / "final") for d in sorted((out / "runs").glob("*-s*"))
+                                         if (d / "final" / "config.json").exists()}
+    for name, model_dir in models.items():
+        if name not in results:
+            results[name] = behaviour(model_dir, problems, args.threads)
+            path.write_text(json.dumps(results, indent=2))
+            print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
+    by_row = defaultdict(list)
+    for name, r in results.items():
+        by_row[re.sub(r"-s\d+$", "", name)].append(r)
+    keys = ["accuracy", "steps_exact", "steps_more", "steps_fewer", "product_written", "product_right_when_written"]
+    print("| row | seeds | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
+    for row, rs in by_row.items():
+        print(f"| {row} | {len(rs)} | " + " | ".join(f"{sum(r[k] for r in rs) / len(rs):.3f}" for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
