@@ -238,8 +238,8 @@ def overlong_warning(cfg, overlong_frac: float) -> str | None:
     """The warning for a rollout batch in which `overlong_frac` of the responses were cut by the
     length budget (config.RunConfig `cfg`), or None below OVERLONG_WARN_FRAC. A cut response scores
     0 and (algo.overlong_filter) is masked out, so a budget that cuts right answers teaches the
-    policy to answer short: on tiny:arith-chain, 6 operations need 66-75 tokens, a 64-token turn cut
-    them and RL learned short, formatted, wrong chains. Printed once by the driver (`warn_overlong`)."""
+    policy to answer short: on tiny:arith-chain, 6 operations need 59-72 tokens, a 64-token turn cut
+    most of them and RL learned short, formatted, wrong chains. Printed once by the driver (`warn_overlong`)."""
     if overlong_frac < OVERLONG_WARN_FRAC:
         return None
     r = cfg.rollout

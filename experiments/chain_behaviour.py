@@ -64,6 +64,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     path = out / "chain_behaviour.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    setting = {"level": args.level, "n": args.n}
+    if results.get("_setting", setting) != setting:  # measured on other problems: start over
+        results = {}
+    results["_setting"] = setting
     models = {"base-s0": args.policy} | {d.name: str(d / "final") for d in sorted((out / "runs").glob("*-s*"))
                                          if (d / "final" / "config.json").exists()}
     for name, model_dir in models.items():
@@ -73,6 +77,8 @@ def main(argv=None) -> int:
             print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
     by_row = defaultdict(list)
     for name, r in results.items():
+        if name == "_setting":
+            continue
         by_row[re.sub(r"-s\d+$", "", name)].append(r)
     keys = ["accuracy", "steps_exact", "steps_more", "steps_fewer", "product_written", "product_right_when_written"]
     print("| row | seeds | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))

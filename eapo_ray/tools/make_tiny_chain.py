@@ -35,7 +35,8 @@ HARD_STEP = re.compile(r"\d{2,}\*\d+=\d+;")  # a multi-digit product step, as po
 
 
 def chain_alone(model, tok, problems, template: str) -> dict:
-    """Greedy alone (consult banned): share writing every step of the chain, exact-answer accuracy."""
+    """Greedy alone (consult banned): the share of responses with at least the chain's number of
+    step-shaped segments (`a op b=c;`, operands not checked), and the exact-answer accuracy."""
     from eapo_ray.algo.reward import score
     from eapo_ray.tools.make_tiny_mul import complete
 
