@@ -4,10 +4,13 @@ product step is right (its result against its own operands), and the exact-answe
 The mechanism beside the end score: on 6-operation chains a policy can fail by miscounting the
 steps as well as by getting the product wrong.
 
-    python -m experiments.chain_behaviour --out runs/chain2_L6 --level 6 [--n 200]
+    python -m experiments.chain_behaviour --out runs/chain2_L6
+    python -m experiments.chain_behaviour --out runs/mul_replay --policy eapo_ray/assets/tiny_mul/policy
 
-Reads <out>/runs/<row>-s<seed>/final and the untrained chain policy (row `base`); writes
-<out>/chain_behaviour.json (resumable) and prints a table, mean over seeds.
+Each run on its own held-out problems (the launcher's evaluation, so `accuracy` is the table's
+greedy accuracy); the untrained policy (row `base`) on every seed's problems.
+Reads <out>/runs/<row>-s<seed>/final and config.json; writes <out>/chain_behaviour.json
+(resumable) and prints a table, mean over seeds.
 """
 from __future__ import annotations
 
@@ -50,35 +53,37 @@ def behaviour(model_dir: str, problems, threads: int = 2) -> dict:
 
 
 def main(argv=None) -> int:
-    from eapo_ray import task
+    from eapo_ray.config import load_config
+    from eapo_ray.data import heldout_examples
 
     ap = argparse.ArgumentParser(prog="python -m experiments.chain_behaviour", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="a paper_table output directory (its runs/ are read)")
-    ap.add_argument("--level", type=int, required=True, choices=task.CHAIN_LEVELS)
-    ap.add_argument("--n", type=int, default=200, help="held-out problems (the same for every model)")
+    ap.add_argument("--rows", nargs="*", default=None, help="only these rows (default: every run)")
     ap.add_argument("--policy", default="eapo_ray/assets/tiny_chain/policy", help="the untrained policy (row base)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    problems = task.sample_problems(args.n, [args.level], "heldout", 12345, "chain")
     out = Path(args.out)
     path = out / "chain_behaviour.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    setting = {"level": args.level, "n": args.n}
-    if results.get("_setting", setting) != setting:  # measured on other problems: start over
-        results = {}
-    results["_setting"] = setting
-    models = {"base-s0": args.policy} | {d.name: str(d / "final") for d in sorted((out / "runs").glob("*-s*"))
-                                         if (d / "final" / "config.json").exists()}
-    for name, model_dir in models.items():
+    runs = [d for d in sorted((out / "runs").glob("*-s*")) if (d / "final" / "config.json").exists()
+            and (args.rows is None or re.sub(r"-s\d+$", "", d.name) in args.rows)]
+    # each run on its own held-out problems (the launcher's evaluation: accuracy = the table's); the
+    # untrained policy on every seed's problems
+    seed_of = lambda d: d.name.rsplit("-s", 1)[1]  # noqa: E731
+    # a run without a launcher config (distill) takes its seed's problems from a run that has one
+    configs = {seed_of(d): d / "config.json" for d in runs if (d / "config.json").exists()}
+    models = {d.name: (str(d / "final"), configs[seed_of(d)]) for d in runs}
+    for d in runs:
+        models.setdefault("base-s" + seed_of(d), (args.policy, configs[seed_of(d)]))
+    for name, (model_dir, config) in sorted(models.items()):
         if name not in results:
+            problems = heldout_examples(load_config(config))
             results[name] = behaviour(model_dir, problems, args.threads)
             path.write_text(json.dumps(results, indent=2))
             print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
     by_row = defaultdict(list)
     for name, r in results.items():
-        if name == "_setting":
-            continue
         by_row[re.sub(r"-s\d+$", "", name)].append(r)
     keys = ["accuracy", "steps_exact", "steps_more", "steps_fewer", "product_written", "product_right_when_written"]
     print("| row | seeds | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
