@@ -321,7 +321,7 @@ def main(argv=None) -> int:
              "wall_seconds": time.time() - t_start, "wall_seconds_all_attempts": used_before + time.time() - t_start,
              "failures": failures}
     save_plan()
-    write_outputs(out, kept, results, seeds, meta, cfg0.data.num_heldout, args.eval_samples)
+    write_outputs(out, kept, results, seeds, meta, cfg0.data.num_heldout, args.eval_samples, cfg0.data.heldout_levels)
     print((out / "table.md").read_text(), flush=True)
     print(f"[paper_table] done in {_hms(time.time() - t_start)}: {out / 'table.md'}, {out / 'results.json'}, "
           f"{out / 'accuracy_vs_samples.png'}, {out / 'eapo_consult.png'}", flush=True)

@@ -84,7 +84,7 @@ def fmt_seeds(a: dict, seeds: list[int], digits: int = 3) -> str:
 
 
 def render_table(rows: list[Row], results: dict[str, dict[int, dict]], seeds: list[int], *, num_heldout: int,
-                 sample_k: int) -> str:
+                 sample_k: int, levels: list[int] | None = None) -> str:
     """Markdown table: one line per row with greedy and sampled accuracy (mean ± std over
     seeds, and per seed in seed order), training samples and steps."""
     sampled_h = f"sampled acc. (T=1, avg@{sample_k})" if sample_k else "sampled acc."
@@ -99,9 +99,10 @@ def render_table(rows: list[Row], results: dict[str, dict[int, dict]], seeds: li
         steps = f"{a['steps']['mean']:.0f}" if a["steps"]["n"] and r.kind != "base" and r.kind != "workflow" else "-"
         lines.append(f"| {r.label} | {evaluated} | {fmt_ms(a['greedy'])} | {fmt_seeds(a['greedy'], seeds)} | "
                      f"{fmt_ms(a['sampled'])} | {fmt_seeds(a['sampled'], seeds)} | {samples} | {steps} |")
+    ops = (f"{min(levels)}-{max(levels)}" if len(set(levels)) > 1 else f"{levels[0]}") if levels else "2-4"
     notes = [
         "",
-        f"Accuracy: exact final answer on {num_heldout} held-out problems per seed (2-4 operations; seed S draws "
+        f"Accuracy: exact final answer on {num_heldout} held-out problems per seed ({ops} operations; seed S draws "
         f"them with seed S+1, the same problems for every row of that seed). Greedy: temperature 0, one sample "
         f"(the launcher's held-out metric). Sampled: temperature 1, mean over {sample_k} samples per problem.",
         "Every row except the workflow row is evaluated with the policy alone (expert off, consult tag banned). "
@@ -194,9 +195,10 @@ def plot_consult(curves: dict[str, dict[str, dict]], labels: dict[str, str], pat
 
 
 def write_outputs(out: Path, rows: list[Row], results: dict, seeds: list[int], meta: dict, num_heldout: int,
-                  sample_k: int) -> None:
+                  sample_k: int, levels: list[int] | None = None) -> None:
     labels = {r.name: r.label for r in rows}
-    (out / "table.md").write_text(render_table(rows, results, seeds, num_heldout=num_heldout, sample_k=sample_k))
+    (out / "table.md").write_text(render_table(rows, results, seeds, num_heldout=num_heldout, sample_k=sample_k,
+                                               levels=levels))
     metrics = {r.name: {s: _read_metrics(out / "runs" / f"{r.name}-s{s}") for s in results.get(r.name, {})}
                for r in rows if r.kind == "train"}
     acc_curves = {n: curve(metrics[n], "heldout_accuracy") for n in ("rl", "eapo") if metrics.get(n)}

@@ -55,6 +55,9 @@ def test_render_table_from_fake_results():
     assert "0.520 / - / 0.580" in eapo and "0.550 ± 0.042" in eapo
     assert "| - | - / - / - | - | - / - / - | - | - |" in table[R.ROW_BY_NAME["eapo_step"].label]  # no runs yet
     assert "400 held-out problems" in md and "policy alone" in md
+    assert "(2-4 operations;" in md  # the bundled task's default
+    chain = report.render_table(rows, results, [0, 1, 2], num_heldout=400, sample_k=4, levels=[6])
+    assert "(6 operations;" in chain  # the run's held-out levels, not a fixed 2-4
 
 
 def test_curve_aligns_seeds_on_common_steps():
