@@ -19,8 +19,10 @@ from experiments.paired import compare
 MUL_ROWS = [("eapo", "EAPO (masked)"), ("eapo_replay", "EAPO + replay (rho)"),
             ("eapo_replay_coef4", "EAPO + replay (rho, x4)"), ("eapo_replay_adv", "EAPO + replay (advantage)"),
             ("control_own_steps", "control: own-step NLL, no consult"), ("rl_noconsult", "control: RL, no consult action"),
+            ("rl_turn1", "RL, turn budget to 1"), ("eapo_turn1", "EAPO, turn budget to 1"),
             ("distill", "distillation (SFT on expert solutions)")]
-CHAIN_ROWS = [("eapo", "EAPO (masked)"), ("eapo_replay", "EAPO + replay (rho)")]
+CHAIN_ROWS = [("eapo", "EAPO (masked)"), ("eapo_replay", "EAPO + replay (rho)"), ("rl_turn1", "RL, turn budget to 1"),
+              ("eapo_turn1", "EAPO, turn budget to 1")]
 
 
 def main(argv=None) -> int:
