@@ -45,6 +45,8 @@ EXTRA_ROWS = (
     Row("eapo_replay_adv", "EAPO + replay (advantage-weighted)", "train", core=False),
     Row("rl_turn1", "RL, turn budget shrinking to 1 (rollout.min_train_turns=1)", "train", core=False),
     Row("eapo_turn1", "EAPO, turn budget shrinking to 1 (rollout.min_train_turns=1)", "train", core=False),
+    Row("rl_cost", "RL with a per-consult cost (algo.consult_cost=0.05)", "train", core=False),
+    Row("eapo_cost", "EAPO with a per-consult cost (algo.consult_cost=0.05)", "train", core=False),
     Row("eapo_replay_coef4", "EAPO + replay, coefficient 4 (NLL x 4 x rho)", "train", core=False),
     Row("rl_noconsult", "control: RL with no consult action (consult tag banned in training)", "train", core=False),
 )
