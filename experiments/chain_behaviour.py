@@ -20,22 +20,17 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+);")
-
 
 def behaviour(model_dir: str, problems, threads: int = 2) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eapo_ray.algo.reward import score
     from eapo_ray.tools.make_tiny import TEMPLATE
-    from eapo_ray.tools.make_tiny_mul import complete
+    from eapo_ray.tools.make_tiny_chain import STEP, alone_replies, answered
 
     torch.set_num_threads(threads)
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-    stop = [tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
-    replies = complete(model, tok, [TEMPLATE.format(problem=p.problem) for p in problems], 160, stop,
-                       bad_words_ids=[[tok.convert_tokens_to_ids("<consult>")]])
+    replies = alone_replies(model, tok, problems, TEMPLATE, 160)
     n = len(problems)
     exact = more = fewer = prod_written = prod_right = correct = 0
     for r, p in zip(replies, problems):
@@ -46,7 +41,7 @@ def behaviour(model_dir: str, problems, threads: int = 2) -> dict:
         prods = [s for s in steps if s[1] == "*" and len(s[0]) >= 2]
         prod_written += bool(prods)
         prod_right += bool(prods) and int(prods[0][0]) * int(prods[0][2]) == int(prods[0][3])
-        correct += score(r if r.endswith("</answer>") else r + "</answer>", p.answer).correct
+        correct += answered(r, p.answer)
     return {"problems": n, "accuracy": correct / n, "steps_exact": exact / n, "steps_more": more / n,
             "steps_fewer": fewer / n, "product_written": prod_written / n,
             "product_right_when_written": prod_right / max(1, prod_written)}

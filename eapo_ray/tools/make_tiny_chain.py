@@ -30,23 +30,32 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-STEP = re.compile(r"\d+[-+*]\d+=\d+;")
+STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+);")  # a step as the policy writes it: left, op, right, result
 HARD_STEP = re.compile(r"\d{2,}\*\d+=\d+;")  # a multi-digit product step, as policy_example writes it
+
+
+def alone_replies(model, tok, problems, template: str, max_new_tokens: int) -> list[str]:
+    """Greedy replies with the consult tag banned (the evaluation's setting), stopped at </answer>."""
+    from eapo_ray.tools.make_tiny_mul import complete
+
+    stop = [tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
+    return complete(model, tok, [template.format(problem=p.problem) for p in problems], max_new_tokens, stop,
+                    bad_words_ids=[[tok.convert_tokens_to_ids("<consult>")]])
+
+
+def answered(reply: str, answer: str) -> bool:
+    """Whether a reply from `alone_replies` holds the right answer (one cut before </answer> is closed)."""
+    from eapo_ray.algo.reward import score
+
+    return score(reply if reply.endswith("</answer>") else reply + "</answer>", answer).correct
 
 
 def chain_alone(model, tok, problems, template: str) -> dict:
     """Greedy alone (consult banned): the share of responses with at least the chain's number of
     step-shaped segments (`a op b=c;`, operands not checked), and the exact-answer accuracy."""
-    from eapo_ray.algo.reward import score
-    from eapo_ray.tools.make_tiny_mul import complete
-
-    stop = [tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
-    ban = [[tok.convert_tokens_to_ids("<consult>")]]
-    replies = complete(model, tok, [template.format(problem=p.problem) for p in problems], 96, stop,
-                       bad_words_ids=ban)
+    replies = alone_replies(model, tok, problems, template, 96)
     full = sum(len(STEP.findall(r)) >= p.level for r, p in zip(replies, problems)) / len(problems)
-    acc = sum(score(r + "</answer>" if not r.endswith("</answer>") else r, p.answer).correct
-              for r, p in zip(replies, problems)) / len(problems)
+    acc = sum(answered(r, p.answer) for r, p in zip(replies, problems)) / len(problems)
     return {"writes_whole_chain": full, "greedy_accuracy": acc, "example": replies[0]}
 
 
